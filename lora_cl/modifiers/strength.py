@@ -1,0 +1,169 @@
+"""Projection strength schedules: fixed alpha, or alpha adapted to the overlap s_t."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+SCOPES = ("global", "tensor")
+
+
+class Strength:
+    """Maps the per-tensor overlaps of one step to per-tensor strengths alpha.
+
+    ``update(names, overlaps)`` is called once per optimizer step with the overlap
+    s = ||G U||^2 / ||G||^2 of every tensor that has a basis (0-d tensors, kept on the
+    device: no host sync) and returns one alpha per tensor (float or 0-d tensor).
+    """
+
+    def update(self, names: list[str], overlaps: list[Tensor]) -> list[float | Tensor]:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Start of a new domain."""
+
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class FixedStrength(Strength):
+    """alpha_t = alpha for every tensor and step (alpha = 1: hard projection)."""
+
+    def __init__(self, alpha: float) -> None:
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"FixedStrength: alpha must be in [0, 1], got {alpha}")
+        self.alpha = float(alpha)
+        self._overlap: Tensor | None = None
+
+    def update(self, names: list[str], overlaps: list[Tensor]) -> list[float | Tensor]:
+        self._overlap = torch.stack(overlaps).mean() if overlaps else None
+        return [self.alpha] * len(names)
+
+    @property
+    def current_alpha(self) -> float:
+        return self.alpha
+
+    @property
+    def current_overlap(self) -> float | None:
+        return None if self._overlap is None else float(self._overlap)
+
+    def metrics(self) -> dict[str, float]:
+        out = {"alpha": self.alpha}
+        if self._overlap is not None:
+            out["overlap"] = float(self._overlap)
+        return out
+
+    def __repr__(self) -> str:
+        return f"FixedStrength(alpha={self.alpha})"
+
+
+class OverlapAdaptiveStrength(Strength):
+    """alpha_t = alpha_max * (1 - sbar_t), sbar_t an EMA of the overlap s_t.
+
+    sbar_t = beta * sbar_{t-1} + (1 - beta) * s_t, reset to 0 at each domain switch;
+    alpha_t = 0 during the first ``warmup`` steps of a domain. ``scope="global"``
+    averages s_t over all tensors with a basis (the paper's rule); ``"tensor"`` keeps
+    one EMA and one alpha per tensor. High overlap -> weaker attenuation, to keep
+    plasticity when the new domain needs the old directions.
+    """
+
+    def __init__(self, alpha_max: float = 0.5, beta: float = 0.98, warmup: int = 0,
+                 scope: str = "global") -> None:
+        if not 0.0 <= alpha_max <= 1.0:
+            raise ValueError(f"OverlapAdaptiveStrength: alpha_max must be in [0, 1], got {alpha_max}")
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"OverlapAdaptiveStrength: beta must be in [0, 1), got {beta}")
+        if warmup < 0:
+            raise ValueError(f"OverlapAdaptiveStrength: warmup must be >= 0, got {warmup}")
+        if scope not in SCOPES:
+            raise ValueError(f"OverlapAdaptiveStrength: scope must be one of {SCOPES}, got {scope!r}")
+        self.alpha_max = float(alpha_max)
+        self.beta = float(beta)
+        self.warmup = int(warmup)
+        self.scope = scope
+        self.steps = 0
+        self.sbar: dict[str, Tensor] = {}  # "__global__" or tensor name -> EMA (0-d)
+        self._last_overlap: Tensor | None = None
+        self._last_alpha: Tensor | None = None
+
+    def _ema(self, key: str, s: Tensor) -> Tensor:
+        prev = self.sbar.get(key)
+        s = s.clamp(0.0, 1.0)
+        new = (1.0 - self.beta) * s if prev is None else self.beta * prev.to(s) + (1.0 - self.beta) * s
+        self.sbar[key] = new
+        return new
+
+    def update(self, names: list[str], overlaps: list[Tensor]) -> list[float | Tensor]:
+        if not names:
+            return []
+        self.steps += 1
+        self._last_overlap = torch.stack([o.float() for o in overlaps]).mean()
+        if self.scope == "global":
+            sbars = [self._ema("__global__", self._last_overlap)] * len(names)
+        else:
+            sbars = [self._ema(n, o.float()) for n, o in zip(names, overlaps, strict=True)]
+        if self.steps <= self.warmup:
+            alphas: list[float | Tensor] = [0.0] * len(names)
+            self._last_alpha = torch.zeros(())
+        else:
+            alphas = [self.alpha_max * (1.0 - sb) for sb in sbars]
+            self._last_alpha = torch.stack([a.to(sbars[0]) for a in alphas]).mean()
+        return alphas
+
+    def reset(self) -> None:
+        self.steps = 0
+        self.sbar = {}
+        self._last_overlap = None
+        self._last_alpha = None
+
+    @property
+    def current_alpha(self) -> float:
+        """Mean alpha of the last step (alpha_max before any step of the domain)."""
+        if self._last_alpha is None:
+            return 0.0 if self.warmup > 0 else self.alpha_max
+        return float(self._last_alpha)
+
+    @property
+    def current_overlap(self) -> float | None:
+        return None if self._last_overlap is None else float(self._last_overlap)
+
+    @property
+    def smoothed_overlap(self) -> float | None:
+        if not self.sbar:
+            return None
+        return float(torch.stack([v.cpu() for v in self.sbar.values()]).mean())
+
+    def metrics(self) -> dict[str, float]:
+        out = {"alpha": self.current_alpha}
+        if self._last_overlap is not None:
+            out["overlap"] = float(self._last_overlap)
+            out["overlap_ema"] = float(self.smoothed_overlap or 0.0)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "sbar": {k: v.detach().cpu().clone() for k, v in self.sbar.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = int(state["steps"])
+        self.sbar = {k: v.clone() for k, v in state["sbar"].items()}
+
+    def __repr__(self) -> str:
+        return (f"OverlapAdaptiveStrength(alpha_max={self.alpha_max}, beta={self.beta}, "
+                f"warmup={self.warmup}, scope={self.scope!r})")
+
+
+def as_strength(strength: float | Strength) -> Strength:
+    """Accept a bare float as FixedStrength."""
+    if isinstance(strength, Strength):
+        return strength
+    if isinstance(strength, (int, float)):
+        return FixedStrength(float(strength))
+    raise TypeError(f"strength must be a float or a Strength, got {type(strength).__name__}")

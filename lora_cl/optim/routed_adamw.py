@@ -1,0 +1,321 @@
+"""RoutedAdamW: AdamW whose two moments can see different gradients."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lora_cl.modifiers.base import GradBatch, GradientModifier
+from lora_cl.optim.functional import (
+    fused_kernel_available,
+    routed_adamw_fused,
+    routed_adamw_reference,
+)
+
+#: routing -> (what feeds m, what feeds v); "raw" is g, "mod" is g~ = M(g).
+ROUTINGS: dict[str, tuple[str, str]] = {
+    "vanilla": ("raw", "raw"),
+    "shared": ("mod", "mod"),
+    "decoupled": ("mod", "raw"),
+    "v_only": ("raw", "mod"),
+}
+IMPLS = ("auto", "fused", "reference")
+NONFINITE = ("skip", "raise")
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """Raised by ``RoutedAdamW.step`` with ``nonfinite="raise"``."""
+
+
+class RoutedAdamW(Optimizer):
+    """AdamW with decoupled moment routing of modified gradients.
+
+    The chain of ``modifiers`` turns the raw gradient g into g~; each param group's
+    ``routing`` decides what the moments see (m / v): ``vanilla`` (g, g²), ``shared``
+    (g~, g~²: gradient modification handed to Adam, the usual practice), ``decoupled``
+    (g~, g²: the repair) and ``v_only`` (g, g~²). Groups with ``routing="vanilla"``
+    never run the modifiers. With no modifier every routing is exactly
+    ``torch.optim.AdamW`` (decoupled weight decay, bias correction, amsgrad off).
+
+    Args:
+        params: tensors or param groups; a group may carry ``routing`` and
+            ``param_names`` (names key bases and importances; see
+            :func:`lora_cl.param_groups`).
+        modifiers: gradient modifiers applied in order to routed groups.
+        reproject_update: after the Adam step, pass the final update of each routed
+            tensor through the modifiers' ``project_update`` (Adam-NSCL style), since the
+            element-wise division by sqrt(v) can move a projected step back into the
+            protected subspace.
+        nonfinite: ``"skip"`` (warn, naming the tensors, and leave every state
+            untouched) or ``"raise"`` when any gradient holds inf/nan.
+        impl: ``"fused"`` (torch's fused AdamW kernel with first-moment
+            pre-correction), ``"reference"`` (readable single-tensor loop) or ``"auto"``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        routing: str = "decoupled",
+        modifiers: Sequence[GradientModifier] = (),
+        *,
+        reproject_update: bool = False,
+        nonfinite: str = "skip",
+        impl: str = "auto",
+    ) -> None:
+        if not 0.0 <= lr:
+            raise ValueError(f"RoutedAdamW: lr must be >= 0, got {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"RoutedAdamW: betas must be in [0, 1), got {betas}")
+        if not 0.0 <= eps:
+            raise ValueError(f"RoutedAdamW: eps must be >= 0, got {eps}")
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"RoutedAdamW: nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+        if impl not in IMPLS:
+            raise ValueError(f"RoutedAdamW: impl must be one of {IMPLS}, got {impl!r}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        routing=routing)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            _check_routing(group["routing"])
+        self.modifiers: list[GradientModifier] = list(modifiers)
+        for mod in self.modifiers:
+            if not isinstance(mod, GradientModifier):
+                raise TypeError(
+                    f"RoutedAdamW: modifiers must be GradientModifier instances, got {type(mod).__name__}"
+                )
+        self.reproject_update = reproject_update
+        self.nonfinite = nonfinite
+        self.impl = impl
+        self.global_step = 0
+        self.skipped_steps = 0
+        self._extras: dict[str, Any] = {}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        _check_routing(self.param_groups[-1]["routing"])
+
+    # -- domain hooks -------------------------------------------------------------
+    def start_domain(self, domain: str) -> None:
+        """Tell the modifiers a new domain begins (strength EMAs reset, buffers clear)."""
+        for mod in self.modifiers:
+            mod.on_domain_start(domain)
+
+    def end_domain(self, domain: str) -> None:
+        """Tell the modifiers ``domain`` ended (importances consolidate, anchors snapshot)."""
+        names, params = self.routed_named_params()
+        for mod in self.modifiers:
+            mod.on_domain_end(domain, names, params)
+
+    def supply(self, **extras: Any) -> None:
+        """Hand per-step inputs to the modifiers (e.g. ``replay_grads={name: tensor}``)."""
+        self._extras.update(extras)
+
+    def routed_named_params(self) -> tuple[list[str], list[Tensor]]:
+        """Names and tensors of every parameter in a routed (non-vanilla) group."""
+        names: list[str] = []
+        params: list[Tensor] = []
+        for gi, group in enumerate(self.param_groups):
+            if group["routing"] == "vanilla":
+                continue
+            for pi, p in enumerate(group["params"]):
+                names.append(_param_name(group, gi, pi))
+                params.append(p)
+        return names, params
+
+    def metrics(self) -> dict[str, float]:
+        """Scalars from every modifier (alpha, overlap, ...) plus step counters."""
+        out: dict[str, float] = {"optim/skipped_steps": float(self.skipped_steps)}
+        for mod in self.modifiers:
+            for key, value in mod.metrics().items():
+                out[f"{type(mod).__name__.lower()}/{key}"] = value
+        return out
+
+    # -- the step -----------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        entries = self._collect()
+        if not entries:
+            self._extras.clear()
+            return loss
+        if not self._all_finite(entries):
+            self._extras.clear()
+            return loss
+        self.global_step += 1
+
+        routed = [e for e in entries if e["routing"] != "vanilla"]
+        raw = [e["grad"] for e in routed]
+        mod = list(raw)
+        if routed and self.modifiers:
+            batch = GradBatch(
+                names=[e["name"] for e in routed],
+                params=[e["param"] for e in routed],
+                grads=mod,
+                raw=raw,
+                step=self.global_step,
+                extras=self._extras,
+            )
+            for modifier in self.modifiers:
+                mod = modifier(batch)
+                batch.grads = mod
+        self._extras = {}
+        for e, g_mod in zip(routed, mod, strict=True):
+            e["mod"] = g_mod
+
+        before = None
+        if self.reproject_update and routed:
+            before = [e["param"].detach().float().clone() for e in routed]
+
+        for gi, group in enumerate(self.param_groups):
+            mine = [e for e in entries if e["group"] == gi]
+            if mine:
+                self._update_group(group, mine)
+
+        if before is not None:
+            self._reproject(routed, before)
+        return loss
+
+    def _collect(self) -> list[dict[str, Any]]:
+        entries: list[dict[str, Any]] = []
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("RoutedAdamW does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32,
+                                                        memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32,
+                                                           memory_format=torch.preserve_format)
+                grad = p.grad if p.grad.dtype == torch.float32 else p.grad.float()
+                entries.append(dict(group=gi, name=_param_name(group, gi, pi), param=p,
+                                    grad=grad, routing=group["routing"], state=state))
+        return entries
+
+    def _all_finite(self, entries: list[dict[str, Any]]) -> bool:
+        norms = torch._foreach_norm([e["grad"] for e in entries])
+        if bool(torch.stack([n.to(norms[0].device) for n in norms]).isfinite().all()):
+            return True
+        bad = [e["name"] for e, n in zip(entries, norms, strict=True) if not torch.isfinite(n)]
+        shown = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+        message = (f"non-finite gradient in {len(bad)} tensor(s): {shown}. Check the loss "
+                   "scale, learning rate and input data.")
+        if self.nonfinite == "raise":
+            raise NonFiniteGradientError(f"RoutedAdamW: {message}")
+        self.skipped_steps += 1
+        warnings.warn(f"RoutedAdamW: skipped step, all optimizer states untouched: {message}",
+                      RuntimeWarning, stacklevel=3)
+        return False
+
+    def _update_group(self, group: dict[str, Any], entries: list[dict[str, Any]]) -> None:
+        m_src, v_src = ROUTINGS[group["routing"]]
+        beta1, beta2 = group["betas"]
+        use_fused = self.impl == "fused" or (
+            self.impl == "auto" and all(fused_kernel_available(e["param"].device) for e in entries)
+        )
+        fn = routed_adamw_fused if use_fused else routed_adamw_reference
+        fn(
+            [e["param"] for e in entries],
+            [e["grad"] if m_src == "raw" else e.get("mod", e["grad"]) for e in entries],
+            [e["grad"] if v_src == "raw" else e.get("mod", e["grad"]) for e in entries],
+            [e["state"]["exp_avg"] for e in entries],
+            [e["state"]["exp_avg_sq"] for e in entries],
+            [e["state"]["step"] for e in entries],
+            lr=_as_float(group["lr"]),
+            beta1=float(beta1),
+            beta2=float(beta2),
+            eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]),
+        )
+
+    def _reproject(self, routed: list[dict[str, Any]], before: list[Tensor]) -> None:
+        names = [e["name"] for e in routed]
+        deltas = [e["param"].detach().float() - b for e, b in zip(routed, before, strict=True)]
+        projected = deltas
+        for modifier in self.modifiers:
+            project = getattr(modifier, "project_update", None)
+            if project is not None:
+                projected = project(names, projected)
+        for e, b, d_old, d_new in zip(routed, before, deltas, projected, strict=True):
+            if d_new is not d_old:
+                e["param"].copy_(b + d_new)
+
+    # -- state ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["lora_cl"] = {
+            "format": 1,
+            "global_step": self.global_step,
+            "skipped_steps": self.skipped_steps,
+            "modifiers": [
+                {"type": type(m).__name__, "state": m.state_dict()} for m in self.modifiers
+            ],
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("lora_cl", None)
+        super().load_state_dict(state_dict)
+        self._restore_fp32_states(state_dict)
+        if extra is None:
+            return
+        saved = extra["modifiers"]
+        if [s["type"] for s in saved] != [type(m).__name__ for m in self.modifiers]:
+            raise ValueError(
+                "RoutedAdamW.load_state_dict: the checkpoint's modifier chain "
+                f"{[s['type'] for s in saved]} differs from this optimizer's "
+                f"{[type(m).__name__ for m in self.modifiers]}; build the optimizer with the "
+                "same method/modifiers before resuming."
+            )
+        for mod, s in zip(self.modifiers, saved, strict=True):
+            mod.load_state_dict(s["state"])
+        self.global_step = int(extra["global_step"])
+        self.skipped_steps = int(extra["skipped_steps"])
+
+
+    def _restore_fp32_states(self, state_dict: dict[str, Any]) -> None:
+        # torch casts loaded states to the param dtype; ours stay fp32 (and the step
+        # lives on the param's device, where the fused kernel reads it).
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, params, strict=True):
+            saved = state_dict["state"].get(pid)
+            if not saved:
+                continue
+            for key in ("step", "exp_avg", "exp_avg_sq"):
+                self.state[p][key] = saved[key].to(device=p.device, dtype=torch.float32, copy=True)
+
+
+def _check_routing(routing: str) -> None:
+    if routing not in ROUTINGS:
+        raise ValueError(
+            f"RoutedAdamW: unknown routing {routing!r}; choose one of {sorted(ROUTINGS)}"
+        )
+
+
+def _param_name(group: dict[str, Any], gi: int, pi: int) -> str:
+    names = group.get("param_names")
+    if names is not None and pi < len(names):
+        return names[pi]
+    return f"group{gi}.param{pi}"
+
+
+def _as_float(x: float | Tensor) -> float:
+    return float(x.item()) if isinstance(x, Tensor) else float(x)
