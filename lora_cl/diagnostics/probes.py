@@ -1,0 +1,69 @@
+"""Probes of the attenuate-then-adapt conflict, read from gradients and Adam states.
+
+For an old-domain basis U (fan_in x k, orthonormal columns), a gradient G (rows x fan_in)
+and Adam's second moment v (same shape as G, bias-corrected v^ = v / (1 - b2^t)):
+
+* overlap           s = ||G U||^2 / ||G||^2
+* v energy in U     E_U(v) = mean_rows sum_i v^_ri (U U^T)_ii
+* old-direction LR  eta_U = mean_rows mean_{u in U} sum_i u_i^2 * lr / (sqrt(v^_ri) + eps),
+  the Rayleigh quotient of Adam's diagonal preconditioner along each protected direction.
+
+Proposition 1 compares two routings on the same gradient stream: with projection strength
+alpha, eta_U(shared) / eta_U(decoupled) -> 1/(1-alpha) and E_U(decoupled) / E_U(shared)
+-> 1/(1-alpha)^2 when the protected directions are coordinate directions and eps << sqrt(v).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+
+def overlap(grad: Tensor, U: Tensor) -> float:
+    """s = ||G U||^2 / ||G||^2 on the fan-in side."""
+    G = grad.reshape(-1, grad.shape[-1]).float()
+    return float((G @ U).square().sum() / G.square().sum().clamp_min(1e-30))
+
+
+def _bias_corrected_v(v: Tensor, step: float, beta2: float) -> Tensor:
+    return v.reshape(-1, v.shape[-1]).float() / (1 - beta2**step)
+
+
+def v_energy_in_subspace(v: Tensor, U: Tensor, step: float, beta2: float) -> float:
+    """E_U(v): second-moment energy along U (diagonal of U U^T weighted by v^), mean over rows."""
+    diag = U.square().sum(dim=1)
+    return float((_bias_corrected_v(v, step, beta2) * diag).sum(dim=1).mean())
+
+
+def v_share_in_subspace(v: Tensor, U: Tensor, step: float, beta2: float) -> float:
+    """E_U(v) / total v energy: the share of v that lies along the old subspace."""
+    vh = _bias_corrected_v(v, step, beta2)
+    return float((vh * U.square().sum(dim=1)).sum() / vh.sum().clamp_min(1e-30))
+
+
+def old_direction_lr(v: Tensor, U: Tensor, step: float, lr: float, beta2: float,
+                     eps: float) -> float:
+    """eta_U: Adam's effective learning rate along the protected directions (mean)."""
+    inv = lr / (_bias_corrected_v(v, step, beta2).sqrt() + eps)   # rows x fan_in
+    return float((inv @ U.square()).mean())
+
+
+def optimizer_probes(optimizer: Any, bank: Any, side: str = "in") -> dict[str, float]:
+    """Mean of the probes over every routed tensor of ``optimizer`` that has a basis in ``bank``."""
+    names, params = optimizer.routed_named_params()
+    group = optimizer.param_groups[0]
+    beta2, eps, lr = group["betas"][1], group["eps"], float(group["lr"])
+    shares, lrs = [], []
+    for name, p in zip(names, params, strict=True):
+        state = optimizer.state.get(p)
+        proj = bank.projector(name, side) if p.ndim >= 2 else None
+        if not state or proj is None or side != "in":
+            continue
+        step = float(state["step"])
+        shares.append(v_share_in_subspace(state["exp_avg_sq"], proj[0], step, beta2))
+        lrs.append(old_direction_lr(state["exp_avg_sq"], proj[0], step, lr, beta2, eps))
+    if not shares:
+        return {}
+    return {"probe/v_share_old": sum(shares) / len(shares),
+            "probe/old_direction_lr": sum(lrs) / len(lrs)}

@@ -1,0 +1,131 @@
+"""Activation bases (GPM): the input space each LoRA layer saw on a domain, minus what is kept."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lora_cl.subspace._peft import lora_linears
+from lora_cl.subspace.bank import SubspaceBank
+from lora_cl.subspace.builders import NULL_TOL
+
+
+class _TokenSample:
+    """Uniform sample without replacement of <= max_tokens rows from a stream of row blocks.
+
+    Each row draws a key u ~ U(0, 1); the rows with the smallest keys seen so far are kept.
+    """
+
+    def __init__(self, max_tokens: int, generator: torch.Generator) -> None:
+        self.max_tokens = max_tokens
+        self.generator = generator
+        self.rows: Tensor | None = None
+        self.keys = torch.zeros(0)
+
+    def _smallest(self, keys: Tensor) -> Tensor:
+        return torch.topk(keys, self.max_tokens, largest=False, sorted=False).indices
+
+    def add(self, x: Tensor) -> None:
+        keys = torch.rand(x.shape[0], generator=self.generator)
+        if keys.numel() > self.max_tokens:
+            idx = self._smallest(keys)
+            keys, x = keys[idx], x[idx.to(x.device)]
+        x = x.detach().to(device="cpu", dtype=torch.float32)
+        rows = x if self.rows is None else torch.cat([self.rows, x])
+        keys = torch.cat([self.keys, keys])
+        if keys.numel() > self.max_tokens:
+            idx = self._smallest(keys)
+            keys, rows = keys[idx], rows[idx]
+        self.rows, self.keys = rows, keys
+
+
+def _gpm_directions(x: Tensor, old: Tensor, energy: float, max_new: int) -> Tensor:
+    """New orthonormal directions (d, k) of samples x (n, d) beyond the kept basis ``old``.
+
+    R = X - X U U^T = P S V^T; k = smallest with ||X U||^2 + sum_{i<=k} S_i^2 >= energy ||X||^2
+    (GPM's criterion), then V[:, :k] is re-orthogonalised against U.
+    """
+    total = x.double().square().sum()
+    r = x - (x @ old) @ old.mT
+    captured = total - r.double().square().sum()
+    if total <= 0 or captured >= energy * total or max_new <= 0:
+        return x.new_zeros(x.shape[1], 0)
+    _, sigma, vh = torch.linalg.svd(r, full_matrices=False)
+    cum = captured + torch.cumsum(sigma.double().square(), 0)
+    k = int((cum < energy * total * (1 - 1e-12)).sum()) + 1
+    k = min(k, int((sigma > NULL_TOL * sigma[0]).sum()), max_new)
+    v = vh[:k].mT
+    v = v - old @ (old.mT @ v)
+    q, _ = torch.linalg.qr(v)
+    return q.contiguous()
+
+
+def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+def activation_bases(model: nn.Module, batches: Iterable[Mapping[str, Any]], bank: SubspaceBank,
+                     domain: str, *, energy: float = 0.97, max_rank: int | None = None,
+                     adapter_name: str = "default", max_tokens: int = 4096, seed: int = 0) -> int:
+    """Run ``batches`` through ``model`` and add each LoRA layer's new input-space basis (GPM).
+
+    Per linear LoRA layer: X (tokens, d_in) = its inputs (padding dropped via the batch's
+    attention_mask, uniformly subsampled to ``max_tokens`` rows with a generator seeded by
+    ``seed``); U = the bank's current projector for the lora_A weight (side "in");
+    R = X - X U U^T; the top directions of R that bring ||X U||^2 + captured to ``energy``
+    ||X||^2 (at most ``max_rank`` new ones per layer) are added as side "in" bases of the lora_A
+    weight with weights 1 (hard GPM). Runs in eval mode under no_grad; the model's train/eval
+    flags and hooks are restored. Returns the number of bases added.
+    """
+    if not 0.0 < energy <= 1.0:
+        raise ValueError(f"energy must be in (0, 1], got {energy!r}")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be positive, got {max_tokens!r}")
+    layers = lora_linears(model, adapter_name)
+    generator = torch.Generator().manual_seed(seed)
+    samples = {m.a_name: _TokenSample(max_tokens, generator) for m in layers}
+    current: dict[str, Tensor | None] = {"mask": None}
+
+    def make_hook(sample: _TokenSample):
+        def hook(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            x = args[0] if args else kwargs["x"]
+            mask = current["mask"]
+            if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
+                x = x[mask.to(x.device).bool()]
+            sample.add(x.reshape(-1, x.shape[-1]))
+        return hook
+
+    flags = [(mod, mod.training) for mod in model.modules()]
+    handles = [m.layer.register_forward_pre_hook(make_hook(samples[m.a_name]), with_kwargs=True)
+               for m in layers]
+    device = next(model.parameters()).device
+    try:
+        model.eval()
+        with torch.no_grad():
+            for batch in batches:
+                current["mask"] = batch.get("attention_mask")
+                model(**_to_device(batch, device))
+    finally:
+        for h in handles:
+            h.remove()
+        for mod, was_training in flags:
+            mod.training = was_training
+
+    added = 0
+    for m in layers:
+        x = samples[m.a_name].rows
+        if x is None or x.shape[0] == 0:
+            continue
+        proj = bank.projector(m.a_name, "in")
+        old = proj[0] if proj is not None else x.new_zeros(x.shape[1], 0)
+        max_new = x.shape[1] - old.shape[1]
+        if max_rank is not None:
+            max_new = min(max_new, max_rank)
+        new = _gpm_directions(x, old, energy, max_new)
+        if new.shape[1]:
+            bank.add(domain, m.a_name, new, torch.ones(new.shape[1]), side="in")
+            added += 1
+    return added

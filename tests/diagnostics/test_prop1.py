@@ -1,0 +1,58 @@
+"""Proposition 1 within 8%, and the CLI that reports it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lora_cl.diagnostics import old_direction_lr, overlap, run_prop1, v_share_in_subspace
+from lora_cl.diagnostics.prop1 import DEFAULT_ALPHAS
+
+
+def test_prop1_aligned_basis_within_8_percent_at_8_alphas():
+    points = run_prop1(DEFAULT_ALPHAS, steps=600)
+    assert [p.alpha for p in points] == list(DEFAULT_ALPHAS)
+    for p in points:
+        assert p.lr_rel_error < 0.08, p
+        assert p.v_rel_error < 0.08, p
+        assert p.lr_ratio > 1.0  # shared inflates the old-direction LR
+
+
+def test_prop1_rotated_basis_is_diluted_but_still_inflated():
+    points = run_prop1((0.5,), steps=800, basis="rotated")
+    assert 1.0 < points[0].lr_ratio < points[0].lr_ratio_predicted
+
+
+def test_probes_on_known_values():
+    U = torch.eye(4)[:, :2]
+    g = torch.tensor([[3.0, 4.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+    assert overlap(g, U) == pytest.approx(25 / 26)
+    v = torch.tensor([[4.0, 4.0, 1.0, 1.0]])
+    # step -> infinity: no bias correction; eta along e1 = lr / (2 + eps)
+    assert old_direction_lr(v, U, step=1e9, lr=1.0, beta2=0.999, eps=0.0) == pytest.approx(0.5)
+    assert v_share_in_subspace(v, U, step=1e9, beta2=0.999) == pytest.approx(0.8)
+
+
+def test_cli_writes_json_and_png_and_exit_code(tmp_path):
+    out = tmp_path / "p1"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lora_cl.cli", "diagnose", "prop1", "--out", str(out),
+         "--steps", "600", "--basis", "aligned"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "within the 8% tolerance" in proc.stdout
+    data = json.loads((out / "prop1.json").read_text())
+    assert len(data["results"]["aligned"]) == 8
+    assert (out / "prop1.png").stat().st_size > 10_000
+    # an impossible tolerance makes it fail loudly
+    proc = subprocess.run(
+        [sys.executable, "-m", "lora_cl.cli", "diagnose", "prop1", "--out", str(out),
+         "--steps", "300", "--basis", "rotated", "--tolerance", "0.01"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 1 and "NOT within" in proc.stdout

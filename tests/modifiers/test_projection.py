@@ -1,0 +1,134 @@
+"""Projection algebra and strength schedules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lora_cl import FixedStrength, OverlapAdaptiveStrength, Projection, SubspaceBank
+from lora_cl.modifiers.base import GradBatch
+
+
+def orth(d, k, seed=0):
+    q, _ = torch.linalg.qr(torch.randn(d, k, generator=torch.Generator().manual_seed(seed)))
+    return q
+
+
+def batch_of(grads, names=None, step=1):
+    names = names or [f"t{i}" for i in range(len(grads))]
+    params = [torch.zeros_like(g) for g in grads]
+    return GradBatch(names=names, params=params, grads=list(grads), raw=list(grads), step=step)
+
+
+def test_hard_projection_removes_basis_component_exactly():
+    U = orth(32, 6)
+    bank = SubspaceBank()
+    bank.add("d0", "t0", U)
+    g = torch.randn(4, 32)
+    (gt,) = Projection(bank, 1.0, weighted=False)(batch_of([g]))
+    torch.testing.assert_close(gt @ U, torch.zeros(4, 6), atol=1e-6, rtol=0)
+    # the complement is untouched
+    P_perp = torch.eye(32) - U @ U.T
+    torch.testing.assert_close(gt @ P_perp, g @ P_perp, atol=1e-6, rtol=0)
+
+
+def test_alpha_zero_is_identity_same_object():
+    bank = SubspaceBank()
+    bank.add("d0", "t0", orth(16, 3))
+    g = torch.randn(2, 16)
+    out = Projection(bank, 0.0)(batch_of([g]))
+    assert out[0] is g
+
+
+def test_weighted_projection_matches_formula_and_overlap():
+    U = orth(20, 4)
+    s = torch.tensor([1.0, 0.5, 0.25, 0.1])
+    bank = SubspaceBank()
+    bank.add("d0", "t0", U, s)
+    g = torch.randn(3, 20)
+    proj = Projection(bank, FixedStrength(0.6), weighted=True)
+    (gt,) = proj(batch_of([g]))
+    expected = g - 0.6 * g @ U @ torch.diag(s) @ U.T
+    torch.testing.assert_close(gt, expected, atol=1e-6, rtol=1e-5)
+    overlap = (g @ U).square().sum() / g.square().sum()
+    assert proj.metrics()["overlap"] == pytest.approx(float(overlap), rel=1e-5)
+    assert proj.metrics()["alpha"] == 0.6
+
+
+def test_out_side_and_both_sides():
+    V = orth(12, 3, seed=1)   # output space (fan-out 12)
+    U = orth(10, 2, seed=2)   # input space (fan-in 10)
+    bank = SubspaceBank()
+    bank.add("d0", "w", V, side="out")
+    bank.add("d0", "w", U, side="in")
+    g = torch.randn(12, 10)
+    (g_out,) = Projection(bank, 1.0, weighted=False, side="out")(batch_of([g], ["w"]))
+    torch.testing.assert_close(V.T @ g_out, torch.zeros(3, 10), atol=1e-6, rtol=0)
+    (g_both,) = Projection(bank, 1.0, weighted=False, side="both")(batch_of([g], ["w"]))
+    torch.testing.assert_close(V.T @ g_both, torch.zeros(3, 10), atol=1e-6, rtol=0)
+    torch.testing.assert_close(g_both @ U, torch.zeros(12, 2), atol=1e-6, rtol=0)
+    expected = (torch.eye(12) - V @ V.T) @ g @ (torch.eye(10) - U @ U.T)
+    torch.testing.assert_close(g_both, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_one_d_tensors_and_tensors_without_basis_pass_through():
+    bank = SubspaceBank()
+    bank.add("d0", "t0", orth(8, 2))
+    bias, other = torch.randn(8), torch.randn(3, 8)
+    out = Projection(bank, 1.0)(batch_of([bias, other], ["t0", "t1"]))
+    assert out[0] is bias and out[1] is other
+
+
+def test_dimension_mismatch_is_a_clear_error():
+    bank = SubspaceBank()
+    bank.add("d0", "t0", orth(8, 2))
+    with pytest.raises(ValueError, match="has dimension 8 but the tensor's in-dimension is 9"):
+        Projection(bank, 1.0)(batch_of([torch.randn(2, 9)]))
+
+
+def test_overlap_adaptive_ema_and_reset():
+    strength = OverlapAdaptiveStrength(alpha_max=0.5, beta=0.9)
+    s = [torch.tensor(0.4)]
+    a1 = strength.update(["a"], s)[0]
+    # sbar_1 = 0.1 * 0.4 = 0.04 -> alpha = 0.5 * 0.96
+    assert float(a1) == pytest.approx(0.48)
+    a2 = strength.update(["a"], s)[0]
+    # sbar_2 = 0.9*0.04 + 0.1*0.4 = 0.076
+    assert float(a2) == pytest.approx(0.5 * (1 - 0.076))
+    assert strength.current_overlap == pytest.approx(0.4)
+    strength.reset()
+    assert strength.current_alpha == 0.5 and strength.smoothed_overlap is None
+    a3 = strength.update(["a"], [torch.tensor(1.0)])[0]
+    assert float(a3) == pytest.approx(0.5 * 0.9)
+
+
+def test_overlap_adaptive_global_vs_tensor_scope_and_warmup():
+    glob = OverlapAdaptiveStrength(alpha_max=1.0, beta=0.0, warmup=1)
+    assert glob.update(["a", "b"], [torch.tensor(0.2), torch.tensor(0.6)]) == [0.0, 0.0]
+    a, b = glob.update(["a", "b"], [torch.tensor(0.2), torch.tensor(0.6)])
+    assert float(a) == float(b) == pytest.approx(0.6)  # 1 - mean(0.2, 0.6)
+    per = OverlapAdaptiveStrength(alpha_max=1.0, beta=0.0, scope="tensor")
+    a, b = per.update(["a", "b"], [torch.tensor(0.2), torch.tensor(0.6)])
+    assert float(a) == pytest.approx(0.8) and float(b) == pytest.approx(0.4)
+
+
+def test_projection_resets_strength_on_domain_start():
+    bank = SubspaceBank()
+    bank.add("d0", "t0", orth(8, 2))
+    proj = Projection(bank, OverlapAdaptiveStrength(beta=0.5))
+    proj(batch_of([torch.randn(2, 8)]))
+    assert proj.strength.steps == 1
+    proj.on_domain_start("d1")
+    assert proj.strength.steps == 0 and proj.strength.sbar == {}
+
+
+@pytest.mark.parametrize("bad", [dict(alpha_max=1.5), dict(beta=1.0), dict(warmup=-1),
+                                 dict(scope="layer")])
+def test_strength_bad_arguments(bad):
+    with pytest.raises(ValueError):
+        OverlapAdaptiveStrength(**bad)
+
+
+def test_projection_bad_side():
+    with pytest.raises(ValueError, match="side must be one of"):
+        Projection(SubspaceBank(), 1.0, side="left")
