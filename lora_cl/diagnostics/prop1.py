@@ -125,9 +125,11 @@ def plot_prop1(results: dict[str, list[Prop1Point]], path: str) -> None:
              ("v_ratio", "v_ratio_predicted", "R_v = E_U(v, decoupled) / E_U(v, shared)",
               "1/(1-alpha)^2")]
     for ax, (key, pred_key, title, pred_label) in zip(axes, specs, strict=True):
-        ax.plot(alphas, [getattr(p, pred_key) for p in any_points], "k--", label=f"predicted {pred_label}")
         for kind, points in results.items():
-            ax.plot(alphas, [getattr(p, key) for p in points], "o-", label=f"measured, {kind} basis")
+            ax.plot(alphas, [getattr(p, key) for p in points], "o-", markersize=8, alpha=0.8,
+                    label=f"measured, {kind} basis")
+        ax.plot(alphas, [getattr(p, pred_key) for p in any_points], "k--", linewidth=1.5, zorder=5,
+                label=f"predicted {pred_label}")
         ax.set_yscale("log")
         ax.set_xlabel("projection strength alpha")
         ax.set_title(title, fontsize=10)
