@@ -35,13 +35,13 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow and not deepspeed" $(PYTEST_ARGS)
 
 demo: install
-	$(BIN)/lora-cl diagnose prop1 --out runs/prop1
+	$(BIN)/lora-cl diagnose prop1 --basis both --out runs/prop1
 
 lint: install
 	$(BIN)/ruff check lora_cl tests benchmarks
 
 bench: install
-	$(BIN)/python benchmarks/optimizer_step.py --out docs/performance_optimizer_step.md
+	$(BIN)/python benchmarks/optimizer_step.py --out docs/performance.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
