@@ -6,7 +6,9 @@ the gradient g into g~; :class:`RoutedAdamW` feeds g~ to Adam's first moment and
 the modification.
 """
 
+import lora_cl._quiet  # noqa: F401  (first: filters one bitsandbytes import notice)
 from lora_cl.grouping import is_lora_name, param_groups
+from lora_cl.methods import PRESETS, MethodError, MethodSpec, build_modifiers, resolve_method
 from lora_cl.modifiers import (
     AGEM,
     EWCPenalty,
@@ -28,13 +30,21 @@ from lora_cl.subspace import (
     adapter_bases,
     basis_from_rows,
 )
+from lora_cl.trainer import (
+    ContinualCallback,
+    ReplayDataError,
+    RoutedAdamWFactory,
+    attach,
+    make_optimizer,
+)
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
-    "AGEM", "ROUTINGS", "EWCPenalty", "FixedStrength", "GradBatch", "GradientModifier",
-    "GradientRowBuffer", "Importance", "ImportanceRescale", "NonFiniteGradientError",
-    "OverlapAdaptiveStrength", "Projection", "ReplayMix", "RoutedAdamW", "Strength",
-    "SubspaceBank", "activation_bases", "adapter_bases", "basis_from_rows", "is_lora_name",
-    "param_groups",
+    "AGEM", "PRESETS", "ROUTINGS", "ContinualCallback", "EWCPenalty", "FixedStrength", "GradBatch",
+    "GradientModifier", "GradientRowBuffer", "Importance", "ImportanceRescale", "MethodError",
+    "MethodSpec", "NonFiniteGradientError", "OverlapAdaptiveStrength", "Projection",
+    "ReplayDataError", "ReplayMix", "RoutedAdamW", "RoutedAdamWFactory", "Strength", "SubspaceBank",
+    "activation_bases", "adapter_bases", "attach", "basis_from_rows", "build_modifiers",
+    "is_lora_name", "make_optimizer", "param_groups", "resolve_method",
 ]

@@ -44,6 +44,44 @@ def _cmd_diagnose_prop1(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _cmd_data_list(args: argparse.Namespace) -> int:
+    from lora_cl.data import DEFAULT_QA_STREAM_8, DEFAULT_STREAM_8, QA_TASKS, TEXT_DOMAINS
+
+    print("text domains (debian:<name>):", " ".join(TEXT_DOMAINS))
+    print("  default 8-domain stream:", " ".join(DEFAULT_STREAM_8))
+    print("Q/A tasks (qa:<name>):", " ".join(QA_TASKS))
+    print("  default 8-task stream:", " ".join(DEFAULT_QA_STREAM_8))
+    return 0
+
+
+def _cmd_data_build(args: argparse.Namespace) -> int:
+    from lora_cl.data import (
+        DEFAULT_QA_STREAM_8,
+        DEFAULT_STREAM_8,
+        UnknownNameError,
+        build_qa_task,
+        build_text_domain,
+        resolve_source,
+    )
+
+    specs = args.sources or ([f"debian:{d}" for d in DEFAULT_STREAM_8]
+                             + [f"qa:{t}" for t in DEFAULT_QA_STREAM_8])
+    for i, spec in enumerate(specs, start=1):
+        try:
+            source = resolve_source(spec)
+        except UnknownNameError as err:
+            print(f"lora-cl data build: {err.args[0]}", file=sys.stderr)
+            return 2
+        if source.kind == "user":
+            print(f"lora-cl data build: {spec!r} is not a built-in source (use debian:<domain> or "
+                  "qa:<task>; `lora-cl data list` shows them)", file=sys.stderr)
+            return 2
+        meta = (build_text_domain(source.name) if source.kind == "text"
+                else build_qa_task(source.name))
+        print(f"[{i}/{len(specs)}] {spec}: {meta['path']}", flush=True)
+    return 0
+
+
 def _prop1_table(results: dict) -> str:
     rows = ["| basis | alpha | R_eta measured | 1/(1-alpha) | rel. err | R_v measured | 1/(1-alpha)^2 "
             "| rel. err |", "|---|---|---|---|---|---|---|---|"]
@@ -82,6 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
     p1.add_argument("--tolerance", type=float, default=0.08)
     p1.add_argument("--seed", type=int, default=0)
     p1.set_defaults(func=_cmd_diagnose_prop1)
+
+    data = sub.add_parser("data", help="the built-in real data (Debian text domains, Q/A tasks)")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    data_sub.add_parser("list", help="list built-in sources").set_defaults(func=_cmd_data_list)
+    build = data_sub.add_parser(
+        "build", help="build sources into the cache ($LORA_CL_CACHE or ~/.cache/lora-cl) from "
+                      "pinned Debian packages (apt-get download + dpkg -x, no root needed)")
+    build.add_argument("sources", nargs="*",
+                       help="debian:<domain> / qa:<task> (default: both default 8-streams)")
+    build.set_defaults(func=_cmd_data_build)
     return parser
 
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
+
+if TYPE_CHECKING:  # peft (and the bitsandbytes it imports) loads only when LoRA layers are used
+    from peft.tuners.lora import LoraLayer
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,8 @@ def lora_linears(model: nn.Module, adapter_name: str = "default") -> list[LoraLi
     names the optimizer sees, whatever wrappers sit around the peft model. Embedding and conv
     LoRA variants are skipped (their fan-in is not the weights' last dim).
     """
+    from peft.tuners.lora import LoraLayer
+
     names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
     found: list[LoraLinear] = []
     seen_adapters: set[str] = set()

@@ -1,0 +1,298 @@
+"""ContinualCallback: domain boundaries, bases, replay gradients and alpha/overlap logs on a Trainer."""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+import weakref
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from torch import Tensor
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from lora_cl.diagnostics import optimizer_probes
+from lora_cl.methods import MethodSpec
+from lora_cl.optim import RoutedAdamW
+from lora_cl.subspace import SubspaceBank
+from lora_cl.trainer.domain_data import adapter_snapshot, build_domain_bases, check_domain_data
+from lora_cl.trainer.optimizer_factory import bank_of, method_of, routed_optimizer
+from lora_cl.trainer.replay import (
+    ReplayBuffer,
+    ReplayDataError,
+    is_indexable,
+    mean_across_ranks,
+    replay_gradients,
+    seeded_subset,
+)
+
+logger = logging.getLogger(__name__)
+
+_FORMAT = 1
+
+
+class ContinualCallback(TrainerCallback):
+    """Runs one domain of a continual stream per ``trainer.train()`` on the stream's one RoutedAdamW.
+
+    Per domain: ``set_domain(name, ...)``, then ``trainer.train()`` (a fresh Trainer per domain or
+    the same one with a new ``train_dataset``; model, optimizer and callback are shared).
+    Train begin: ``optimizer.start_domain`` (skipped on a mid-domain resume, ``global_step > 0``,
+    so restored modifier state survives). Each step: replay gradient g_r supplied when the
+    method replays. Each log: ``optimizer.metrics()`` and every ``probe_every`` logs the probes.
+    Train end: ``optimizer.end_domain``, that domain's bases into the bank, an adapter snapshot,
+    replay examples kept. Attach with :func:`attach` so ``report_to`` integrations see the keys.
+    """
+
+    def __init__(self, *, probe_every: int = 10, keep_snapshots: bool = True,
+                 seed: int | None = None) -> None:
+        if probe_every < 0:
+            raise ValueError(f"probe_every must be >= 0 (0: no probes), got {probe_every}")
+        self.probe_every = int(probe_every)
+        self.keep_snapshots = keep_snapshots
+        self.seed = seed
+        self.domains: list[str] = []  # finished domains, in order
+        self.current: str | None = None
+        self.started = False  # the current domain's start_domain ran (it has not ended)
+        self.replay = ReplayBuffer()
+        self.snapshots: dict[str, dict[str, Tensor]] = {}
+        self.basis_build_seconds: dict[str, float] = {}
+        self.bases_added: dict[str, int] = {}
+        self.log_count = 0
+        self.last_replay_loss: float | None = None
+        self._inputs: dict[str, Any] = {}
+        self._source: Any = None  # indexable examples of the current domain (replay / basis sample)
+        self._collate: Any = None
+        self._optimizer: RoutedAdamW | None = None
+        self._trainer: weakref.ref[Any] | None = None
+        self._emitting = False
+        self._warned_order = False
+
+    # -- user API ------------------------------------------------------------------------
+    @property
+    def domain_index(self) -> int:
+        """Index of the current (or next) domain: the number of finished domains."""
+        return len(self.domains)
+
+    @property
+    def optimizer(self) -> RoutedAdamW | None:
+        return self._optimizer
+
+    @property
+    def method(self) -> MethodSpec | None:
+        return None if self._optimizer is None else method_of(self._optimizer)
+
+    @property
+    def bank(self) -> SubspaceBank | None:
+        return None if self._optimizer is None else bank_of(self._optimizer)
+
+    def set_domain(self, name: str, train_dataset: Any = None,
+                   basis_batches: Iterable[Mapping[str, Any]] | None = None,
+                   replay_source: Any = None) -> None:
+        """Name the domain the next ``trainer.train()`` runs, with optional data for it.
+
+        ``train_dataset``: the examples this domain contributes to the replay buffer and the
+        activation-basis sample (rows the Trainer's collator accepts; default: the dataset the
+        Trainer trains on). ``basis_batches``: model-ready batches for activation bases.
+        ``replay_source``: an indexable dataset replayed during this domain instead of the buffer.
+        """
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"set_domain: name must be a non-empty str, got {name!r}")
+        if name in self.domains:
+            raise ValueError(f"set_domain: domain {name!r} already finished (finished: "
+                             f"{self.domains}); domain names must be unique")
+        if self.started and name != self.current:
+            raise RuntimeError(f"set_domain({name!r}): domain {self.current!r} started but did not "
+                               f"end; finish it first (set_domain({self.current!r}) and "
+                               "trainer.train(resume_from_checkpoint=...))")
+        for label, data in (("train_dataset", train_dataset), ("replay_source", replay_source)):
+            if data is not None and not is_indexable(data):
+                raise ReplayDataError(f"set_domain({name!r}): {label} must support len() and "
+                                      f"indexing, got {type(data).__name__}")
+        self.current = name
+        self._inputs = {"train_dataset": train_dataset, "basis_batches": basis_batches,
+                        "replay_source": replay_source}
+
+    # -- Trainer events --------------------------------------------------------------------
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs: Any) -> None:
+        optimizer = routed_optimizer(kwargs.get("optimizer"))
+        if self.current is None:
+            raise RuntimeError("ContinualCallback: call callback.set_domain(name) before each "
+                               "trainer.train() of the stream")
+        if self._optimizer is not None and optimizer is not self._optimizer and self.domains:
+            raise RuntimeError("ContinualCallback: this Trainer steps a different RoutedAdamW than "
+                               "the earlier domains; the stream needs one optimizer (its bank and "
+                               "modifier state): pass the same optimizer to every Trainer")
+        self._optimizer = optimizer
+        spec = method_of(optimizer)
+        if spec.basis is not None and bank_of(optimizer) is None:
+            raise RuntimeError(f"ContinualCallback: method {spec.name!r} builds {spec.basis} bases "
+                               "but the optimizer has no SubspaceBank (use lora_cl.make_optimizer)")
+        loader = kwargs.get("train_dataloader")
+        self._collate = getattr(loader, "collate_fn", None)
+        given = self._inputs.get("train_dataset")
+        self._source = given if given is not None else getattr(loader, "dataset", None)
+        check_domain_data(spec, self.current, self._source, self._collate, user_rows=given is not None,
+                          has_basis_batches=self._inputs.get("basis_batches") is not None,
+                          replay_source=self._inputs.get("replay_source"))
+        if state.global_step == 0:  # a resumed Trainer restored the modifiers: no reset
+            optimizer.start_domain(self.current)
+        self.started = True
+        self._check_order(args)
+
+    def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState,
+                              control: TrainerControl, **kwargs: Any) -> None:
+        optimizer = self._optimizer
+        if optimizer is None or not self.started or method_of(optimizer).replay is None:
+            return
+        spec = method_of(optimizer)
+        size = spec.replay_batch_size or args.per_device_train_batch_size
+        # per step and per rank: ranks replay different examples, then average g_r
+        seed = (self._seed(args) * 1_000_003 + state.global_step) * 131 + args.process_index
+        pool = self._inputs.get("replay_source")
+        if pool is not None:
+            examples = [pool[i] for i in seeded_subset(len(pool), size, seed)]
+        elif len(self.replay):
+            examples = self.replay.sample(size, seed)
+        else:
+            return  # first domain: nothing to replay yet, g~ = g
+        names, params = optimizer.routed_named_params()
+        loss, grads = replay_gradients(kwargs["model"], self._collate(examples), names, params,
+                                       max_norm=float(args.max_grad_norm or 0.0))
+        optimizer.supply(replay_grads=mean_across_ranks(grads))
+        self.last_replay_loss = loss
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+               logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if self._emitting or logs is None or self._optimizer is None:
+            return
+        if any(k.startswith(("eval_", "test_")) for k in logs):
+            return
+        extra = self.metrics()
+        logs.update(extra)
+        last = state.log_history[-1] if state.log_history else None
+        if last is not None and last.get("step") == state.global_step and all(k in last for k in logs
+                                                                             if k not in extra):
+            last.update(extra)  # log_history copied the logs before on_log ran
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
+        optimizer = self._optimizer
+        if optimizer is None or not self.started or self.current is None:
+            return
+        name, index, spec = self.current, self.domain_index, method_of(optimizer)
+        model = kwargs["model"]
+        optimizer.end_domain(name)
+        start = time.perf_counter()
+        added = build_domain_bases(spec, optimizer, bank_of(optimizer), model, name,
+                                   seed=self._seed(args) + index,
+                                   basis_batches=self._inputs.get("basis_batches"),
+                                   source=self._source, collate=self._collate,
+                                   batch_size=args.per_device_train_batch_size)
+        seconds = time.perf_counter() - start
+        self.basis_build_seconds[name], self.bases_added[name] = seconds, added
+        if spec.basis is not None and added == 0:
+            warnings.warn(f"domain {name!r}: method {spec.name!r} built no {spec.basis} bases, so "
+                          "nothing will protect this domain (too few steps or examples, or LoRA "
+                          "dimensions not above the basis rank?)", RuntimeWarning, stacklevel=2)
+        if self.keep_snapshots:
+            self.snapshots[name] = adapter_snapshot(model, optimizer)
+        if spec.replay is not None and self._source is not None:
+            self.replay.fraction = spec.replay_fraction
+            self.replay.add_domain(name, self._source, domain_index=index, seed=self._seed(args))
+        self.domains.append(name)
+        self.current, self.started, self._inputs, self._source = None, False, {}, None
+        logger.info("lora-cl: domain %r ended; %d bases built in %.3f s", name, added, seconds)
+        self._emit(state, {"cl/basis_build_seconds": seconds, "cl/bases_added": float(added),
+                           "cl/domain_index": float(index)})
+
+    # -- pieces ----------------------------------------------------------------------------
+    def metrics(self) -> dict[str, float]:
+        """Scalars for one log: optimizer metrics, domain index, replay loss, periodic probes."""
+        optimizer = self._optimizer
+        if optimizer is None:
+            return {}
+        out = dict(optimizer.metrics())
+        out["cl/domain_index"] = float(self.domain_index)
+        if self.last_replay_loss is not None:
+            out["cl/replay_loss"] = self.last_replay_loss
+        if method_of(optimizer).replay is not None:
+            out["cl/replay_examples"] = float(len(self.replay))
+        self.log_count += 1
+        bank = bank_of(optimizer)
+        if bank is not None and self.probe_every and (self.log_count - 1) % self.probe_every == 0:
+            out.update(optimizer_probes(optimizer, bank))
+        return out
+
+    def _seed(self, args: TrainingArguments) -> int:
+        return int(self.seed if self.seed is not None else args.seed)
+
+    def _emit(self, state: TrainerState, values: dict[str, float]) -> None:
+        """Log through the attached Trainer (reaches report_to), else into ``log_history`` only."""
+        trainer = self._trainer() if self._trainer is not None else None
+        if trainer is not None and trainer.state is state:
+            self._emitting = True
+            try:
+                trainer.log(dict(values))
+            finally:
+                self._emitting = False
+        else:
+            state.log_history.append({**values, "step": state.global_step})
+
+    def _check_order(self, args: TrainingArguments) -> None:
+        trainer = self._trainer() if self._trainer is not None else None
+        attached = trainer is not None and trainer.args is args
+        reports = [r for r in (args.report_to or []) if r != "none"]
+        if reports and not attached and not self._warned_order:
+            self._warned_order = True
+            warnings.warn("ContinualCallback is not attached with lora_cl.attach(trainer, callback): "
+                          f"the report_to integrations {reports} run before it and will not see "
+                          "alpha/overlap (trainer.state.log_history still does)", stacklevel=2)
+
+    # -- state -----------------------------------------------------------------------------
+    def state_dict(self, include_snapshots: bool = False) -> dict[str, Any]:
+        """What the callback keeps; JSON-serialisable unless ``include_snapshots`` (CPU tensors)."""
+        state: dict[str, Any] = {
+            "format": _FORMAT, "domains": list(self.domains), "current": self.current,
+            "started": self.started, "replay": self.replay.state_dict(),
+            "basis_build_seconds": dict(self.basis_build_seconds),
+            "bases_added": dict(self.bases_added), "log_count": self.log_count,
+            "last_replay_loss": self.last_replay_loss,
+        }
+        if include_snapshots:
+            state["snapshots"] = {d: dict(s) for d, s in self.snapshots.items()}
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; earlier domains' datasets go in ``replay.datasets`` again."""
+        if state.get("format") != _FORMAT:
+            raise ValueError(f"ContinualCallback state format {state.get('format')!r} != {_FORMAT}")
+        self.domains = [str(d) for d in state["domains"]]
+        self.current, self.started = state["current"], bool(state["started"])
+        self.replay.load_state_dict(state["replay"])
+        self.basis_build_seconds = {str(k): float(v) for k, v in state["basis_build_seconds"].items()}
+        self.bases_added = {str(k): int(v) for k, v in state["bases_added"].items()}
+        self.log_count = int(state["log_count"])
+        self.last_replay_loss = state["last_replay_loss"]
+        if "snapshots" in state:
+            self.snapshots = {d: dict(s) for d, s in state["snapshots"].items()}
+        self._optimizer, self._inputs = None, {}
+
+
+def attach(trainer: Any, callback: ContinualCallback | None = None, **kwargs: Any) -> ContinualCallback:
+    """Put ``callback`` first in ``trainer``'s callbacks (made from ``kwargs`` if None); return it.
+
+    The Trainer runs its reporting integrations (wandb, tensorboard, ...) before callbacks given
+    by the user, so keys merged into ``logs`` by a later callback never reach them; first in
+    line, the alpha/overlap keys do. Call once per Trainer of the stream.
+    """
+    if callback is None:
+        callback = ContinualCallback(**kwargs)
+    elif kwargs:
+        raise TypeError("attach: pass either a callback or its keyword arguments, not both")
+    callbacks = trainer.callback_handler.callbacks
+    callbacks[:] = [cb for cb in callbacks if cb is not callback]
+    callbacks.insert(0, callback)
+    callback._trainer = weakref.ref(trainer)
+    return callback

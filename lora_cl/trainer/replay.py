@@ -1,0 +1,135 @@
+"""The replay buffer (examples kept from earlier domains) and the replay-gradient computation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+Collate = Callable[[list[Any]], Mapping[str, Any]]
+
+
+class ReplayDataError(ValueError):
+    """Replay (or an activation basis) is configured but the data it needs cannot be had."""
+
+
+def is_indexable(dataset: Any) -> bool:
+    """Whether ``dataset`` supports ``len`` and integer indexing (a map-style dataset)."""
+    return dataset is not None and hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
+
+
+def seeded_subset(n: int, k: int, seed: int) -> list[int]:
+    """k of range(n) drawn without replacement by a generator seeded with ``seed``, sorted."""
+    generator = torch.Generator().manual_seed(int(seed))
+    return sorted(torch.randperm(n, generator=generator)[: min(k, n)].tolist())
+
+
+class ReplayBuffer:
+    """Examples kept from earlier domains as (domain, index) pairs into each domain's dataset.
+
+    At each domain end :meth:`add_domain` keeps k = max(1, round(fraction * n)) of the domain's
+    n examples, drawn with a generator seeded by (seed, domain index). Only the pairs are state
+    (:meth:`state_dict` is JSON-serialisable); the datasets live in ``datasets`` and must be
+    given again after :meth:`load_state_dict`.
+    """
+
+    def __init__(self, fraction: float = 0.005) -> None:
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"ReplayBuffer: fraction must be in [0, 1], got {fraction}")
+        self.fraction = float(fraction)
+        self.entries: list[tuple[str, int]] = []
+        self.datasets: dict[str, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def add_domain(self, domain: str, dataset: Any, *, domain_index: int, seed: int = 0) -> int:
+        """Keep a seeded ``fraction`` (at least one example) of ``dataset``; return how many."""
+        if not is_indexable(dataset) or len(dataset) == 0:
+            raise ReplayDataError(f"replay buffer: domain {domain!r} has no indexable, non-empty "
+                                  "dataset to keep examples from")
+        n = len(dataset)
+        k = max(1, round(self.fraction * n))
+        kept = seeded_subset(n, k, seed * 1_000_003 + domain_index)
+        self.entries = [e for e in self.entries if e[0] != domain]
+        self.entries.extend((domain, i) for i in kept)
+        self.datasets[domain] = dataset
+        return len(kept)
+
+    def sample(self, batch_size: int, seed: int) -> list[Any]:
+        """``batch_size`` kept examples (all if fewer), drawn by a generator seeded with ``seed``."""
+        missing = sorted({d for d, _ in self.entries if d not in self.datasets})
+        if missing:
+            raise ReplayDataError(f"replay buffer: no dataset for earlier domain(s) {missing}; after "
+                                  "load_state_dict put them in callback.replay.datasets[domain]")
+        chosen = seeded_subset(len(self.entries), batch_size, seed)
+        return [self.datasets[d][i] for d, i in (self.entries[j] for j in chosen)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"fraction": self.fraction, "entries": [[d, i] for d, i in self.entries]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.fraction = float(state["fraction"])
+        self.entries = [(str(d), int(i)) for d, i in state["entries"]]
+
+
+def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """Move the tensors of a collated batch to ``device``."""
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+def replay_gradients(model: nn.Module, batch: Mapping[str, Any], names: Sequence[str],
+                     params: Sequence[Tensor], *, max_norm: float = 0.0) -> tuple[float, dict[str, Tensor]]:
+    """g_r = d loss(replay batch) / d theta for the routed tensors, leaving every ``.grad`` alone.
+
+    Runs in train mode under ``enable_grad`` (the Trainer calls hooks with the model in train
+    mode; dropout applies as it does to the loss gradient). With ``max_norm`` > 0, g_r is
+    clipped to that global norm, as the Trainer clips the loss gradient before the step. A tensor
+    with a loss gradient (``.grad`` set) but no replay gradient is an error, never a silent skip.
+    """
+    device = params[0].device if params else torch.device("cpu")
+    was_training = model.training
+    model.train()
+    try:
+        with torch.enable_grad():
+            out = model(**to_device(batch, device))
+            loss = out["loss"] if isinstance(out, Mapping) else getattr(out, "loss", None)
+            if loss is None:
+                raise ReplayDataError("the replay batch gave no loss: its collated examples need "
+                                      "labels (use the same collator/columns as the training data)")
+            grads = torch.autograd.grad(loss, list(params), allow_unused=True)
+    finally:
+        model.train(was_training)
+    found = {n: g.detach() for n, g in zip(names, grads, strict=True) if g is not None}
+    missing = [n for n, p in zip(names, params, strict=True) if p.grad is not None and n not in found]
+    if missing:
+        raise RuntimeError(
+            f"replay gradient: {len(missing)} of {len(names)} routed tensors got a loss gradient but "
+            f"no replay gradient (first: {missing[0]!r}). Reentrant activation checkpointing hides "
+            "parameters from torch.autograd.grad: set gradient_checkpointing_kwargs="
+            "{'use_reentrant': False} (the default) in the training arguments")
+    if max_norm > 0 and found:
+        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float())
+                                                      for g in found.values()]))
+        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        found = {n: g * scale.to(g.dtype) for n, g in found.items()}
+    return float(loss.detach()), found
+
+
+def mean_across_ranks(grads: dict[str, Tensor]) -> dict[str, Tensor]:
+    """g_r averaged over data-parallel ranks, as DDP averages the loss gradient (no-op alone)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return grads
+    world = dist.get_world_size()
+    for g in grads.values():  # same names in the same order on every rank
+        dist.all_reduce(g)
+        g.div_(world)
+    return grads
+
+
+def collate_chunks(examples: Sequence[Any], collate: Collate, batch_size: int) -> list[Mapping[str, Any]]:
+    """``examples`` collated into consecutive batches of at most ``batch_size``."""
+    return [collate(list(examples[i:i + batch_size])) for i in range(0, len(examples), batch_size)]

@@ -1,0 +1,132 @@
+"""ContinualCallback refuses what cannot work, with messages that say what to do."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from datasets import Dataset
+from torch.utils.data import IterableDataset
+from trainer_helpers import DOMAINS, lm_dataset, lora_model, run_domain, train_args
+from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
+
+import lora_cl
+from lora_cl import ReplayDataError
+from lora_cl.modifiers import ReplayMix
+
+
+class Stream(IterableDataset):
+    """A streaming (not indexable) view of a map-style dataset."""
+
+    def __init__(self, rows: Dataset) -> None:
+        self.rows = rows
+
+    def __iter__(self) -> Any:
+        while True:
+            yield from (self.rows[i] for i in range(len(self.rows)))
+
+
+def _trainer(model: Any, data: Any, optimizer: Any, out: Any, **args: Any) -> Trainer:
+    return Trainer(model=model, args=train_args(out, max_steps=2, **args), train_dataset=data,
+                   optimizers=(optimizer, None))
+
+
+def _streaming(tiny_factory: Any, method: str, out: Any) -> tuple[Any, ...]:
+    """A LoRA model whose Trainer streams the law domain (not indexable), attached, domain set."""
+    model, tok = lora_model(tiny_factory)
+    optimizer = lora_cl.make_optimizer(model, method, lr=1e-3)
+    rows = lm_dataset(tok, DOMAINS["law"])
+    trainer = _trainer(model, Stream(rows), optimizer, out)
+    callback = lora_cl.attach(trainer, lora_cl.ContinualCallback())
+    callback.set_domain("law")
+    return model, tok, optimizer, callback, rows, trainer
+
+
+def test_plain_adamw_is_refused(tiny_factory, tmp_path):
+    model, tok = lora_model(tiny_factory)
+    adamw = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    trainer = _trainer(model, lm_dataset(tok, DOMAINS["law"]), adamw, tmp_path)
+    callback = lora_cl.attach(trainer, lora_cl.ContinualCallback())
+    callback.set_domain("law")
+    with pytest.raises(TypeError, match=r"steps torch\.optim\.adamw\.AdamW.*optimizers=\(optimizer, None\)"):
+        trainer.train()
+
+
+def test_stream_mistakes(tiny_factory, tmp_path):
+    model, tok = lora_model(tiny_factory)
+    optimizer = lora_cl.make_optimizer(model, "ogp", lr=1e-3)
+    callback = lora_cl.ContinualCallback()
+    trainer = _trainer(model, lm_dataset(tok, DOMAINS["law"]), optimizer, tmp_path)
+    lora_cl.attach(trainer, callback)
+    with pytest.raises(RuntimeError, match=r"call callback\.set_domain\(name\) before"):
+        trainer.train()
+    callback.set_domain("law")
+    trainer.train()
+    with pytest.raises(ValueError, match="already finished"):
+        callback.set_domain("law")
+    other = lora_cl.make_optimizer(model, "ogp", lr=1e-3)
+    second = _trainer(model, lm_dataset(tok, DOMAINS["cooking"]), other, tmp_path)
+    lora_cl.attach(second, callback)
+    callback.set_domain("cooking")
+    with pytest.raises(RuntimeError, match="needs one optimizer"):
+        second.train()
+
+
+def test_replay_without_keepable_data_is_an_error(tiny_factory, tmp_path):
+    model, tok, optimizer, callback, rows, trainer = _streaming(tiny_factory, "replay", tmp_path)
+    with pytest.raises(ReplayDataError, match=r"replays examples of earlier domains.*train_dataset="):
+        trainer.train()
+    text_rows = Dataset.from_dict({"text": DOMAINS["law"]})
+    callback.set_domain("law", train_dataset=text_rows)
+    with pytest.raises(ReplayDataError, match="without 'labels'"):
+        trainer.train()
+    # a streaming Trainer is fine once the domain's examples are given
+    callback.set_domain("law", train_dataset=rows)
+    trainer.train()
+    run_domain(model, tok, optimizer, callback, "cooking", DOMAINS["cooking"], tmp_path, max_steps=2)
+    (mix,) = [m for m in optimizer.modifiers if isinstance(m, ReplayMix)]
+    assert mix.mixed_steps == 2 and callback.replay.entries[0][0] == "law"
+
+
+def test_reentrant_checkpointing_is_refused_not_silently_unmixed(tiny_factory, tmp_path):
+    model, tok = lora_model(tiny_factory)
+    optimizer = lora_cl.make_optimizer(model, "replay", lr=1e-3)
+    callback = lora_cl.ContinualCallback()
+    reentrant = dict(max_steps=1, gradient_checkpointing=True,
+                     gradient_checkpointing_kwargs={"use_reentrant": True})
+    run_domain(model, tok, optimizer, callback, "law", DOMAINS["law"], tmp_path, **reentrant)
+    with pytest.raises(RuntimeError, match="use_reentrant"):
+        run_domain(model, tok, optimizer, callback, "cooking", DOMAINS["cooking"], tmp_path,
+                   **reentrant)
+
+
+def test_gpm_needs_a_sample_of_a_streaming_domain(tiny_factory, tmp_path):
+    _, _, optimizer, callback, rows, trainer = _streaming(tiny_factory, "gpm", tmp_path)
+    with pytest.raises(ReplayDataError, match=r"basis_batches=\[\.\.\.\]"):
+        trainer.train()
+    batch = {k: torch.tensor(rows[:4][k]) for k in ("input_ids", "attention_mask")}
+    callback.set_domain("law", basis_batches=[batch])
+    trainer.train()
+    assert optimizer.bank.domains() == ["law"] and callback.bases_added["law"] == 4
+
+
+def test_unattached_callback_warns_when_reporting(tiny_factory):
+    model, _ = lora_model(tiny_factory)
+    optimizer = lora_cl.make_optimizer(model, "ogp")
+    callback = lora_cl.ContinualCallback()
+    callback.set_domain("law")
+    args = TrainingArguments(output_dir="unused", report_to=["tensorboard"], use_cpu=True)
+    with pytest.warns(UserWarning, match=r"lora_cl\.attach\(trainer, callback\)"):
+        callback.on_train_begin(args, TrainerState(), TrainerControl(), optimizer=optimizer)
+    assert callback.started and optimizer.modifiers[0].metrics()["rows_buffered"] == 0
+
+
+def test_set_domain_checks_its_inputs():
+    callback = lora_cl.ContinualCallback()
+    with pytest.raises(ValueError, match="non-empty str"):
+        callback.set_domain("")
+    with pytest.raises(ReplayDataError, match="must support len"):
+        callback.set_domain("law", train_dataset=iter([1, 2]))
+    with pytest.raises(ValueError, match="probe_every"):
+        lora_cl.ContinualCallback(probe_every=-1)

@@ -1,0 +1,84 @@
+"""The replay buffer's seeded sampling and state, and replay gradients that leave .grad alone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from trainer_helpers import DOMAINS, lm_dataset, lora_model
+
+import lora_cl
+from lora_cl.trainer import ReplayBuffer, ReplayDataError, replay_gradients
+
+
+def test_buffer_keeps_a_seeded_fraction_of_at_least_one():
+    buf = ReplayBuffer(fraction=0.1)
+    assert buf.add_domain("a", list(range(50)), domain_index=0, seed=3) == 5
+    assert buf.add_domain("b", list(range(4)), domain_index=1, seed=3) == 1  # round(0.4) -> 1
+    again = ReplayBuffer(fraction=0.1)
+    again.add_domain("a", list(range(50)), domain_index=0, seed=3)
+    assert again.entries == buf.entries[:5]
+    other = ReplayBuffer(fraction=0.1)
+    other.add_domain("a", list(range(50)), domain_index=0, seed=4)
+    assert other.entries != again.entries
+    assert buf.sample(3, seed=7) == buf.sample(3, seed=7) and len(buf.sample(3, seed=7)) == 3
+    assert len(buf.sample(100, seed=0)) == len(buf) == 6
+    with pytest.raises(ReplayDataError, match="no indexable, non-empty"):
+        buf.add_domain("c", [], domain_index=2)
+
+
+def test_buffer_state_is_json_and_needs_its_datasets_back():
+    buf = ReplayBuffer(fraction=0.5)
+    buf.add_domain("a", ["x", "y", "z", "w"], domain_index=0)
+    state = json.loads(json.dumps(buf.state_dict()))
+    restored = ReplayBuffer()
+    restored.load_state_dict(state)
+    assert restored.entries == buf.entries and restored.fraction == 0.5
+    with pytest.raises(ReplayDataError, match=r"replay\.datasets\[domain\]"):
+        restored.sample(1, seed=0)
+    restored.datasets["a"] = ["x", "y", "z", "w"]
+    assert restored.sample(2, seed=1) == buf.sample(2, seed=1)
+
+
+def test_callback_state_round_trip():
+    callback = lora_cl.ContinualCallback()
+    callback.domains = ["a", "b"]
+    callback.replay.add_domain("a", [1, 2, 3], domain_index=0)
+    callback.basis_build_seconds = {"a": 0.5, "b": 0.25}
+    callback.bases_added = {"a": 4, "b": 4}
+    callback.snapshots = {"a": {"w": torch.ones(2)}}
+    state = callback.state_dict()
+    assert "snapshots" not in state and json.loads(json.dumps(state)) == state
+    fresh = lora_cl.ContinualCallback()
+    fresh.load_state_dict(callback.state_dict(include_snapshots=True))
+    assert fresh.domains == ["a", "b"] and fresh.domain_index == 2
+    assert fresh.replay.entries == callback.replay.entries and fresh.bases_added == {"a": 4, "b": 4}
+    assert torch.equal(fresh.snapshots["a"]["w"], torch.ones(2))
+
+
+def test_replay_gradients_match_autograd_and_leave_grad_alone(tiny_factory):
+    model, tok = lora_model(tiny_factory)
+    model.eval()
+    optimizer = lora_cl.make_optimizer(model, "replay")
+    names, params = optimizer.routed_named_params()
+    rows = lm_dataset(tok, DOMAINS["law"])
+    batch = {k: torch.tensor(rows[:2][k]) for k in ("input_ids", "attention_mask", "labels")}
+    sentinel = [torch.full_like(p, 7.0) for p in params]
+    for p, s in zip(params, sentinel):
+        p.grad = s.clone()
+    loss, grads = replay_gradients(model, batch, names, params)
+    assert all(torch.equal(p.grad, s) for p, s in zip(params, sentinel))
+    assert not model.training  # mode restored
+    for p in params:
+        p.grad = None
+    model.train()
+    ref = model(**batch).loss
+    ref.backward()
+    assert loss == pytest.approx(float(ref.detach()), rel=1e-6)
+    assert set(grads) == set(names)
+    for n, p in zip(names, params):
+        torch.testing.assert_close(grads[n], p.grad)
+    _, clipped = replay_gradients(model, batch, names, params, max_norm=1e-3)
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in clipped.values()]))
+    assert float(total) == pytest.approx(1e-3, rel=1e-3)
