@@ -18,7 +18,6 @@ b1*m + (1-b1)*g_m. Tensors with g_m is g_v skip the correction and equal
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 
 import torch
@@ -81,13 +80,10 @@ def routed_adamw_fused(
             lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
         )
         return
-    correct_m = [m for m, gm, gv in zip(exp_avgs, grads_m, grads_v, strict=True) if gm is not gv]
-    if correct_m:
-        diffs = torch._foreach_sub(
-            [gm for gm, gv in zip(grads_m, grads_v, strict=True) if gm is not gv],
-            [gv for gm, gv in zip(grads_m, grads_v, strict=True) if gm is not gv],
-        )
-        torch._foreach_add_(correct_m, diffs, alpha=(1 - beta1) / beta1)
+    differ = [i for i, (gm, gv) in enumerate(zip(grads_m, grads_v, strict=True)) if gm is not gv]
+    if differ:
+        diffs = torch._foreach_sub([grads_m[i] for i in differ], [grads_v[i] for i in differ])
+        torch._foreach_add_([exp_avgs[i] for i in differ], diffs, alpha=(1 - beta1) / beta1)
 
     # The kernel wants params, grads and states of one dtype: lower-precision params are
     # updated through an fp32 working copy (states stay fp32).
@@ -124,7 +120,3 @@ def fused_kernel_available(device: torch.device) -> bool:
     """Whether torch ships a fused AdamW kernel for ``device`` (CPU and CUDA do)."""
     return device.type in ("cpu", "cuda", "mps", "xpu") and hasattr(torch, "_fused_adamw_")
 
-
-def bias_corrected_lr(lr: float, beta1: float, beta2: float, step: int) -> float:
-    """lr * sqrt(1-b2^t) / (1-b1^t): the scalar step size Adam applies at step t."""
-    return lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
