@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-fast demo lint bench clean
+.PHONY: install test test-fast demo prop1 lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,14 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow and not deepspeed" $(PYTEST_ARGS)
 
+# The quick form of recipes/smollm2-135m-lm8.yaml: 8 real Debian text domains, vanilla vs shared
+# projection (adam-nscl) vs ogp, 20 steps per domain. Rerunning continues/reuses runs/demo.
+DEMO_SET ?= --set training.steps_per_domain=20 --set data.eval_examples=12 --set training.save_steps=10
 demo: install
+	$(BIN)/lora-cl data build $(foreach d,austen kjv gcide fortunes_de python_docs python_code debian_changelogs licenses,debian:$(d))
+	$(BIN)/lora-cl train recipes/smollm2-135m-lm8.yaml --output runs/demo $(DEMO_SET) --resume
+
+prop1: install
 	$(BIN)/lora-cl diagnose prop1 --basis both --out runs/prop1
 
 lint: install

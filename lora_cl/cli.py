@@ -82,6 +82,126 @@ def _cmd_data_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input: printed as one line, exit status 2."""
+    from lora_cl.data import UnknownNameError, UserDataError
+    from lora_cl.data.examples import DomainDataError
+    from lora_cl.methods import MethodError
+    from lora_cl.models import ModelLoadError
+    from lora_cl.recipe import RecipeError
+    from lora_cl.report import ReportError
+
+    return (RecipeError, MethodError, DomainDataError, UserDataError, UnknownNameError, ModelLoadError,
+            ReportError, FileNotFoundError)
+
+
+def _load(args: argparse.Namespace):
+    from lora_cl.recipe import check_recipe, load_recipe
+
+    recipe = load_recipe(args.recipe, args.set or [])
+    if getattr(args, "output", None):
+        recipe.output_dir = args.output
+    for note in check_recipe(recipe, check_sources=not getattr(args, "no_data", False)):
+        print(f"note: {note}", file=sys.stderr)
+    return recipe
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    recipe = _load(args)
+    names = recipe.domain_names()
+    print(f"{args.recipe}: OK - model {recipe.model.name}, {len(names)} domains "
+          f"({', '.join(names)}), methods {', '.join(m.run_label for m in recipe.methods())}, "
+          f"{sum(recipe.steps_for(i) for i in range(len(names)))} steps per method")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from lora_cl.report import results_table
+    from lora_cl.trainer.stream import StreamError, run_stream
+
+    recipe = _load(args)
+    try:
+        runs = run_stream(recipe, resume=args.resume, progress=not args.no_progress)
+    except StreamError as err:
+        print(f"lora-cl train: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\nlora-cl train: interrupted; checkpoints are kept. Continue with:\n  lora-cl train "
+              f"{args.recipe} {' '.join('--set ' + s for s in args.set or [])} --output "
+              f"{recipe.output_dir} --resume", file=sys.stderr)
+        return 130
+    print("\n" + results_table(runs, markdown=False))
+    print(f"\nreport: {Path(recipe.output_dir) / 'report.md'}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from lora_cl.evaluation import evaluate_all
+    from lora_cl.trainer.stream import _load_peft_model, load_stream_data
+
+    recipe = _load(args)
+    data, _ = load_stream_data(recipe)
+    model, tokenizer = _load_peft_model(recipe)
+    if args.adapter:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        weights = Path(args.adapter) / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights} not found: --adapter takes a directory written by "
+                                    "save_pretrained, e.g. runs/x/ogp/domains/00-kjv/adapter")
+        set_peft_model_state_dict(model, load_file(str(weights)))
+    scores = evaluate_all(model, data, tokenizer, batch_size=recipe.eval.batch_size,
+                          generate=recipe.eval.generate, max_new_tokens=recipe.eval.max_new_tokens)
+    keys = [k for k in ("loss", "ppl", "exact_match", "rougeL") if all(k in s for s in scores)]
+    print("domain".ljust(16) + "".join(k.rjust(12) for k in keys))
+    for d, s in zip(data, scores, strict=True):
+        print(d.name.ljust(16) + "".join(f"{s[k]:12.4f}" for k in keys))
+    if args.json:
+        atomic_write_text(args.json, json.dumps({"domains": [d.name for d in data], "eval": scores,
+                                                 "adapter": args.adapter}, indent=2) + "\n")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from lora_cl.report import results_table, write_comparison_report, write_run_report
+
+    target = Path(args.dir)
+    if (target / "run.json").is_file():
+        print(f"wrote {write_run_report(target)}")
+        print(results_table([target], markdown=False))
+    else:
+        path = write_comparison_report(target)
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from lora_cl.plan import PlanInputs, plan_memory
+    from lora_cl.recipe import model_config
+
+    args.no_data = True  # planning reads only the model's architecture: works before the data exists
+    recipe = _load(args)
+    m, t = recipe.model, recipe.training
+    stage, offload = 0, False
+    if t.deepspeed:
+        zero = json.loads(Path(t.deepspeed).read_text(encoding="utf-8")).get("zero_optimization", {})
+        stage = int(zero.get("stage", 0))
+        offload = any(zero.get(k, {}).get("device", "none") != "none"
+                      for k in ("offload_optimizer", "offload_param"))
+    dtype = "bfloat16" if t.bf16 else "float16" if t.fp16 else m.dtype
+    basis_rank = recipe.method.spec().basis_rank or 32
+    inputs = PlanInputs(lora_r=recipe.lora.r, lora_targets=tuple(recipe.lora.target_modules),
+                        quantization=m.quantization, dtype=dtype, batch_size=t.batch_size,
+                        seq_len=recipe.data.seq_len, gradient_checkpointing=m.gradient_checkpointing,
+                        state_bits=args.state_bits, basis_rank=basis_rank,
+                        n_domains=len(recipe.domains), gpus=args.gpus, zero_stage=stage,
+                        offload=offload, gpu_mem_gb=args.gpu_mem)
+    print(f"{args.recipe}: {m.name}, per GPU over {args.gpus} GPU(s) of {args.gpu_mem:g} GiB")
+    print(plan_memory(model_config(recipe), inputs).to_text())
+    return 0
+
+
 def _prop1_table(results: dict) -> str:
     rows = ["| basis | alpha | R_eta measured | 1/(1-alpha) | rel. err | R_v measured | 1/(1-alpha)^2 "
             "| rel. err |", "|---|---|---|---|---|---|---|---|"]
@@ -130,11 +250,51 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("sources", nargs="*",
                        help="debian:<domain> / qa:<task> (default: both default 8-streams)")
     build.set_defaults(func=_cmd_data_build)
+
+    def recipe_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("recipe", help="recipe YAML (see recipes/)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a recipe key, e.g. --set training.lr=1e-4 (repeatable)")
+
+    train = sub.add_parser("train", help="run a recipe's domain stream for each of its methods")
+    recipe_args(train)
+    train.add_argument("--output", help="output directory (default: the recipe's output_dir)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run in the output directory")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.set_defaults(func=_cmd_train)
+    val = sub.add_parser("validate", help="check a recipe (keys, types, sources, LoRA targets)")
+    recipe_args(val)
+    val.add_argument("--no-data", action="store_true", help="do not check that data files exist")
+    val.set_defaults(func=_cmd_validate)
+    ev = sub.add_parser("eval", help="evaluate the base model or an adapter on a recipe's domains")
+    recipe_args(ev)
+    ev.add_argument("--adapter", help="adapter directory (e.g. runs/x/ogp/domains/02-sqlite/adapter)")
+    ev.add_argument("--json", help="also write the scores to this JSON file")
+    ev.set_defaults(func=_cmd_eval)
+    plan = sub.add_parser("plan", help="memory per GPU for a recipe, computed on the meta device")
+    recipe_args(plan)
+    plan.add_argument("--gpus", type=int, default=1, help="number of GPUs (ZeRO shards over them)")
+    plan.add_argument("--gpu-mem", type=float, default=24.0, help="memory per GPU in GiB (default 24)")
+    plan.add_argument("--state-bits", type=int, choices=[32, 8], default=32,
+                      help="optimizer state precision (8: blockwise 8-bit states)")
+    plan.set_defaults(func=_cmd_plan)
+    rep = sub.add_parser("report", help="(re)write report.md and plots of a run or a run directory")
+    rep.add_argument("dir", help="a method's run directory, or the output directory of a recipe")
+    rep.set_defaults(func=_cmd_report)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.command in ("train", "validate", "eval", "report", "plan"):
+        try:
+            code = args.func(args)
+        except _input_errors() as err:
+            message = err.args[0] if isinstance(err, KeyError) and err.args else err
+            print(f"lora-cl {args.command}: error: {message}", file=sys.stderr)
+            code = 2
+        sys.exit(code)
     sys.exit(args.func(args))
 
 

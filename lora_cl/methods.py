@@ -226,6 +226,10 @@ def validate(spec: MethodSpec) -> None:
                           "basis is None; set basis to 'gradient', 'activation' or 'adapter'")
     if spec.basis == "activation" and spec.side != "in":
         raise MethodError(f"{where}: activation bases live on the input side; use side='in'")
+    if spec.replay is not None and spec.replay_fraction <= 0:
+        raise MethodError(f"{where}: replay={spec.replay!r} draws from a buffer of earlier domains' "
+                          "examples but replay_fraction is 0; set replay_fraction > 0, e.g. 0.005, "
+                          "or use a method without replay")
     if spec.routing == "vanilla" and (spec.strength or spec.penalty or spec.replay or spec.basis):
         raise MethodError(f"{where}: routing 'vanilla' never runs the modifiers; choose "
                           "routing 'shared' or 'decoupled' for a method with modifiers")

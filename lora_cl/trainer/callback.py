@@ -125,6 +125,7 @@ class ContinualCallback(TrainerCallback):
                                "the earlier domains; the stream needs one optimizer (its bank and "
                                "modifier state): pass the same optimizer to every Trainer")
         self._optimizer = optimizer
+        check_steps_model_tensors(optimizer, kwargs.get("model"))
         spec = method_of(optimizer)
         if spec.basis is not None and bank_of(optimizer) is None:
             raise RuntimeError(f"ContinualCallback: method {spec.name!r} builds {spec.basis} bases "
@@ -278,6 +279,28 @@ class ContinualCallback(TrainerCallback):
         if "snapshots" in state:
             self.snapshots = {d: dict(s) for d, s in state["snapshots"].items()}
         self._optimizer, self._inputs = None, {}
+
+
+def check_steps_model_tensors(optimizer: RoutedAdamW, model: Any) -> None:
+    """Refuse optimizers whose routed tensors are not the model's own (flattened or partitioned).
+
+    DeepSpeed ZeRO stage >= 1 (and its bf16 optimizer) hands the client optimizer flat fp32
+    slices of the parameters: projection would see 1-D fragments instead of the 2-D LoRA
+    gradients, so the routed math would differ from a single-process run. Refuse instead.
+    """
+    if model is None:
+        return
+    model_ids = {id(p) for p in model.parameters()}
+    names, params = optimizer.routed_named_params()
+    foreign = [n for n, p in zip(names, params, strict=False) if id(p) not in model_ids]
+    if foreign or len(names) != len(params):
+        raise RuntimeError(
+            "ContinualCallback: the Trainer's RoutedAdamW steps copies of the LoRA tensors, not the "
+            f"model's own ({len(foreign)} of {len(params)}, e.g. {foreign[:1]}): DeepSpeed ZeRO stage "
+            ">= 1 or its bf16 optimizer flattens and partitions them, and routed projection needs the "
+            "2-D LoRA gradients, so lora-cl refuses rather than train with different math. Use plain "
+            "DDP (torchrun without a DeepSpeed config) or a DeepSpeed config with zero_optimization "
+            "stage 0 and no bf16 section; see docs/deepspeed.md")
 
 
 def attach(trainer: Any, callback: ContinualCallback | None = None, **kwargs: Any) -> ContinualCallback:

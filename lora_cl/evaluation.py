@@ -1,0 +1,165 @@
+"""Held-out scores of a model on each domain: token-weighted NLL / perplexity, and for Q/A tasks
+exact match and ROUGE-L of greedy answers. Evaluation leaves the model, tokenizer and RNG as found.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lora_cl.data.examples import IGNORE_INDEX, DomainData, pad_collate
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def evaluate_domain(
+    model: Any,
+    data: DomainData,
+    tokenizer: Any,
+    *,
+    batch_size: int = 8,
+    generate: bool = True,
+    max_new_tokens: int = 32,
+) -> dict[str, float]:
+    """``{"loss", "ppl", "n", "tokens"}`` on ``data.eval``, plus ``{"exact_match", "rougeL"}`` of
+    greedy answers to ``data.eval_prompts`` when there are any and ``generate`` is set.
+
+    loss = sum_i sum_t -log p(y_it | y_i<t) / (number of label tokens), over every predicted label
+    (labels shifted by one, -100 ignored), so longer examples weigh more.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    with _untouched(model, tokenizer):
+        nll, tokens = _nll(model, data, tokenizer, batch_size)
+        loss = nll / tokens if tokens else float("nan")
+        result = {
+            "loss": loss,
+            "ppl": math.exp(loss) if tokens else float("nan"),
+            "n": float(len(data.eval)),
+            "tokens": float(tokens),
+        }
+        if generate and data.eval_prompts:
+            answers = [p["answers"] for p in data.eval_prompts]
+            predictions = _greedy(
+                model, tokenizer, [p["prompt_ids"] for p in data.eval_prompts], batch_size, max_new_tokens
+            )
+            result["exact_match"] = sum(map(exact_match, predictions, answers)) / len(predictions)
+            result["rougeL"] = sum(
+                max(rouge_l(pred, ref) for ref in refs)
+                for pred, refs in zip(predictions, answers, strict=True)
+            ) / len(predictions)
+    return result
+
+
+def evaluate_all(
+    model: Any, domains: Sequence[DomainData], tokenizer: Any, **kw: Any
+) -> list[dict[str, float]]:
+    """:func:`evaluate_domain` on each domain, in order (one row of the accuracy matrix R)."""
+    return [evaluate_domain(model, data, tokenizer, **kw) for data in domains]
+
+
+def normalize_answer(s: str) -> str:
+    """SQuAD normalization: lowercase, drop punctuation and the articles a/an/the, collapse spaces."""
+    return " ".join(_ARTICLES.sub(" ", s.lower().translate(_PUNCTUATION)).split())
+
+
+def exact_match(prediction: str, answers: Sequence[str]) -> float:
+    """1.0 if the normalized prediction equals any normalized answer, else 0.0."""
+    pred = normalize_answer(prediction)
+    return float(any(pred == normalize_answer(a) for a in answers))
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 over normalized words: P = LCS / |pred|, R = LCS / |ref|, F = 2PR / (P + R)."""
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    lcs = _lcs(pred, ref)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(pred), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _lcs(a: list[str], b: list[str]) -> int:
+    row = [0] * (len(b) + 1)
+    for x in a:
+        prev_diag = 0
+        for j, y in enumerate(b, 1):
+            prev_diag, row[j] = row[j], prev_diag + 1 if x == y else max(row[j], row[j - 1])
+    return row[-1]
+
+
+@contextmanager
+def _untouched(model: Any, tokenizer: Any) -> Iterator[None]:
+    """Eval mode and no grad inside; every module's training flag, the tokenizer's padding side
+    and the torch RNG state (CPU and the model's GPU) restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    padding_side = tokenizer.padding_side
+    device = _device(model)
+    gpus = [device.index or 0] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=gpus), torch.inference_mode():
+            model.eval()
+            yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+        tokenizer.padding_side = padding_side
+
+
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _nll(model: Any, data: DomainData, tokenizer: Any, batch_size: int) -> tuple[float, int]:
+    """(summed NLL, number of predicted label tokens) over ``data.eval``."""
+    collate, device = pad_collate(tokenizer), _device(model)
+    total, count = 0.0, 0
+    for start in range(0, len(data.eval), batch_size):
+        batch = collate(list(data.eval.select(range(start, min(start + batch_size, len(data.eval))))))
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        total += F.cross_entropy(
+            logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        ).item()
+        count += int((labels != IGNORE_INDEX).sum())
+    return total, count
+
+
+def _greedy(
+    model: Any, tokenizer: Any, prompts: list[list[int]], batch_size: int, max_new_tokens: int
+) -> list[str]:
+    """Greedy continuations (first line, stripped) of left-padded prompt batches."""
+    device = _device(model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = {tokenizer.eos_token_id} - {None}
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos |= set(config_eos) if isinstance(config_eos, list) else {config_eos} - {None}
+    tokenizer.padding_side = "left"
+    out: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer.pad({"input_ids": prompts[start : start + batch_size]}, return_tensors="pt")
+        input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        generated = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad_id,
+            eos_token_id=sorted(eos) or None,
+        )
+        for row in generated[:, input_ids.shape[1] :]:
+            text = tokenizer.decode(row, skip_special_tokens=True).strip()
+            out.append(text.splitlines()[0].strip() if text else "")
+    return out

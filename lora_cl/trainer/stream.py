@@ -1,0 +1,389 @@
+"""``run_stream(recipe)``: train one model through a stream of domains, once per method.
+
+Per method, in ``<output_dir>/<label>/``: the base model is evaluated on every domain, then for
+each domain a fresh Trainer (or trl SFTTrainer) sharing the model, the one RoutedAdamW and the
+:class:`ContinualCallback` trains ``steps`` steps, the callback builds that domain's bases, the
+model is evaluated on every domain (seen and unseen) and the domain directory is written
+atomically. Trainer checkpoints every ``training.save_steps`` steps cover the middle of a
+domain; ``resume=True`` restarts from the last complete domain directory and the newest marked
+checkpoint after it, so a killed run finishes with the same adapters and scores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shlex
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from lora_cl.optim import NonFiniteGradientError, RoutedAdamW
+from lora_cl.paths import atomic_dir
+from lora_cl.trainer.callback import ContinualCallback, attach
+from lora_cl.trainer.optimizer_factory import bank_of, make_optimizer
+from lora_cl.trainer.run_files import (
+    domain_dir,
+    finished_domains,
+    git_commit,
+    now_iso,
+    primary_metric,
+    read_json,
+    rebuild_matrices,
+    versions,
+    write_json,
+)
+
+Log = Callable[[str], None]
+_MARKER = "lora_cl_checkpoint.json"  # written after the Trainer finished a checkpoint
+# transformers 5 renamed gradient_checkpointing (a deprecated alias until v6)
+_CKPT_ARG = ("activation_checkpointing"
+             if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+             else "gradient_checkpointing")
+
+
+class StreamError(RuntimeError):
+    """A stream run cannot start or continue; the message says what to do."""
+
+
+def run_stream(recipe: Any, *, output_dir: str | os.PathLike[str] | None = None, resume: bool = False,
+               progress: bool = True, log: Log | None = None) -> list[Path]:
+    """Run every method of ``recipe`` (``method`` then ``compare``) over its domains; return run dirs.
+
+    Writes ``<output_dir>/<label>/`` per method, ``compare.json`` and the reports. With
+    ``resume=True`` finished methods are kept and an interrupted one continues where it stopped.
+    """
+    from lora_cl.report import write_comparison_report
+
+    log = log or _stderr
+    out = Path(output_dir if output_dir is not None else recipe.output_dir)
+    choices = recipe.methods()
+    data, tokenizer = None, None
+    runs: list[Path] = []
+    for k, choice in enumerate(choices):
+        run_dir = out / choice.run_label
+        log(f"lora-cl: method {k + 1}/{len(choices)} {choice.run_label!r} -> {run_dir}")
+        if data is None:
+            data, tokenizer = load_stream_data(recipe, log)
+        runs.append(run_method(recipe, choice, run_dir, data=data, resume=resume, progress=progress,
+                               log=log))
+        write_json(out / "compare.json", {"runs": [r.name for r in runs]})
+    report = write_comparison_report(out, runs)
+    log(f"lora-cl: report {report}")
+    return runs
+
+
+def load_stream_data(recipe: Any, log: Log | None = None) -> tuple[list[Any], Any]:
+    """Tokenised train/eval data of every domain (built-in sources are built on first use)."""
+    from lora_cl.data.examples import load_domain
+    from lora_cl.models import load_tokenizer
+
+    log = log or _stderr
+    tokenizer = load_tokenizer(recipe.model.name, trust_remote_code=recipe.model.trust_remote_code)
+    data = []
+    names = recipe.domain_names()
+    for i, (domain, name) in enumerate(zip(recipe.domains, names, strict=True)):
+        log(f"lora-cl: data {i + 1}/{len(names)} {name} <- {domain.source}")
+        data.append(load_domain(domain.source, tokenizer, name=name, seq_len=recipe.data.seq_len,
+                                train_examples=recipe.data.train_examples,
+                                eval_examples=recipe.data.eval_examples, seed=recipe.data.seed,
+                                eval_source=domain.eval_source))
+    return data, tokenizer
+
+
+def run_method(recipe: Any, choice: Any, run_dir: str | os.PathLike[str], *,
+               data: Sequence[Any] | None = None, resume: bool = False, progress: bool = True,
+               log: Log | None = None) -> Path:
+    """One method's stream into ``run_dir`` (see the module docstring); returns ``run_dir``."""
+    from lora_cl.evaluation import evaluate_all
+    from lora_cl.report import write_run_report
+
+    log = log or _stderr
+    run_dir = Path(run_dir)
+    names = recipe.domain_names()
+    _check_start(recipe, choice, run_dir, resume)
+    if data is None:
+        data, _ = load_stream_data(recipe, log)
+    model, tokenizer = _load_peft_model(recipe)
+    spec = choice.spec()
+    optimizer = make_optimizer(model, spec, lr=recipe.training.lr,
+                               weight_decay=recipe.training.weight_decay,
+                               nonfinite="raise" if recipe.training.nonfinite == "stop" else "skip")
+    callback = ContinualCallback(seed=recipe.training.seed)
+    has_generation = recipe.eval.generate and all(d.eval_prompts for d in data)
+    primary = primary_metric(recipe.eval.metric, has_generation)
+    eval_kw = dict(batch_size=recipe.eval.batch_size, generate=recipe.eval.generate,
+                   max_new_tokens=recipe.eval.max_new_tokens)
+    if not (run_dir / "base_eval.json").is_file():
+        _write_run_json(recipe, choice, spec, run_dir, data, primary)
+        log(f"lora-cl: [{choice.run_label}] evaluating the base model on {len(data)} domains")
+        base = evaluate_all(model, data, tokenizer, **eval_kw)
+        write_json(run_dir / "base_eval.json", {"domains": names, "eval": base})
+    done = finished_domains(run_dir, names)
+    if done:
+        _restore_domain(model, optimizer, callback, domain_dir(run_dir, done - 1, names[done - 1]))
+        log(f"lora-cl: [{choice.run_label}] resuming after domain {done}/{len(names)} {names[done - 1]!r}")
+    for i in range(done, len(names)):
+        trained = _train_domain(recipe, choice, run_dir, i, model, tokenizer, optimizer, callback,
+                                data, progress, log)
+        start = time.perf_counter()
+        scores = evaluate_all(model, data, tokenizer, **eval_kw)
+        eval_seconds = time.perf_counter() - start
+        _fault("end", i)
+        _save_domain(run_dir, i, names[i], model, optimizer, callback,
+                     {**trained, "eval_seconds": eval_seconds, "eval": scores})
+        shutil.rmtree(_checkpoint_root(run_dir, i, names[i]), ignore_errors=True)
+        rebuild_matrices(run_dir, names, primary)
+        log(f"lora-cl: [{choice.run_label}] domain {i + 1}/{len(names)} {names[i]!r} done: "
+            + _scores_line(scores, names, primary))
+    meta = read_json(run_dir / "run.json")
+    meta["finished"] = meta.get("finished") or now_iso()
+    write_json(run_dir / "run.json", meta)
+    rebuild_matrices(run_dir, names, primary)
+    write_run_report(run_dir)
+    return run_dir
+
+
+# -- one domain ----------------------------------------------------------------------------
+def _train_domain(recipe: Any, choice: Any, run_dir: Path, i: int, model: Any, tokenizer: Any,
+                  optimizer: RoutedAdamW, callback: ContinualCallback, data: Sequence[Any],
+                  progress: bool, log: Log) -> dict[str, Any]:
+    """Train domain ``i`` (from its newest checkpoint, if any); return its record for metrics.json."""
+    name = data[i].name
+    ckpt_root = _checkpoint_root(run_dir, i, name)
+    latest = latest_checkpoint(ckpt_root)
+    if latest is not None:  # the callback's state as it was when that checkpoint was written
+        callback.load_state_dict(read_json(latest / _MARKER)["callback"])
+        log(f"lora-cl: [{choice.run_label}] resuming domain {name!r} from {latest}")
+    _supply_replay(recipe, model, tokenizer, optimizer, callback, data, run_dir)
+    trainer = make_trainer(recipe, model, tokenizer, optimizer, data[i], ckpt_root,
+                           steps=recipe.steps_for(i), seed=recipe.training.seed + i, progress=progress)
+    trainer.add_callback(_CheckpointMarker(callback, name))
+    trainer.add_callback(_FaultInjector(i))
+    attach(trainer, callback)
+    callback.set_domain(name)
+    log(f"lora-cl: [{choice.run_label}] domain {i + 1}/{len(data)} {name!r}: "
+        f"{recipe.steps_for(i)} steps")
+    start = time.perf_counter()
+    try:
+        trainer.train(resume_from_checkpoint=str(latest) if latest is not None else None)
+    except NonFiniteGradientError as exc:
+        good = latest_checkpoint(ckpt_root) or (domain_dir(run_dir, i - 1, data[i - 1].name) if i else None)
+        raise StreamError(
+            f"[{choice.run_label}] domain {name!r}, step {trainer.state.global_step + 1}: non-finite "
+            f"loss or gradient ({exc}); stopped before it reached the optimizer states. Last good "
+            f"checkpoint: {good or 'none (the base model)'}. Lower training.lr, keep "
+            "training.max_grad_norm > 0, prefer bf16 to fp16, or set training.nonfinite=skip to "
+            "skip such steps; then rerun with --resume") from exc
+    return {"steps": trainer.state.global_step, "train_seconds": time.perf_counter() - start,
+            "resumed_from": str(latest) if latest is not None else None,
+            "log_history": [dict(h) for h in trainer.state.log_history]}
+
+
+def make_trainer(recipe: Any, model: Any, tokenizer: Any, optimizer: RoutedAdamW, data: Any,
+                 output_dir: Path, *, steps: int, seed: int, progress: bool = True) -> Trainer:
+    """The Trainer (``training.trainer: trainer``) or trl SFTTrainer (``sft``) for one domain."""
+    from lora_cl.data.examples import pad_collate
+
+    t = recipe.training
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr, weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_steps, lr_scheduler_type=t.scheduler, max_grad_norm=t.max_grad_norm,
+        bf16=t.bf16, fp16=t.fp16, seed=seed, save_strategy="steps", save_steps=t.save_steps,
+        save_total_limit=2, logging_steps=t.logging_steps, logging_nan_inf_filter=False,
+        report_to=[], disable_tqdm=not progress, use_cpu=not torch.cuda.is_available(),
+        deepspeed=t.deepspeed, dataloader_num_workers=0,
+    )
+    kwargs[_CKPT_ARG] = recipe.model.gradient_checkpointing
+    if t.trainer == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        args = SFTConfig(**kwargs, max_length=recipe.data.seq_len, packing=False)
+        return SFTTrainer(model=model, args=args, train_dataset=data.raw_train,
+                          processing_class=tokenizer, optimizers=(optimizer, None))
+    args = TrainingArguments(**kwargs, remove_unused_columns=False)
+    return Trainer(model=model, args=args, train_dataset=data.train, data_collator=pad_collate(tokenizer),
+                   processing_class=tokenizer, optimizers=(optimizer, None))
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest ``checkpoint-N`` under ``root`` that the Trainer finished writing (marked)."""
+    if not root.is_dir():
+        return None
+    marked = [(int(m.group(1)), p) for p in root.iterdir()
+              if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / _MARKER).is_file()]
+    return max(marked)[1] if marked else None
+
+
+def _checkpoint_root(run_dir: Path, i: int, name: str) -> Path:
+    return run_dir / "checkpoints" / f"{i:02d}-{name}"
+
+
+class _CheckpointMarker(TrainerCallback):
+    """Marks a Trainer checkpoint complete (the Trainer writes it non-atomically, then calls on_save).
+
+    No checkpoint at a domain's last step: the domain directory follows it, and a Trainer resumed
+    from a checkpoint at ``max_steps`` trains one step too many (transformers 5.24).
+    """
+
+    def __init__(self, callback: ContinualCallback, domain: str) -> None:
+        self.callback, self.domain = callback, domain
+
+    def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step >= state.max_steps:
+            control.should_save = False
+
+    def on_save(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if not state.is_world_process_zero:
+            return
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if ckpt.is_dir():
+            write_json(ckpt / _MARKER, {"domain": self.domain, "step": state.global_step,
+                                        "callback": self.callback.state_dict()})
+
+
+# -- domain directories -------------------------------------------------------------------
+def _save_domain(run_dir: Path, i: int, name: str, model: Any, optimizer: RoutedAdamW,
+                 callback: ContinualCallback, record: dict[str, Any]) -> None:
+    target = domain_dir(run_dir, i, name)
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(str(tmp / "adapter"))
+        bank = bank_of(optimizer)
+        if bank is not None:
+            bank.save(tmp / "bank.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        write_json(tmp / "callback.json", callback.state_dict())
+        write_json(tmp / "metrics.json", {
+            "domain": name, "index": i, "basis_seconds": callback.basis_build_seconds.get(name),
+            "bases_added": callback.bases_added.get(name), **record})
+
+
+def _restore_domain(model: Any, optimizer: RoutedAdamW, callback: ContinualCallback, ddir: Path) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(str(ddir / "adapter" / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, weights)
+    missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if missing:
+        raise StreamError(f"{ddir}: adapter tensors {missing[:3]} do not fit this model; the recipe's "
+                          "model or lora settings changed since the run started")
+    optimizer.load_state_dict(torch.load(ddir / "optimizer.pt", weights_only=True))
+    callback.load_state_dict(read_json(ddir / "callback.json"))
+
+
+def _supply_replay(recipe: Any, model: Any, tokenizer: Any, optimizer: RoutedAdamW,
+                   callback: ContinualCallback, data: Sequence[Any], run_dir: Path) -> None:
+    """After a resume, the replay buffer needs the earlier domains' training rows again."""
+    missing = sorted({d for d, _ in callback.replay.entries} - set(callback.replay.datasets))
+    by_name = {d.name: d for d in data}
+    for name in missing:
+        trainer = make_trainer(recipe, model, tokenizer, optimizer, by_name[name],
+                               run_dir / "checkpoints" / "_replay", steps=1, seed=0, progress=False)
+        callback.replay.datasets[name] = trainer.train_dataset
+
+
+# -- start-up checks and metadata ------------------------------------------------------------
+def _check_start(recipe: Any, choice: Any, run_dir: Path, resume: bool) -> None:
+    meta_path = run_dir / "run.json"
+    if not meta_path.is_file():
+        if resume and run_dir.exists() and any(run_dir.iterdir()):
+            raise StreamError(f"{run_dir}: --resume given but there is no run.json; this is not a "
+                              "lora-cl run directory (pass the --output the run was started with)")
+        return
+    if not resume:
+        raise StreamError(f"{run_dir} already holds a run of {choice.run_label!r}; pass --resume to "
+                          "continue it, or --output DIR (or --set output_dir=DIR) for a new run")
+    saved = read_json(meta_path).get("recipe", {})
+    now = _comparable(recipe.to_dict())
+    before = _comparable(saved)
+    changed = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
+    if changed:
+        raise StreamError(f"{run_dir}: cannot resume, the recipe changed since the run started "
+                          f"({', '.join(changed)}); restore those settings or start a new run with "
+                          "--output DIR")
+
+
+def _comparable(d: dict[str, Any]) -> dict[str, Any]:
+    """Top-level recipe sections that must not change across a resume."""
+    return {k: v for k, v in d.items() if k in ("domains", "model", "lora", "data", "training")}
+
+
+def _write_run_json(recipe: Any, choice: Any, spec: Any, run_dir: Path, data: Sequence[Any],
+                    primary: str) -> None:
+    t = recipe.training
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    write_json(run_dir / "run.json", {
+        "label": choice.run_label, "method": spec.to_dict(), "domains": recipe.domain_names(),
+        "sources": [d.source for d in recipe.domains], "kinds": [d.kind for d in data],
+        "data_fingerprints": {d.name: d.fingerprint for d in data},
+        "model": recipe.model.name, "seed": t.seed, "world_size": world,
+        "global_batch": t.batch_size * t.grad_accum * world,
+        "steps_per_domain": [recipe.steps_for(i) for i in range(len(recipe.domains))],
+        "primary": primary, "versions": versions(), "git_commit": git_commit(),
+        "command": shlex.join(sys.argv), "started": now_iso(), "finished": None,
+        "recipe": recipe.to_dict(),
+    })
+
+
+def _load_peft_model(recipe: Any) -> tuple[Any, Any]:
+    from peft import get_peft_model
+
+    from lora_cl.models import load_model
+
+    m = recipe.model
+    model, tokenizer = load_model(m.name, dtype=getattr(torch, m.dtype),
+                                  trust_remote_code=m.trust_remote_code, quantization=m.quantization)
+    torch.manual_seed(recipe.training.seed)  # LoRA init
+    return get_peft_model(model, recipe.lora.peft_config()), tokenizer
+
+
+def _scores_line(scores: list[dict[str, Any]], names: Sequence[str], primary: str) -> str:
+    key = primary if all(primary in s for s in scores) else "loss"
+    return f"{key} " + " ".join(f"{n}={s[key]:.4g}" for n, s in zip(names, scores, strict=True))
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- fault injection (tests of kill -9 resume and NaN handling) ------------------------------
+def _fault_spec() -> tuple[str, int, str] | None:
+    """``LORA_CL_FAULT=kill:<domain index>:<step>|end`` or ``nan:<domain index>:<step>``."""
+    raw = os.environ.get("LORA_CL_FAULT")
+    if not raw:
+        return None
+    kind, index, at = raw.split(":")
+    return kind, int(index), at
+
+
+def _fault(at: str, i: int) -> None:
+    spec = _fault_spec()
+    if spec is not None and spec[0] == "kill" and spec[1] == i and spec[2] == at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _FaultInjector(TrainerCallback):
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        spec = _fault_spec()
+        if spec and spec[0] == "nan" and spec[1] == self.index and int(spec[2]) == state.global_step + 1:
+            with contextlib.suppress(StopIteration):
+                p = next(p for p in kwargs["model"].parameters() if p.grad is not None)
+                p.grad.view(-1)[0] = float("nan")
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        spec = _fault_spec()
+        if spec and spec[0] == "kill" and spec[1] == self.index and spec[2] == str(state.global_step):
+            os.kill(os.getpid(), signal.SIGKILL)
