@@ -107,7 +107,9 @@ def _untouched(model: Any, tokenizer: Any) -> Iterator[None]:
     device = _device(model)
     gpus = [device.index or 0] if device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=gpus), torch.inference_mode():
+        # no_grad, not inference_mode: a layer that caches a tensor made here (quantized layers
+        # do) would hand training an inference tensor, which autograd refuses
+        with torch.random.fork_rng(devices=gpus), torch.no_grad():
             model.eval()
             yield
     finally:

@@ -85,6 +85,7 @@ def load_model(
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model)
+        _keep_4bit_trainable_on_cpu(model)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
@@ -247,6 +248,20 @@ def _quantization_config(quantization: str | None, dtype: torch.dtype) -> BitsAn
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
     )
+
+
+def _keep_4bit_trainable_on_cpu(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference on an eval-mode forward.
+
+    bitsandbytes 0.50 converts a ``Linear4bit`` weight to its packed CPU format on the first
+    eval-mode forward (CPUs with AVX512-BF16) and keeps it; training through the packed weight then
+    yields no input gradient, so after a stream's evaluation every LoRA gradient was zero.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _quantized_device_map() -> str | dict[str, int]:

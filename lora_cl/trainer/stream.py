@@ -208,8 +208,13 @@ def make_trainer(recipe: Any, model: Any, tokenizer: Any, optimizer: RoutedAdamW
         from trl import SFTConfig, SFTTrainer
 
         args = SFTConfig(**kwargs, max_length=recipe.data.seq_len, packing=False)
-        return SFTTrainer(model=model, args=args, train_dataset=data.raw_train,
-                          processing_class=tokenizer, optimizers=(optimizer, None))
+        trainer = SFTTrainer(model=model, args=args, train_dataset=data.raw_train,
+                             processing_class=tokenizer, optimizers=(optimizer, None))
+        if len(trainer.train_dataset) == 0:  # trl truncates on the right, then drops masked rows
+            raise StreamError(f"domain {data.name!r}: trl dropped every training example (each prompt "
+                              f"fills data.seq_len={recipe.data.seq_len} tokens, leaving no completion "
+                              "token); raise data.seq_len")
+        return trainer
     args = TrainingArguments(**kwargs, remove_unused_columns=False)
     return Trainer(model=model, args=args, train_dataset=data.train, data_collator=pad_collate(tokenizer),
                    processing_class=tokenizer, optimizers=(optimizer, None))

@@ -159,3 +159,44 @@ def test_resume_refuses_a_changed_recipe(finished, lora_cl_cache):
     recipe = recipe_from_dict(tiny_recipe(out / "runs", training={"lr": 5e-4}))
     with pytest.raises(StreamError, match="recipe changed.*training"):
         run_stream(recipe, resume=True, progress=False, log=lambda _: None)
+
+
+def test_sft_stream_on_instruction_data_reports_exact_match(tmp_path, lora_cl_cache):
+    """trl SFTTrainer per domain on prompt/completion JSONL; generation scores in the matrix."""
+    from trainer_helpers import QA_DOMAINS
+
+    paths = []
+    for name in ("capitals", "colours"):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"prompt": p, "completion": c.strip()}) + "\n"
+                                for p, c in QA_DOMAINS[name] * 2), encoding="utf-8")
+        paths.append(str(path))
+    doc = tiny_recipe(tmp_path / "runs", domains=paths, training={"trainer": "sft", "steps_per_domain": 3},
+                      eval={"generate": True, "max_new_tokens": 4}, data={"seq_len": 32})
+    with pytest.raises(StreamError, match="trl dropped every training example.*raise data.seq_len"):
+        run_stream(recipe_from_dict(doc), progress=False, log=lambda _: None)
+    doc["data"]["seq_len"], doc["output_dir"] = 96, str(tmp_path / "runs2")
+    run = run_stream(recipe_from_dict(doc), progress=False, log=lambda _: None)[0]
+    doc = json.loads((run / "matrix.json").read_text())
+    assert doc["primary"] == "exact_match"
+    assert set(doc["metrics"]) == {"loss", "ppl", "exact_match", "rougeL"}
+    R = doc["metrics"]["exact_match"]["R"]
+    assert np.shape(R) == (2, 2) and all(0.0 <= x <= 1.0 for row in R for x in row)
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["kinds"] == ["qa", "qa"] and meta["recipe"]["training"]["trainer"] == "sft"
+    assert "exact_match" in (run / "report.md").read_text().lower().replace("em", "exact_match")
+
+
+def test_qlora_4bit_stream_trains_on_cpu(tmp_path, lora_cl_cache):
+    """model.quantization: 4bit loads the base through bitsandbytes (CPU backend) and trains LoRA."""
+    pytest.importorskip("bitsandbytes")
+    doc = tiny_recipe(tmp_path / "runs", model={"name": "tiny", "quantization": "4bit"},
+                      domains=[str(TINY_DATA / "cooking.txt"), str(TINY_DATA / "law.txt")],
+                      training={"steps_per_domain": 2, "save_steps": 10})
+    run = run_stream(recipe_from_dict(doc), progress=False, log=lambda _: None)[0]
+    first, second = (load_file(str(d / "adapter" / "adapter_model.safetensors"))
+                     for d in sorted((run / "domains").iterdir()))
+    b = [k for k in first if "lora_B" in k]
+    assert b and any(first[k].abs().sum() > 0 for k in b)  # B starts at 0: training moved it
+    assert any(not torch.equal(first[k], second[k]) for k in b)
+    assert json.loads((run / "summary.json").read_text())["complete"]
