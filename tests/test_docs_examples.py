@@ -1,0 +1,113 @@
+"""The docs' runnable examples run on the tiny model, and the docs' code names real API (no rot)."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+
+
+def run_example(name: str, *args: str, cache: Path, timeout: int = 300) -> str:
+    env = dict(os.environ, LORA_CL_CACHE=str(cache), LORA_CL_MODEL="tiny", HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS="2")
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / name), *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_trainer_20_lines_protects_each_finished_domain(test_cache_dir):
+    out = run_example("trainer_20_lines.py", "tiny", cache=test_cache_dir)
+    assert "cooking: protected domains ['cooking']" in out
+    assert "astronomy: protected domains ['cooking', 'astronomy']" in out
+    assert "subspace bank (accumulate): 8 bases" in out  # 2 domains x 2 layers x (q, v) lora_A
+
+
+def test_sft_continual_runs_three_tasks(test_cache_dir):
+    out = run_example("sft_continual.py", "tiny", "ogp", cache=test_cache_dir)
+    assert "finished ['capitals', 'arithmetic', 'colours']" in out
+    assert "'projection/overlap'" in out.splitlines()[-1]
+
+
+def test_own_data_recipe_reads_all_four_formats(test_cache_dir, tmp_path):
+    out = run_example("own_data_recipe.py", "tiny", "--out", str(tmp_path), "--steps", "2",
+                      cache=test_cache_dir)
+    assert "domains: ['notes', 'qa', 'support', 'glossary_ds']" in out
+    assert re.search(r"^ogp\s+decoupled\s", out, re.M)
+    assert (tmp_path / "runs" / "report.md").is_file()
+    assert len(list((tmp_path / "runs" / "ogp" / "domains").iterdir())) == 4
+
+
+def test_resume_continues_a_killed_run(test_cache_dir, tmp_path):
+    out = run_example("resume.py", "tiny", "--out", str(tmp_path), cache=test_cache_dir)
+    assert "killed: exit status -9" in out
+    killed = out.split("killed:")[1].split("$ lora-cl")[0]
+    assert "00-cooking/" in killed and "checkpoint-2/" in killed and "01-astronomy/\n" not in killed.split(
+        "domains/")[1]
+    assert "resuming domain 'astronomy' from" in out and "checkpoint-2" in out
+    assert "resumed: exit status 0" in out
+    assert (tmp_path / "tiny" / "ogp" / "domains" / "02-law" / "metrics.json").is_file()
+
+
+# -- the code in the pages --------------------------------------------------------------------
+def _python_blocks() -> list[tuple[Path, str]]:
+    blocks = []
+    for page in sorted(DOCS.rglob("*.md")):
+        text = page.read_text(encoding="utf-8")
+        blocks += [(page, b) for b in re.findall(r"```python\n(.*?)```", text, re.S)]
+    return blocks
+
+
+def test_docs_python_blocks_parse_and_import_real_names():
+    blocks = _python_blocks()
+    assert len(blocks) >= 8
+    checked = 0
+    for page, code in blocks:
+        tree = ast.parse(code, filename=str(page))  # every block is valid Python
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lora_cl"):
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    assert hasattr(module, alias.name), f"{page.name}: {node.module}.{alias.name} missing"
+                    checked += 1
+            elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                  and node.value.id == "lora_cl"):
+                assert hasattr(importlib.import_module("lora_cl"), node.attr), \
+                    f"{page.name}: lora_cl.{node.attr} missing"
+                checked += 1
+    assert checked >= 10
+
+
+def test_mkdocs_nav_names_existing_pages():
+    yaml = pytest.importorskip("yaml")
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"))
+
+    def pages(nav):
+        for item in nav:
+            value = next(iter(item.values())) if isinstance(item, dict) else item
+            yield from pages(value) if isinstance(value, list) else [value]
+
+    missing = [p for p in pages(config["nav"]) if not (DOCS / p).is_file()]
+    assert not missing, f"mkdocs.yml nav names missing pages: {missing}"
+
+
+def test_mkdocs_build_strict(tmp_path):
+    pytest.importorskip("mkdocs")
+    pytest.importorskip("mkdocstrings")
+    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir",
+                           str(tmp_path / "site")], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env=dict(os.environ, NO_MKDOCS_2_WARNING="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cli = (tmp_path / "site" / "api" / "cli.html").read_text(encoding="utf-8")
+    assert "lora-cl train --help" in cli and "--resume" in cli  # generated from the parser
+    assert (tmp_path / "site" / "prop1" / "prop1.png").is_file()
