@@ -23,6 +23,7 @@ from lora_cl.modifiers import (
     Strength,
 )
 from lora_cl.optim import ROUTINGS, NonFiniteGradientError, RoutedAdamW
+from lora_cl.recipe import Recipe, RecipeError, load_recipe
 from lora_cl.subspace import (
     GradientRowBuffer,
     SubspaceBank,
@@ -37,14 +38,16 @@ from lora_cl.trainer import (
     attach,
     make_optimizer,
 )
+from lora_cl.trainer.stream import StreamError, run_stream
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
-    "AGEM", "PRESETS", "ROUTINGS", "ContinualCallback", "EWCPenalty", "FixedStrength", "GradBatch",
-    "GradientModifier", "GradientRowBuffer", "Importance", "ImportanceRescale", "MethodError",
-    "MethodSpec", "NonFiniteGradientError", "OverlapAdaptiveStrength", "Projection",
-    "ReplayDataError", "ReplayMix", "RoutedAdamW", "RoutedAdamWFactory", "Strength", "SubspaceBank",
-    "activation_bases", "adapter_bases", "attach", "basis_from_rows", "build_modifiers",
-    "is_lora_name", "make_optimizer", "param_groups", "resolve_method",
+    "AGEM", "ContinualCallback", "EWCPenalty", "FixedStrength", "GradBatch", "GradientModifier",
+    "GradientRowBuffer", "Importance", "ImportanceRescale", "MethodError", "MethodSpec",
+    "NonFiniteGradientError", "OverlapAdaptiveStrength", "PRESETS", "Projection", "ROUTINGS", "Recipe",
+    "RecipeError", "ReplayDataError", "ReplayMix", "RoutedAdamW", "RoutedAdamWFactory", "StreamError",
+    "Strength", "SubspaceBank", "activation_bases", "adapter_bases", "attach", "basis_from_rows",
+    "build_modifiers", "is_lora_name", "load_recipe", "make_optimizer", "param_groups", "resolve_method",
+    "run_stream",
 ]

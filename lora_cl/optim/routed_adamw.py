@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lora_cl.modifiers.base import GradBatch, GradientModifier
+from lora_cl.optim import quantized_state as q8
 from lora_cl.optim.functional import (
     fused_kernel_available,
     routed_adamw_fused,
@@ -55,6 +56,9 @@ class RoutedAdamW(Optimizer):
             untouched) or ``"raise"`` when any gradient holds inf/nan.
         impl: ``"fused"`` (torch's fused AdamW kernel with first-moment
             pre-correction), ``"reference"`` (readable single-tensor loop) or ``"auto"``.
+        state_bits: 32 (fp32 m and v) or 8 (blockwise 8-bit m and v in bitsandbytes'
+            format, dequantized around the same update; see :mod:`.quantized_state`).
+        min_8bit_size: with ``state_bits=8``, tensors with fewer elements keep fp32 states.
     """
 
     def __init__(
@@ -70,6 +74,8 @@ class RoutedAdamW(Optimizer):
         reproject_update: bool = False,
         nonfinite: str = "skip",
         impl: str = "auto",
+        state_bits: int = 32,
+        min_8bit_size: int = q8.MIN_8BIT_SIZE,
     ) -> None:
         if not 0.0 <= lr:
             raise ValueError(f"RoutedAdamW: lr must be >= 0, got {lr}")
@@ -81,6 +87,13 @@ class RoutedAdamW(Optimizer):
             raise ValueError(f"RoutedAdamW: nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
         if impl not in IMPLS:
             raise ValueError(f"RoutedAdamW: impl must be one of {IMPLS}, got {impl!r}")
+        if isinstance(state_bits, bool) or state_bits not in q8.STATE_BITS:
+            raise ValueError(f"RoutedAdamW: state_bits must be 32 (fp32 states) or 8 (8-bit "
+                             f"blockwise states), got {state_bits!r}")
+        if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
+            raise ValueError(f"RoutedAdamW: min_8bit_size must be an int >= 0, got {min_8bit_size!r}")
+        if state_bits == 8:
+            q8.check_available()
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         routing=routing)
         super().__init__(params, defaults)
@@ -95,6 +108,8 @@ class RoutedAdamW(Optimizer):
         self.reproject_update = reproject_update
         self.nonfinite = nonfinite
         self.impl = impl
+        self.state_bits = state_bits
+        self.min_8bit_size = min_8bit_size
         self.global_step = 0
         self.skipped_steps = 0
         self._extras: dict[str, Any] = {}
@@ -130,6 +145,18 @@ class RoutedAdamW(Optimizer):
                 names.append(_param_name(group, gi, pi))
                 params.append(p)
         return names, params
+
+    def moments(self, p: Tensor) -> tuple[Tensor, Tensor] | None:
+        """fp32 (m, v) of ``p`` in any storage (8-bit is dequantized); None before its first step."""
+        state = self.state.get(p)
+        if not state:
+            return None
+        if q8.is_8bit(state):
+            return q8.dequantize(state)
+        return state["exp_avg"], state["exp_avg_sq"]
+
+    def _wants_8bit(self, p: Tensor) -> bool:
+        return self.state_bits == 8 and p.numel() >= self.min_8bit_size
 
     def metrics(self) -> dict[str, float]:
         """Scalars from every modifier (alpha, overlap, ...) plus step counters."""
@@ -199,10 +226,13 @@ class RoutedAdamW(Optimizer):
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device)
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32,
-                                                        memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32,
-                                                           memory_format=torch.preserve_format)
+                    if self._wants_8bit(p):
+                        state.update(q8.init_8bit(p))
+                    else:
+                        state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32,
+                                                            memory_format=torch.preserve_format)
+                        state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32,
+                                                               memory_format=torch.preserve_format)
                 grad = p.grad if p.grad.dtype == torch.float32 else p.grad.float()
                 entries.append(dict(group=gi, name=_param_name(group, gi, pi), param=p,
                                     grad=grad, routing=group["routing"], state=state))
@@ -230,19 +260,27 @@ class RoutedAdamW(Optimizer):
             self.impl == "auto" and all(fused_kernel_available(e["param"].device) for e in entries)
         )
         fn = routed_adamw_fused if use_fused else routed_adamw_reference
-        fn(
-            [e["param"] for e in entries],
-            [e["grad"] if m_src == "raw" else e.get("mod", e["grad"]) for e in entries],
-            [e["grad"] if v_src == "raw" else e.get("mod", e["grad"]) for e in entries],
-            [e["state"]["exp_avg"] for e in entries],
-            [e["state"]["exp_avg_sq"] for e in entries],
-            [e["state"]["step"] for e in entries],
-            lr=_as_float(group["lr"]),
-            beta1=float(beta1),
-            beta2=float(beta2),
-            eps=float(group["eps"]),
-            weight_decay=float(group["weight_decay"]),
-        )
+        hyper = dict(lr=_as_float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
+                     eps=float(group["eps"]), weight_decay=float(group["weight_decay"]))
+
+        def run(chunk: list[dict[str, Any]], ms: list[Tensor], vs: list[Tensor]) -> None:
+            fn([e["param"] for e in chunk],
+               [e["grad"] if m_src == "raw" else e.get("mod", e["grad"]) for e in chunk],
+               [e["grad"] if v_src == "raw" else e.get("mod", e["grad"]) for e in chunk],
+               ms, vs, [e["state"]["step"] for e in chunk], **hyper)
+
+        full = [e for e in entries if not q8.is_8bit(e["state"])]
+        if full:
+            run(full, [e["state"]["exp_avg"] for e in full],
+                [e["state"]["exp_avg_sq"] for e in full])
+        # 8-bit states: dequantize a chunk, the same update on fp32 copies, requantize. Chunks
+        # bound the transient fp32 memory (8 B/element) while keeping the fused kernel's batching.
+        small = [e for e in entries if q8.is_8bit(e["state"])]
+        for chunk in q8.chunks(small, [e["param"].numel() for e in small]):
+            moments = [q8.dequantize(e["state"]) for e in chunk]
+            run(chunk, [m for m, _ in moments], [v for _, v in moments])
+            for e, (m, v) in zip(chunk, moments, strict=True):
+                q8.requantize_(e["state"], m, v)
 
     def _reproject(self, routed: list[dict[str, Any]], before: list[Tensor]) -> None:
         names = [e["name"] for e in routed]
@@ -263,6 +301,8 @@ class RoutedAdamW(Optimizer):
             "format": 1,
             "global_step": self.global_step,
             "skipped_steps": self.skipped_steps,
+            "state_bits": self.state_bits,
+            "min_8bit_size": self.min_8bit_size,
             "modifiers": [
                 {"type": type(m).__name__, "state": m.state_dict()} for m in self.modifiers
             ],
@@ -272,8 +312,9 @@ class RoutedAdamW(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         extra = state_dict.pop("lora_cl", None)
+        self._check_state_bits(state_dict, extra)
         super().load_state_dict(state_dict)
-        self._restore_fp32_states(state_dict)
+        self._restore_states(state_dict)
         if extra is None:
             return
         saved = extra["modifiers"]
@@ -289,18 +330,30 @@ class RoutedAdamW(Optimizer):
         self.global_step = int(extra["global_step"])
         self.skipped_steps = int(extra["skipped_steps"])
 
-
-    def _restore_fp32_states(self, state_dict: dict[str, Any]) -> None:
-        # torch casts loaded states to the param dtype; ours stay fp32 (and the step
-        # lives on the param's device, where the fused kernel reads it).
+    def _saved_states(self, state_dict: dict[str, Any]) -> list[tuple[Tensor, dict[str, Any]]]:
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
-        for pid, p in zip(saved_ids, params, strict=True):
-            saved = state_dict["state"].get(pid)
-            if not saved:
-                continue
-            for key in ("step", "exp_avg", "exp_avg_sq"):
-                self.state[p][key] = saved[key].to(device=p.device, dtype=torch.float32, copy=True)
+        pairs = [(p, state_dict["state"].get(pid)) for pid, p in zip(saved_ids, params, strict=False)]
+        return [(p, saved) for p, saved in pairs if saved]
+
+    def _check_state_bits(self, state_dict: dict[str, Any], extra: dict[str, Any] | None) -> None:
+        # Before anything is loaded, so a refused checkpoint leaves this optimizer untouched.
+        mismatch = q8.layout_mismatch(self._saved_states(state_dict), self._wants_8bit,
+                                      (extra or {}).get("state_bits"), self.state_bits)
+        if mismatch:
+            raise ValueError(f"RoutedAdamW.load_state_dict: {mismatch}, but this optimizer was built "
+                             f"with state_bits={self.state_bits}, min_8bit_size={self.min_8bit_size}; "
+                             "build it with the checkpoint's state_bits (make_optimizer(..., "
+                             "state_bits=...)) to resume.")
+
+    def _restore_states(self, state_dict: dict[str, Any]) -> None:
+        # torch casts loaded float states to the param dtype; ours stay fp32 (8-bit codes
+        # stay uint8), and the step lives on the param's device, where the fused kernel reads it.
+        for p, saved in self._saved_states(state_dict):
+            for key, value in saved.items():
+                if isinstance(value, Tensor):
+                    dtype = torch.uint8 if value.dtype == torch.uint8 else torch.float32
+                    self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
 
 
 def _check_routing(routing: str) -> None:

@@ -26,6 +26,8 @@ from lora_cl.trainer.replay import (
     replay_gradients,
     seeded_subset,
 )
+from lora_cl.trainer.zero import SUPPORTED as ZERO_SUPPORTED
+from lora_cl.trainer.zero import route_under_zero
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +127,7 @@ class ContinualCallback(TrainerCallback):
                                "the earlier domains; the stream needs one optimizer (its bank and "
                                "modifier state): pass the same optimizer to every Trainer")
         self._optimizer = optimizer
-        check_steps_model_tensors(optimizer, kwargs.get("model"))
+        check_steps_model_tensors(optimizer, kwargs.get("model"), kwargs.get("optimizer"))
         spec = method_of(optimizer)
         if spec.basis is not None and bank_of(optimizer) is None:
             raise RuntimeError(f"ContinualCallback: method {spec.name!r} builds {spec.basis} bases "
@@ -281,26 +283,30 @@ class ContinualCallback(TrainerCallback):
         self._optimizer, self._inputs = None, {}
 
 
-def check_steps_model_tensors(optimizer: RoutedAdamW, model: Any) -> None:
-    """Refuse optimizers whose routed tensors are not the model's own (flattened or partitioned).
+def check_steps_model_tensors(optimizer: RoutedAdamW, model: Any, wrapped: Any = None) -> None:
+    """Refuse optimizers whose routed tensors are not the model's own, unless ZeRO-1/2 routes them.
 
-    DeepSpeed ZeRO stage >= 1 (and its bf16 optimizer) hands the client optimizer flat fp32
-    slices of the parameters: projection would see 1-D fragments instead of the 2-D LoRA
-    gradients, so the routed math would differ from a single-process run. Refuse instead.
+    DeepSpeed ZeRO stage >= 1 (and its stage-0 bf16/fp16 optimizers) hands the client optimizer
+    flat fp32 slices of the parameters: projection would see 1-D fragments instead of the 2-D
+    LoRA gradients. Under ZeRO-1/2 :func:`lora_cl.trainer.zero.route_under_zero` (given the
+    Trainer's ``wrapped`` optimizer) steps the full tensors instead, with single-process math;
+    every other case (ZeRO-3 included) refuses with a message naming what to use.
     """
     if model is None:
         return
     model_ids = {id(p) for p in model.parameters()}
     names, params = optimizer.routed_named_params()
     foreign = [n for n, p in zip(names, params, strict=False) if id(p) not in model_ids]
-    if foreign or len(names) != len(params):
-        raise RuntimeError(
-            "ContinualCallback: the Trainer's RoutedAdamW steps copies of the LoRA tensors, not the "
-            f"model's own ({len(foreign)} of {len(params)}, e.g. {foreign[:1]}): DeepSpeed ZeRO stage "
-            ">= 1 or its bf16 optimizer flattens and partitions them, and routed projection needs the "
-            "2-D LoRA gradients, so lora-cl refuses rather than train with different math. Use plain "
-            "DDP (torchrun without a DeepSpeed config) or a DeepSpeed config with zero_optimization "
-            "stage 0 and no bf16 section; see docs/deepspeed.md")
+    if not foreign and params and len(names) == len(params):
+        return  # (ZeRO-3 leaves the groups empty outside step(): no tensors is not "the model's own")
+    if wrapped is not None and route_under_zero(wrapped, optimizer, method_of(optimizer)):
+        return
+    raise RuntimeError(
+        "ContinualCallback: the Trainer's RoutedAdamW steps copies of the LoRA tensors, not the "
+        f"model's own ({len(foreign)} of {len(params)}, e.g. {foreign[:1]}), and no DeepSpeed ZeRO-1/2 "
+        "optimizer wraps it that lora-cl could route on full tensors; routed projection needs the "
+        "2-D LoRA gradients, so lora-cl refuses rather than train with different math. Use "
+        f"{ZERO_SUPPORTED}; see docs/deepspeed.md")
 
 
 def attach(trainer: Any, callback: ContinualCallback | None = None, **kwargs: Any) -> ContinualCallback:

@@ -192,13 +192,14 @@ def test_shared_routing_cancels_uniform_attenuation_decoupled_keeps_it():
         torch.testing.assert_close(d - p0, 0.25 * (a - p0), atol=1e-5, rtol=1e-4)
 
 
-def test_vanilla_group_ignores_modifiers_in_same_optimizer():
+@pytest.mark.parametrize("impl,torch_kwargs", [("reference", {"foreach": False}), ("fused", {"fused": True})])
+def test_vanilla_group_ignores_modifiers_in_same_optimizer(impl, torch_kwargs):
     lora, other = make_params()[:2]
     other_ref = other.detach().clone().requires_grad_()
     opt = RoutedAdamW([{"params": [lora], "param_names": ["a"]},
                        {"params": [other], "param_names": ["b"], "routing": "vanilla"}],
-                      lr=1e-2, modifiers=[Scale(0.0)])
-    ref = torch.optim.AdamW([other_ref], lr=1e-2, weight_decay=0.0)
+                      lr=1e-2, modifiers=[Scale(0.0)], impl=impl)
+    ref = torch.optim.AdamW([other_ref], lr=1e-2, weight_decay=0.0, **torch_kwargs)
     for t in range(5):
         g = fake_grads([lora, other], t)
         lora.grad, other.grad, other_ref.grad = g[0], g[1].clone(), g[1].clone()

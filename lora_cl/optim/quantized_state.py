@@ -1,0 +1,124 @@
+"""8-bit blockwise Adam moments in bitsandbytes' format.
+
+Each moment is stored as uint8 codes into a 256-entry dynamic map plus one fp32 absmax per
+block of 256 values (the layout of ``bitsandbytes.optim.AdamW8bit``): m uses the signed map,
+v the unsigned one, so x ~= code[q] * absmax[block]. A step dequantizes to fp32, runs the
+ordinary routed update on the fp32 copies and requantizes; only the storage changes.
+Tensors with fewer than ``min_8bit_size`` elements keep fp32 states, as in bitsandbytes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+import lora_cl._quiet  # noqa: F401  (before bitsandbytes: drops one import notice)
+
+STATE_BITS = (8, 32)
+BLOCKSIZE = 256
+MIN_8BIT_SIZE = 4096
+#: the keys of an 8-bit state: codes and block scales of m (1) and v (2), bitsandbytes' names
+Q8_KEYS = ("state1", "absmax1", "state2", "absmax2")
+
+#: elements dequantized at once in a step: bounds the transient fp32 m and v (8 B/element)
+CHUNK_ELEMENTS = 1 << 22
+
+T = TypeVar("T")
+_MAPS: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+
+def _bnb_functional() -> Any:
+    try:
+        import bitsandbytes.functional as bnb_functional
+    except ImportError as err:  # pragma: no cover - bnb is a declared extra
+        raise ImportError(
+            "RoutedAdamW(state_bits=8) needs bitsandbytes: pip install 'lora-cl[bnb]' "
+            "(or bitsandbytes>=0.45)"
+        ) from err
+    return bnb_functional
+
+
+def check_available() -> None:
+    """Raise a readable ImportError now rather than at the first step."""
+    _bnb_functional()
+
+
+def dynamic_maps(device: torch.device) -> tuple[Tensor, Tensor]:
+    """(signed map for m, unsigned map for v) on ``device``, built once per device."""
+    if device not in _MAPS:
+        bnb_f = _bnb_functional()
+        _MAPS[device] = (bnb_f.create_dynamic_map(signed=True).to(device),
+                         bnb_f.create_dynamic_map(signed=False).to(device))
+    return _MAPS[device]
+
+
+def init_8bit(p: Tensor) -> dict[str, Tensor]:
+    """Zero m and v for ``p``: zero codes with zero block scales decode to exactly 0."""
+    blocks = math.ceil(p.numel() / BLOCKSIZE)
+    return {
+        "state1": torch.zeros(p.shape, dtype=torch.uint8, device=p.device),
+        "absmax1": torch.zeros(blocks, dtype=torch.float32, device=p.device),
+        "state2": torch.zeros(p.shape, dtype=torch.uint8, device=p.device),
+        "absmax2": torch.zeros(blocks, dtype=torch.float32, device=p.device),
+    }
+
+
+def is_8bit(state: dict[str, Any]) -> bool:
+    """Whether a per-parameter optimizer state holds 8-bit moments."""
+    return "state1" in state
+
+
+def dequantize(state: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """fp32 copies (m, v) of an 8-bit state."""
+    bnb_f = _bnb_functional()
+    signed, unsigned = dynamic_maps(state["state1"].device)
+    m = bnb_f.dequantize_blockwise(state["state1"], absmax=state["absmax1"], code=signed,
+                                   blocksize=BLOCKSIZE)
+    v = bnb_f.dequantize_blockwise(state["state2"], absmax=state["absmax2"], code=unsigned,
+                                   blocksize=BLOCKSIZE)
+    return m, v
+
+
+def requantize_(state: dict[str, Tensor], m: Tensor, v: Tensor) -> None:
+    """Store fp32 (m, v) back into the 8-bit ``state`` (the new codes replace the old)."""
+    bnb_f = _bnb_functional()
+    signed, unsigned = dynamic_maps(m.device)
+    # The CPU op has no out= variant: taking its fresh tensors saves a copy per moment.
+    state["state1"], qs1 = bnb_f.quantize_blockwise(m, code=signed, blocksize=BLOCKSIZE)
+    state["state2"], qs2 = bnb_f.quantize_blockwise(v, code=unsigned, blocksize=BLOCKSIZE)
+    state["absmax1"], state["absmax2"] = qs1.absmax, qs2.absmax
+
+
+def state_nbytes(states: Iterable[dict[str, Any]]) -> int:
+    """Bytes held by the tensors of per-parameter optimizer states (codes, scales, moments, step)."""
+    return sum(t.numel() * t.element_size()
+               for state in states for t in state.values() if isinstance(t, Tensor))
+
+
+def chunks(items: Sequence[T], sizes: Sequence[int], budget: int = CHUNK_ELEMENTS) -> list[list[T]]:
+    """Consecutive runs of ``items`` of at most ``budget`` elements (a larger item alone)."""
+    out: list[list[T]] = []
+    total = 0
+    for item, n in zip(items, sizes, strict=True):
+        if not out or total + n > budget:
+            out.append([])
+            total = 0
+        out[-1].append(item)
+        total += n
+    return out
+
+
+def layout_mismatch(saved: Iterable[tuple[Tensor, dict[str, Any]]], wants_8bit: Callable[[Tensor], bool],
+                    saved_bits: int | None, state_bits: int) -> str | None:
+    """Why checkpointed states do not fit this optimizer's storage (None when they do)."""
+    if saved_bits is not None and saved_bits != state_bits:
+        return f"the checkpoint holds state_bits={saved_bits} optimizer states"
+    for p, state in saved:
+        if is_8bit(state) != wants_8bit(p):
+            kind = "8-bit" if is_8bit(state) else "fp32"
+            return f"the checkpoint holds {kind} states for a tensor of {p.numel()} elements"
+    return None

@@ -1,0 +1,279 @@
+"""Routed steps under DeepSpeed ZeRO-1/2: g~ from the full LoRA gradient, this rank's fragment back.
+
+From stage 1 up DeepSpeed steps its client optimizer on one flat fp32 partition per param group
+and rank, cut across tensor boundaries. Projection g~ = g - alpha g U U^T needs the 2-D gradient,
+so :class:`ZeroRoutedStep` takes the client's place inside DeepSpeed's ZeRO-1/2 optimizer and, per
+group: rebuilds the full fp32 LoRA tensors p, g, m, v from every rank's fragment (DeepSpeed's
+per-parameter ``_hp_mapping``; one all-reduce of zero-filled buffers, exact since fragments are
+disjoint), runs the unchanged :meth:`RoutedAdamW.step` on them (every rank the same update, as in
+a single process), then writes this rank's fragment of p, m and v back into the partition, from
+where DeepSpeed copies and all-gathers the weights as usual. States stay in DeepSpeed's flat
+layout, so ZeRO checkpoints save and resume with no change.
+
+Stages and options that cannot keep the single-process math refuse at start-up
+(:class:`ZeroRoutingError`, raised from :func:`route_under_zero`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lora_cl.methods import MethodSpec
+from lora_cl.modifiers.base import GradientModifier
+from lora_cl.optim import RoutedAdamW
+
+SUPPORTED = ("deepspeed_configs/zero2.json or zero2_offload.json (ZeRO-2; ZeRO-1 works too), "
+             "plain DDP (torchrun without training.deepspeed) or ZeRO stage 0 without bf16/fp16")
+
+
+class ZeroRoutingError(RuntimeError):
+    """A DeepSpeed stage or option under which lora-cl cannot route with single-process math."""
+
+
+def route_under_zero(wrapped: Any, optimizer: RoutedAdamW, spec: MethodSpec | None = None) -> bool:
+    """Put :class:`ZeroRoutedStep` in DeepSpeed's ZeRO-1/2 optimizer that steps ``optimizer``.
+
+    ``wrapped`` is what the Trainer steps (accelerate's wrapper). Returns False when no DeepSpeed
+    optimizer wraps ``optimizer`` (the caller decides), True once routing runs on full tensors;
+    raises :class:`ZeroRoutingError` for ZeRO-3, DeepSpeed's stage-0 bf16/fp16 optimizers and
+    methods or options that need more than the full gradient inside the step.
+    """
+    chain = _wrappers(wrapped)
+    if any(isinstance(w, ZeroRoutedStep) for w in chain):
+        return True
+    kinds = {type(w).__module__: w for w in chain}
+    zero = kinds.get("deepspeed.runtime.zero.stage_1_and_2")
+    if "deepspeed.runtime.zero.stage3" in kinds:
+        raise ZeroRoutingError(
+            "lora-cl: DeepSpeed ZeRO stage 3 partitions the LoRA parameters themselves, and routing "
+            "under stage 3 is not built: the routed step could not keep the single-process math. "
+            f"Use {SUPPORTED}; to fit a large base on one node prefer a 4-bit (QLoRA) base. See "
+            "docs/deepspeed.md, 'Routing under ZeRO'")
+    if zero is None:
+        if any(type(w).__module__.startswith("deepspeed") for w in chain):
+            names = sorted({type(w).__name__ for w in chain if type(w).__module__.startswith("deepspeed")})
+            raise ZeroRoutingError(
+                f"lora-cl: DeepSpeed's {', '.join(names)} (stage 0 with bf16/fp16) flattens the LoRA "
+                "tensors into one fp32 buffer that routing cannot see as 2-D tensors. Use "
+                f"{SUPPORTED} (ZeRO-2 with bf16 routes on its fp32 master weights). See "
+                "docs/deepspeed.md, 'Routing under ZeRO'")
+        return False
+    _check_supported(optimizer, spec, zero)
+    zero.optimizer = ZeroRoutedStep(optimizer, zero)
+    return True
+
+
+def _check_supported(optimizer: RoutedAdamW, spec: MethodSpec | None, zero: Any) -> None:
+    where = "lora-cl under DeepSpeed ZeRO-1/2"
+    if getattr(optimizer, "state_bits", 32) != 32:
+        raise ZeroRoutingError(f"{where}: state_bits={optimizer.state_bits} is not supported (8-bit "
+                               "blocks would straddle the ZeRO partitions); build the optimizer with "
+                               "state_bits=32, or train 8-bit states with plain DDP")
+    if spec is not None and spec.replay is not None:
+        raise ZeroRoutingError(f"{where}: method {spec.name!r} replays (replay={spec.replay!r}), and "
+                               "the replay gradient's extra backward would run through DeepSpeed's "
+                               "gradient partitioning; use plain DDP (torchrun without "
+                               "training.deepspeed) for replay methods")
+    for mod in optimizer.modifiers:
+        if type(mod).on_domain_end is not GradientModifier.on_domain_end:
+            raise ZeroRoutingError(
+                f"{where}: modifier {type(mod).__name__} consolidates the parameters at the end of a "
+                "domain, which DeepSpeed holds as flat partitions there; use plain DDP for "
+                "importance/EWC methods (projection methods such as ogp route under ZeRO-1/2)")
+    routed = [g for g in optimizer.param_groups if g["routing"] != "vanilla"]
+    if len(routed) > 1:
+        raise ZeroRoutingError(f"{where}: {len(routed)} routed param groups; DeepSpeed steps one group "
+                               "at a time, so the modifiers could not see every LoRA tensor of a step "
+                               "together. Put all LoRA tensors in one group (lora_cl.param_groups)")
+    for i, group in enumerate(optimizer.param_groups):
+        names = {zero.param_names.get(lp) for lp in zero.bit16_groups[i]}
+        if (len(group["params"]) != 1 or group["params"][0] is not zero.single_partition_of_fp32_groups[i]
+                or ("param_names" in group and names != set(group["param_names"]))):
+            raise ZeroRoutingError(f"{where}: param group {i} is not one flat fp32 partition of the "
+                                   f"group's named tensors (DeepSpeed {_ds_version()} layout not "
+                                   "recognised)")
+
+
+class ZeroRoutedStep:
+    """The client optimizer DeepSpeed ZeRO-1/2 steps: :class:`RoutedAdamW` on full LoRA tensors.
+
+    Everything but ``step`` is the RoutedAdamW's own (param groups, flat-layout state, state_dict),
+    so checkpoints are the ones DeepSpeed writes for the bare optimizer.
+    """
+
+    def __init__(self, optimizer: RoutedAdamW, zero: Any) -> None:
+        self.optimizer = optimizer
+        self._zero = zero
+        self._step_after_first_group = optimizer.global_step
+
+    # DeepSpeed reads and swaps these on its client optimizer.
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self) -> Any:
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return self.optimizer.defaults
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state_dict)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("optimizer", "_zero"):
+            raise AttributeError(name)
+        return getattr(self.optimizer, name)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        if closure is not None:
+            raise RuntimeError("ZeroRoutedStep: DeepSpeed does not pass a closure")
+        flats = self._zero.single_partition_of_fp32_groups
+        for group in list(self.optimizer.param_groups):  # DeepSpeed passes one group per call
+            index = next(i for i, f in enumerate(flats) if f is group["params"][0])
+            self._step_group(index, group)
+
+    def _step_group(self, index: int, group: dict[str, Any]) -> None:
+        opt, zero = self.optimizer, self._zero
+        flat = group["params"][0]
+        if flat.grad is None:
+            return
+        lps = list(zero.bit16_groups[index])
+        state = opt.state.get(flat) or {}
+        keys = ["param", "grad"] + (["exp_avg", "exp_avg_sq"] if state else [])
+        sources = {"param": flat.detach(), "grad": flat.grad, **{k: state[k] for k in keys[2:]}}
+        frags = fragments(zero, index)
+        full = _gather_full(lps, frags, sources, keys, zero.real_dp_process_group[index])
+
+        params = [full["param"][j] for j in range(len(lps))]
+        for p, g in zip(params, full["grad"], strict=True):
+            p.grad = g
+        if state:
+            for j, p in enumerate(params):
+                opt.state[p] = {"step": state["step"].clone(), "exp_avg": full["exp_avg"][j],
+                                "exp_avg_sq": full["exp_avg_sq"][j]}
+        # One RoutedAdamW step per ZeRO step: the groups after the first reuse its step number.
+        if index == 0:
+            before = opt.global_step
+        else:
+            opt.global_step = self._step_after_first_group - 1
+            before = opt.global_step
+        skipped = opt.skipped_steps
+        # DeepSpeed may hold a group's tensors in another order than the group's param_names.
+        view = {**group, "params": params, "param_names": [zero.param_names[lp] for lp in lps]}
+        try:
+            opt.param_groups = [view]
+            RoutedAdamW.step(opt)
+        finally:
+            opt.param_groups = [group]
+            states = [opt.state.pop(p, None) for p in params]
+        if opt.skipped_steps != skipped or opt.global_step == before:
+            if index:
+                opt.global_step = self._step_after_first_group
+            return  # non-finite: every state untouched, as in one process
+        if index == 0:
+            self._step_after_first_group = opt.global_step
+        if not state:
+            state = opt.state[flat]
+            state["step"] = torch.zeros((), dtype=torch.float32, device=flat.device)
+            state["exp_avg"] = torch.zeros_like(flat, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(flat, dtype=torch.float32)
+        state["step"].copy_(states[0]["step"])
+        position = {id(lp): j for j, lp in enumerate(lps)}
+        for lp, lo, hi, hp in frags:
+            j = position[id(lp)]
+            for dst, src in ((flat, params[j]), (state["exp_avg"], states[j]["exp_avg"]),
+                             (state["exp_avg_sq"], states[j]["exp_avg_sq"])):
+                dst.view(-1)[hp:hp + hi - lo].copy_(src.reshape(-1)[lo:hi])
+
+
+def fragments(zero: Any, index: int) -> list[tuple[Tensor, int, int, int]]:
+    """(tensor, start, end, start in this rank's partition) of every tensor of group ``index``.
+
+    Computed from the flat layout itself (round-robin order, per-tensor alignment offsets):
+    DeepSpeed 0.19's ``_hp_mapping`` assumes the unreordered order, which is wrong under
+    ``round_robin_gradients`` (set in zero2.json).
+    """
+    from deepspeed import comm as dist
+
+    group = zero.real_dp_process_group[index]
+    size = zero.bit16_groups_flat[index].numel() // dist.get_world_size(group=group)
+    begin = dist.get_rank(group=group) * size
+    tensors = zero.round_robin_bit16_groups[index]
+    offsets = getattr(zero, "round_robin_bit16_offsets", None)
+    if offsets is not None:
+        offsets = offsets[index]
+    else:  # older DeepSpeed: no per-tensor alignment padding
+        offsets = [sum(t.numel() for t in tensors[:k]) for k in range(len(tensors))]
+    out = []
+    for lp, off in zip(tensors, offsets, strict=True):
+        lo, hi = max(off, begin), min(off + lp.numel(), begin + size)
+        if lo < hi:
+            out.append((lp, lo - off, hi - off, lo - begin))
+    return out
+
+
+def _gather_full(lps: list[Tensor], frags: list[tuple[Tensor, int, int, int]],
+                 sources: dict[str, Tensor], keys: list[str], group: Any) -> dict[str, list[Tensor]]:
+    """Full fp32 tensors shaped like ``lps`` for each key, from every rank's partition fragment."""
+    from deepspeed import comm as dist
+
+    sizes = [lp.numel() for lp in lps]
+    starts = dict(zip((id(lp) for lp in lps), _cumsum(sizes), strict=True))
+    buf = torch.zeros(len(keys), sum(sizes), dtype=torch.float32, device=sources["param"].device)
+    for lp, lo, hi, hp in frags:
+        at = starts[id(lp)]
+        for row, key in enumerate(keys):
+            buf[row, at + lo:at + hi] = sources[key].view(-1)[hp:hp + hi - lo]
+    dist.all_reduce(buf, group=group)  # disjoint fragments + zeros: the sum is exact
+    out: dict[str, list[Tensor]] = {}
+    for row, key in enumerate(keys):
+        pieces = torch.split(buf[row], sizes)
+        out[key] = [t.view(lp.shape).clone() for t, lp in zip(pieces, lps, strict=True)]
+    return out
+
+
+def _cumsum(sizes: list[int]) -> list[int]:
+    out, total = [], 0
+    for n in sizes:
+        out.append(total)
+        total += n
+    return out
+
+
+def _wrappers(optimizer: Any) -> list[Any]:
+    chain = []
+    while optimizer is not None and len(chain) < 8:
+        chain.append(optimizer)
+        if isinstance(optimizer, RoutedAdamW):
+            break
+        optimizer = getattr(optimizer, "optimizer", None)
+    return chain
+
+
+def _ds_version() -> str:
+    try:
+        import deepspeed
+    except ImportError:
+        return "?"
+    return str(deepspeed.__version__)

@@ -1,0 +1,125 @@
+"""One process of the DeepSpeed tests: ``prep`` (bases + adapter of a first domain, then the
+single-process reference of the second) or ``train`` (the second domain through the HF Trainer
+with a DeepSpeed config, under ``torchrun``). Run by tests/trainer/test_deepspeed.py.
+
+    python ds_worker.py prep OUT
+    torchrun --nproc_per_node 2 ds_worker.py train OUT --prep PREP --config zero2.json [...]
+
+Writes ``OUT/final.safetensors`` (LoRA tensors after training, rank 0) or ``OUT/error.txt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import trainer_helpers as H  # noqa: E402
+
+import lora_cl  # noqa: E402
+from lora_cl.models import load_model  # noqa: E402
+from lora_cl.subspace import SubspaceBank  # noqa: E402
+
+torch.set_num_threads(1)
+GLOBAL_BATCH = 4
+FIRST, SECOND = "cooking", "astronomy"
+LR = 1e-3
+
+
+def lora_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()
+            if p.requires_grad}
+
+
+def fresh(prep: Path | None) -> tuple[torch.nn.Module, object]:
+    torch.manual_seed(0)
+    model, tokenizer = H.lora_model(lambda: load_model("tiny"))
+    if prep is not None:
+        saved = load_file(str(prep / "adapter.safetensors"))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in saved:
+                    p.copy_(saved[name])
+    return model, tokenizer
+
+
+def second_domain(out: Path, prep: Path, *, steps: int, world: int, method: str = "ogp",
+                  deepspeed: str | dict | None = None, save_steps: int = 0,
+                  resume: str | None = None, state_bits: int = 32) -> lora_cl.ContinualCallback:
+    model, tokenizer = fresh(prep)
+    bank = SubspaceBank.load(prep / "bank.safetensors")
+    # Under DeepSpeed the Trainer drops optimizers=(opt, None) and builds its own: hand a factory.
+    factory = lora_cl.RoutedAdamWFactory(method, lr=LR, bank=bank if method == "ogp" else None,
+                                         state_bits=state_bits)
+    args = H.train_args(out, max_steps=steps, per_device_train_batch_size=GLOBAL_BATCH // world,
+                        deepspeed=deepspeed, ddp_find_unused_parameters=False,
+                        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
+                        save_only_model=False)
+    trainer = H.Trainer(model=model, args=args, train_dataset=H.lm_dataset(tokenizer, H.DOMAINS[SECOND]),
+                        optimizer_cls_and_kwargs=factory.cls_and_kwargs())
+    callback = lora_cl.attach(trainer)
+    callback.set_domain(SECOND)
+    trainer.train(resume_from_checkpoint=resume)
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        save_file(lora_tensors(model), str(out / "final.safetensors"))
+        (out / "info.json").write_text(json.dumps({"global_step": factory.optimizer.global_step,
+                                                   "world": world}))
+    return callback
+
+
+def prep(out: Path) -> None:
+    """Domain 1 (bases + adapter), then the single-process reference runs of domain 2."""
+    model, tokenizer = fresh(None)
+    optimizer = lora_cl.make_optimizer(model, "ogp", lr=LR)
+    H.run_domain(model, tokenizer, optimizer, lora_cl.ContinualCallback(), FIRST, H.DOMAINS[FIRST],
+                 out / "first", max_steps=3)
+    optimizer.bank.save(out / "bank.safetensors")
+    save_file(lora_tensors(model), str(out / "adapter.safetensors"))
+    for steps in (2, 4):
+        ref = out / f"reference{steps}"
+        ref.mkdir(parents=True, exist_ok=True)
+        second_domain(ref, out, steps=steps, world=1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=("prep", "train"))
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--prep", type=Path)
+    parser.add_argument("--config", help="a DeepSpeed JSON file, or JSON text")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--save-steps", type=int, default=0)
+    parser.add_argument("--resume")
+    parser.add_argument("--method", default="ogp")
+    parser.add_argument("--state-bits", type=int, default=32)
+    a = parser.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    if a.mode == "prep":
+        prep(a.out)
+        return
+    config = json.loads(a.config) if a.config and a.config.lstrip().startswith("{") else a.config
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        second_domain(a.out, a.prep, steps=a.steps, world=world, method=a.method, deepspeed=config,
+                      save_steps=a.save_steps, resume=a.resume, state_bits=a.state_bits)
+    except Exception as exc:
+        if int(os.environ.get("RANK", "0")) == 0:
+            (a.out / "error.txt").write_text(f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc()}")
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()
