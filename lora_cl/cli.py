@@ -213,6 +213,29 @@ def _prop1_table(results: dict) -> str:
     return "\n".join(rows)
 
 
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from lora_cl.reproduce import PARTS, default_settings, run_grid, write_report
+
+    try:
+        parts = sorted({int(x) for x in args.only.split(",")}) if args.only else sorted(PARTS)
+    except ValueError:
+        parts = [0]
+    if any(p not in PARTS for p in parts):
+        print(f"lora-cl reproduce: error: --only takes part numbers from {sorted(PARTS)}, "
+              f"e.g. --only 1,2; got {args.only!r}", file=sys.stderr)
+        return 2
+    settings = default_settings(quick=args.quick, model=args.model, steps=args.steps,
+                                seeds=tuple(range(args.seeds)) if args.seeds else None)
+    if not args.report:
+        methods = args.methods.split(",") if args.methods else None
+        counts = run_grid(parts, args.cache, settings, methods=methods, progress=not args.no_progress)
+        print(f"lora-cl reproduce: {counts['trained']} cells trained, {counts['cached']} cached, "
+              f"{counts['not_runnable']} not runnable here, {counts['prop1_written']} part 1 results written")
+    path = write_report(args.cache, settings, args.docs)
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lora-cl",
@@ -282,12 +305,25 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="(re)write report.md and plots of a run or a run directory")
     rep.add_argument("dir", help="a method's run directory, or the output directory of a recipe")
     rep.set_defaults(func=_cmd_report)
+    rp = sub.add_parser("reproduce", help="run the reproduction grid (cached cells are skipped) and "
+                                          "regenerate docs/reproduction.md from the cache")
+    rp.add_argument("--only", metavar="PARTS", help="comma-separated parts 1-7 (default: all)")
+    rp.add_argument("--quick", action="store_true", help="1 seed, 3 domains, few steps (a smoke test)")
+    rp.add_argument("--report", action="store_true", help="only regenerate the report from the cache")
+    rp.add_argument("--model", help="base model (default smollm2-135m; 'tiny' uses the tiny text files)")
+    rp.add_argument("--methods", help="comma-separated grid methods to run (default: each part's all)")
+    rp.add_argument("--steps", type=int, help="training steps per domain (overrides the settings)")
+    rp.add_argument("--seeds", type=int, help="number of seeds 0..N-1 (overrides the settings)")
+    rp.add_argument("--cache", default="runs/reproduce", help="cell cache (default runs/reproduce)")
+    rp.add_argument("--docs", default="docs", help="where reproduction.md goes (default docs)")
+    rp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    rp.set_defaults(func=_cmd_reproduce)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.command in ("train", "validate", "eval", "report", "plan"):
+    if args.command in ("train", "validate", "eval", "report", "plan", "reproduce"):
         try:
             code = args.func(args)
         except _input_errors() as err:

@@ -204,12 +204,15 @@ def make_trainer(recipe: Any, model: Any, tokenizer: Any, optimizer: RoutedAdamW
         deepspeed=t.deepspeed, dataloader_num_workers=0,
     )
     kwargs[_CKPT_ARG] = recipe.model.gradient_checkpointing
+    # Under DeepSpeed the Trainer ignores optimizers=(...) and builds its own from a factory
+    handover: dict[str, Any] = ({"optimizer_cls_and_kwargs": (_Existing(optimizer), {})}
+                                if t.deepspeed else {"optimizers": (optimizer, None)})
     if t.trainer == "sft":
         from trl import SFTConfig, SFTTrainer
 
         args = SFTConfig(**kwargs, max_length=recipe.data.seq_len, packing=False)
         trainer = SFTTrainer(model=model, args=args, train_dataset=data.raw_train,
-                             processing_class=tokenizer, optimizers=(optimizer, None))
+                             processing_class=tokenizer, **handover)
         if len(trainer.train_dataset) == 0:  # trl truncates on the right, then drops masked rows
             raise StreamError(f"domain {data.name!r}: trl dropped every training example (each prompt "
                               f"fills data.seq_len={recipe.data.seq_len} tokens, leaving no completion "
@@ -217,7 +220,17 @@ def make_trainer(recipe: Any, model: Any, tokenizer: Any, optimizer: RoutedAdamW
         return trainer
     args = TrainingArguments(**kwargs, remove_unused_columns=False)
     return Trainer(model=model, args=args, train_dataset=data.train, data_collator=pad_collate(tokenizer),
-                   processing_class=tokenizer, optimizers=(optimizer, None))
+                   processing_class=tokenizer, **handover)
+
+
+class _Existing:
+    """``optimizer_cls_and_kwargs`` factory handing the stream's one optimizer to each Trainer."""
+
+    def __init__(self, optimizer: RoutedAdamW) -> None:
+        self.optimizer = optimizer
+
+    def __call__(self) -> Callable[..., RoutedAdamW]:
+        return lambda *args, **kwargs: self.optimizer
 
 
 def latest_checkpoint(root: Path) -> Path | None:

@@ -1,0 +1,115 @@
+"""Read finished cells back: per-seed metric values, compute used and logged overlaps.
+
+Everything the reproduction report shows comes from here, i.e. from the run directories'
+``summary.json``, ``domains/*/metrics.json`` (train/eval/basis seconds, ``log_history``) and
+part 1's JSON results; nothing is typed in.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lora_cl.reproduce.grid import Cell
+from lora_cl.reproduce.stats import MeanCI, mean_ci
+
+
+@dataclass
+class CellResult:
+    """A finished cell, read."""
+
+    cell: Cell
+    summary: dict[str, Any]
+    seconds: float
+    overlaps: list[list[float]] = field(default_factory=list)  # per domain: logged overlap s_t
+
+
+def _read(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def load_cell(cell: Cell, cache: Path) -> CellResult | None:
+    """The cell's results when it is complete, else None."""
+    if not cell.complete(cache):
+        return None
+    run_dir = cell.run_dir(cache)
+    seconds, overlaps = 0.0, []
+    for mpath in sorted((run_dir / "domains").glob("*/metrics.json")):
+        m = _read(mpath)
+        seconds += sum(float(m.get(k) or 0.0) for k in ("train_seconds", "eval_seconds", "basis_seconds"))
+        overlaps.append([float(h["projection/overlap"]) for h in m.get("log_history", [])
+                         if "projection/overlap" in h])
+    return CellResult(cell, _read(run_dir / "summary.json"), seconds, overlaps)
+
+
+def load_cells(cells: Sequence[Cell], cache: Path) -> list[CellResult]:
+    """The finished ones of ``cells`` (each distinct run directory once)."""
+    out, seen = [], set()
+    for c in cells:
+        d = c.run_dir(cache)
+        if d in seen:
+            continue
+        seen.add(d)
+        r = load_cell(c, cache)
+        if r is not None:
+            out.append(r)
+    return out
+
+
+def _mean(xs: Sequence[float | None]) -> float | None:
+    vals = [x for x in xs if x is not None and math.isfinite(x)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def summary_value(summary: dict[str, Any], metric: str, key: str) -> float | None:
+    """``summary["metrics"][metric][key]`` (None when missing)."""
+    s = (summary.get("metrics") or {}).get(metric)
+    value = None if s is None else s.get(key)
+    return None if value is None else float(value)
+
+
+def plasticity_value(summary: dict[str, Any], key: str) -> float | None:
+    """Mean over the stream's domains of a plasticity entry (adapt@5 logs, final train loss)."""
+    return _mean((summary.get("plasticity") or {}).get(key) or [])
+
+
+#: Columns of a method table: (header, extractor from summary.json)
+Extractor = Callable[[dict[str, Any]], float | None]
+LM_COLUMNS: list[tuple[str, Extractor]] = [
+    ("forgetting (nats)", lambda s: summary_value(s, "loss", "forgetting")),
+    ("forgetting (PPL points)", lambda s: summary_value(s, "ppl", "forgetting")),
+    ("avg final PPL", lambda s: summary_value(s, "ppl", "op")),
+    ("BWT (nats, TRACE; < 0: worse)", lambda s: summary_value(s, "loss", "bwt_trace")),
+    ("adapt@5 logs (train loss)", lambda s: plasticity_value(s, "adapt_at_5_logs")),
+    ("final train loss", lambda s: plasticity_value(s, "final_train_loss")),
+]
+QA_COLUMNS: list[tuple[str, Extractor]] = [
+    ("forgetting (EM)", lambda s: summary_value(s, "exact_match", "forgetting")),
+    ("OP (EM)", lambda s: summary_value(s, "exact_match", "op")),
+    ("forgetting (nats)", lambda s: summary_value(s, "loss", "forgetting")),
+    ("adapt@5 logs (train loss)", lambda s: plasticity_value(s, "adapt_at_5_logs")),
+]
+
+
+def by_method(results: Sequence[CellResult], stream: str, extract: Extractor) -> dict[str, dict[int, float]]:
+    """label -> seed -> value on ``stream`` (cells without a value are left out)."""
+    out: dict[str, dict[int, float]] = {}
+    for r in results:
+        if r.cell.stream != stream:
+            continue
+        v = extract(r.summary)
+        if v is not None and math.isfinite(v):
+            out.setdefault(r.cell.method.label, {})[r.cell.seed] = v
+    return out
+
+
+def method_stats(results: Sequence[CellResult], stream: str, extract: Extractor) -> dict[str, MeanCI]:
+    return {m: mean_ci([v[s] for s in sorted(v)]) for m, v in by_method(results, stream, extract).items()}
+
+
+def forgetting_nats(summary: dict[str, Any]) -> float | None:
+    return summary_value(summary, "loss", "forgetting")

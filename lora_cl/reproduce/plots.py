@@ -1,0 +1,83 @@
+"""The reproduction report's figures (PNG), drawn from collected values only."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lora_cl.reproduce.stats import MeanCI
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def bars(stats: dict[str, dict[str, MeanCI]], path: Path, title: str) -> None:
+    """One panel per column: mean per method with its 95% CI as error bars."""
+    plt = _plt()
+    cols = list(stats)
+    fig, axes = plt.subplots(1, len(cols), figsize=(5 * len(cols), 4), squeeze=False)
+    for ax, col in zip(axes[0], cols, strict=True):
+        labels = list(stats[col])
+        means = [stats[col][m].mean or 0.0 for m in labels]
+        errs = [stats[col][m].half_width or 0.0 for m in labels]
+        ax.bar(range(len(labels)), means, yerr=errs, capsize=3, color="tab:blue", alpha=0.8)
+        ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
+        ax.set_title(col, fontsize=10)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def prop1(synthetic: dict[str, Any] | None, real: Sequence[dict[str, Any]], path: Path) -> None:
+    """R_eta vs alpha: synthetic (aligned, rotated), real training (per seed) and 1/(1-alpha)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    alphas: list[float] = []
+    if synthetic is not None:
+        for kind, pts in synthetic["results"].items():
+            alphas = [p["alpha"] for p in pts]
+            ax.plot(alphas, [p["lr_ratio"] for p in pts], "o-", label=f"synthetic, {kind} basis")
+    for doc in real:
+        pts = [p for p in doc["points"] if "all" in p["groups"]]
+        alphas = alphas or [p["alpha"] for p in pts]
+        ax.plot([p["alpha"] for p in pts], [p["groups"]["all"]["lr_ratio"] for p in pts], "s-",
+                label=f"real LoRA training, seed {doc['seed']}")
+        ax.plot([p["alpha"] for p in pts], [p["groups"]["all"]["update_ratio"] or float("nan")
+                                            for p in pts], "^:", label=f"R_dW real, seed {doc['seed']}")
+    if alphas:
+        ax.plot(alphas, [1 / (1 - a) for a in alphas], "k--", label="predicted 1/(1-alpha)")
+    ax.set_xlabel("projection strength alpha")
+    ax.set_ylabel("eta_U(shared) / eta_U(decoupled)")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def overlap_hist(samples: dict[str, list[float]], path: Path) -> None:
+    """Histogram of the logged overlap s_t per stream."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for stream, xs in samples.items():
+        if xs:
+            ax.hist(xs, bins=30, range=(0, 1), alpha=0.5, density=True, label=f"{stream} (n={len(xs)})")
+    ax.set_xlabel("overlap s_t = ||G U||^2 / ||G||^2")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

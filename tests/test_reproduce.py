@@ -1,0 +1,94 @@
+"""lora-cl reproduce: the quick grid end to end on the tiny model, cell caching, and the CI maths."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from lora_cl.cli import main
+from lora_cl.reproduce import default_settings, part_cells
+from lora_cl.reproduce.grid import config_hash
+from lora_cl.reproduce.stats import mean_ci, paired, t_ppf
+
+
+def _reproduce(*args: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["reproduce", "--quick", "--model", "tiny", "--no-progress", *args])
+    assert exit_info.value.code == 0
+
+
+def test_quick_grid_runs_parts_1_and_2_then_skips_finished_cells(tmp_path, lora_cl_cache, capsys):
+    cache, docs = tmp_path / "cache", tmp_path / "docs"
+    common = ("--only", "1,2", "--methods", "vanilla,ogp", "--cache", str(cache), "--docs", str(docs))
+    _reproduce(*common)
+    settings = default_settings(quick=True, model="tiny")
+    cells = part_cells(2, settings, ("vanilla", "ogp"))
+    assert [c.method.label for c in cells] == ["vanilla", "ogp"] and all(c.seed == 0 for c in cells)
+    for cell in cells:
+        run_dir = cell.run_dir(cache)
+        assert run_dir.parent.parent.name == "lm8" and run_dir.name == f"{cell.method.label}-s0"
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["complete"] and summary["T"] == 3
+        assert math.isfinite(summary["metrics"]["loss"]["forgetting"])
+    synthetic = next(cache.glob("prop1/*/synthetic.json"))
+    real = json.loads(next(cache.glob("prop1/*/real-s0.json")).read_text())
+    assert [p["alpha"] for p in real["points"]] == pytest.approx([0.1 * k for k in range(1, 9)])
+    assert all(p["groups"]["all"]["lr_ratio"] > 1 for p in real["points"])  # shared inflates eta_U
+
+    text = (docs / "reproduction.md").read_text()
+    assert "## Part 1" in text and "## Part 7" in text and (docs / "reproduction" / "prop1.png").is_file()
+    assert (docs / "reproduction" / "part2-lm8.png").is_file()
+    assert "partial: 2 of 11 cells finished" in text      # the other 9 part-2 methods
+    assert "not run yet (0 of 4 cells)" in text            # e.g. part 4
+    assert "lora-cl reproduce --only 2 --quick --model tiny" in text
+    # measured values come from the cells: vanilla's forgetting appears in the table
+    vanilla = json.loads((cells[0].run_dir(cache) / "summary.json").read_text())
+    assert f"{vanilla['metrics']['loss']['forgetting']:.4g}" in text
+
+    watched = [synthetic, *(c.run_dir(cache) / "summary.json" for c in cells)]
+    stamps = {p: p.stat().st_mtime_ns for p in watched}
+    capsys.readouterr()
+    _reproduce(*common)
+    out = capsys.readouterr()
+    assert "0 cells trained, 2 cached" in out.out and "0 part 1 results written" in out.out
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps   # nothing retrained or rewritten
+
+
+def test_report_only_on_an_empty_cache_says_what_is_missing(tmp_path):
+    _reproduce("--report", "--cache", str(tmp_path / "none"), "--docs", str(tmp_path))
+    text = (tmp_path / "reproduction.md").read_text()
+    assert "not run yet (0 of 11 cells)" in text and "not run yet (0 of 2 cells)" in text
+    assert "not testable here" in text
+
+
+def test_config_hash_ignores_method_and_seed_but_not_lr():
+    s = default_settings(quick=True, model="tiny")
+    cells = part_cells(6, s)
+    by = {c.method.label: c.cfg for c in cells}
+    assert by["adam-nscl"] == by["ogp-fixed"] == by["ogp-fixed-v_only"]
+    assert by["adam-nscl-lr-matched"] != by["adam-nscl"]
+    assert config_hash("lm8", cells[0].method, s) != config_hash("lm16", cells[0].method, default_settings())
+
+
+def test_mean_ci_and_paired_on_hand_computed_values():
+    # x = 1, 2, 3, 4, 5: mean 3, s = sqrt(2.5), t_{4, 0.975} = 2.776445
+    ci = mean_ci([1, 2, 3, 4, 5])
+    half = 2.776445 * math.sqrt(2.5) / math.sqrt(5)
+    assert ci.mean == pytest.approx(3) and ci.std == pytest.approx(math.sqrt(2.5))
+    assert ci.lo == pytest.approx(3 - half, abs=1e-5) and ci.hi == pytest.approx(3 + half, abs=1e-5)
+    assert t_ppf(0.975, 2) == pytest.approx(4.302653, abs=1e-5)
+    assert t_ppf(0.975, 1) == pytest.approx(12.706205, abs=1e-4)
+    single = mean_ci([0.7])
+    assert single.mean == 0.7 and single.lo is None and not single.excludes_zero()
+    # paired: a - b = 1, 2, 3 on common seeds {0, 1, 2} (seed 3 only in a); t = 2 / (1 / sqrt 3);
+    # df = 2 has a closed-form CDF, so the two-sided p = 1 - t / sqrt(2 + t^2)
+    p = paired({0: 2.0, 1: 4.0, 2: 6.0, 3: 9.0}, {0: 1.0, 1: 2.0, 2: 3.0})
+    assert p.seeds == [0, 1, 2] and p.diffs == [1.0, 2.0, 3.0]
+    t = 2 * math.sqrt(3)
+    assert p.ci.mean == pytest.approx(2.0) and not p.ci.excludes_zero()   # CI [-0.484, 4.484]
+    assert p.ci.lo == pytest.approx(2 - 4.302653 / math.sqrt(3), abs=1e-5)
+    assert p.p_value == pytest.approx(1 - t / math.sqrt(2 + t * t), abs=1e-6)
+    assert paired({0: 1.0, 1: 1.5}, {0: 0.0, 1: 0.0}).ci.excludes_zero() is False
+    assert paired({0: 3.0, 1: 3.1, 2: 2.9}, {0: 0.0, 1: 0.0, 2: 0.0}).ci.excludes_zero()
