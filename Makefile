@@ -35,8 +35,8 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow and not deepspeed" $(PYTEST_ARGS)
 
 # The quick form of recipes/smollm2-135m-lm8.yaml: 8 real Debian text domains, vanilla vs shared
-# projection (adam-nscl) vs ogp, 20 steps per domain. Rerunning continues/reuses runs/demo.
-DEMO_SET ?= --set training.steps_per_domain=20 --set data.eval_examples=12 --set training.save_steps=10
+# projection (adam-nscl) vs ogp, 16 steps per domain, 6 held-out blocks per domain. Rerunning continues/reuses runs/demo.
+DEMO_SET ?= --set training.steps_per_domain=16 --set data.eval_examples=6 --set training.save_steps=8
 demo: install
 	$(BIN)/lora-cl data build $(foreach d,austen kjv gcide fortunes_de python_docs python_code debian_changelogs licenses,debian:$(d))
 	$(BIN)/lora-cl train recipes/smollm2-135m-lm8.yaml --output runs/demo $(DEMO_SET) --resume
