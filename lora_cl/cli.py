@@ -314,7 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--methods", help="comma-separated grid methods to run (default: each part's all)")
     rp.add_argument("--steps", type=int, help="training steps per domain (overrides the settings)")
     rp.add_argument("--seeds", type=int, help="number of seeds 0..N-1 (overrides the settings)")
-    rp.add_argument("--cache", default="runs/reproduce", help="cell cache (default runs/reproduce)")
+    rp.add_argument("--cache", default="benchmarks/reproduction/cells",
+                    help="cell cache, committed so the grid finishes across sessions "
+                         "(default benchmarks/reproduction/cells)")
     rp.add_argument("--docs", default="docs", help="where reproduction.md goes (default docs)")
     rp.add_argument("--no-progress", action="store_true", help="no progress bars")
     rp.set_defaults(func=_cmd_reproduce)

@@ -36,7 +36,7 @@ from lora_cl.reproduce.grid import (
 from lora_cl.reproduce.runner import is_complete, prop1_paths
 from lora_cl.reproduce.stats import MeanCI, mean_ci, paired
 
-DEFAULT_CACHE = "runs/reproduce"
+DEFAULT_CACHE = "benchmarks/reproduction/cells"
 
 
 def command(settings: Settings, cache: Path, *extra: str) -> str:

@@ -105,8 +105,30 @@ def run_cell(cell: Cell, cache: Path, settings: Settings, *, data: Any = None, p
     run_dir = cell.run_dir(cache)
     recipe = recipe_from_dict(recipe_dict(cell.stream, cell.method, cell.seed, settings, run_dir.parent))
     choice = recipe.method
-    return run_method(recipe, choice, run_dir, data=data, resume=(run_dir / "run.json").is_file(),
-                      progress=progress, log=log)
+    run_method(recipe, choice, run_dir, data=data, resume=(run_dir / "run.json").is_file(),
+               progress=progress, log=log)
+    prune_cell(run_dir)
+    return run_dir
+
+
+def prune_cell(run_dir: Path) -> None:
+    """Keep a finished cell's JSON and CSV (what the report reads; small enough to commit) only.
+
+    Adapters, optimizer states, bases, checkpoints, plots and per-run reports are dropped, so the
+    cache can live in git and the grid can finish over several sessions.
+    """
+    import shutil
+
+    for heavy in ("checkpoints", "plots", "report.md"):
+        target = run_dir / heavy
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    for ddir in (run_dir / "domains").glob("*"):
+        shutil.rmtree(ddir / "adapter", ignore_errors=True)
+        for name in ("optimizer.pt", "bank.safetensors"):
+            (ddir / name).unlink(missing_ok=True)
 
 
 def run_grid(parts: Sequence[int], cache: str | Path, settings: Settings, *,
