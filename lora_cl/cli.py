@@ -90,9 +90,10 @@ def _input_errors() -> tuple[type[BaseException], ...]:
     from lora_cl.models import ModelLoadError
     from lora_cl.recipe import RecipeError
     from lora_cl.report import ReportError
+    from lora_cl.trainer.stream import StreamError
 
-    return (RecipeError, MethodError, DomainDataError, UserDataError, UnknownNameError, ModelLoadError,
-            ReportError, FileNotFoundError)
+    return (StreamError, RecipeError, MethodError, DomainDataError, UserDataError, UnknownNameError,
+            ModelLoadError, ReportError, FileNotFoundError)
 
 
 def _load(args: argparse.Namespace):
@@ -137,20 +138,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from lora_cl.evaluation import evaluate_all
-    from lora_cl.trainer.stream import _load_peft_model, load_stream_data
+    from lora_cl.trainer.stream import load_adapter, load_peft_model, load_stream_data
 
     recipe = _load(args)
     data, _ = load_stream_data(recipe)
-    model, tokenizer = _load_peft_model(recipe)
+    model, tokenizer = load_peft_model(recipe)
     if args.adapter:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        weights = Path(args.adapter) / "adapter_model.safetensors"
-        if not weights.is_file():
-            raise FileNotFoundError(f"{weights} not found: --adapter takes a directory written by "
-                                    "save_pretrained, e.g. runs/x/ogp/domains/00-kjv/adapter")
-        set_peft_model_state_dict(model, load_file(str(weights)))
+        load_adapter(model, args.adapter)
     scores = evaluate_all(model, data, tokenizer, batch_size=recipe.eval.batch_size,
                           generate=recipe.eval.generate, max_new_tokens=recipe.eval.max_new_tokens)
     keys = [k for k in ("loss", "ppl", "exact_match", "rougeL") if all(k in s for s in scores)]

@@ -98,14 +98,14 @@ def run_prop1_real(recipe: Any, *, prev_steps: int, steps: int, alphas: Sequence
 
     from lora_cl.data.examples import pad_collate
     from lora_cl.trainer.optimizer_factory import make_optimizer
-    from lora_cl.trainer.stream import _load_peft_model, load_stream_data
+    from lora_cl.trainer.stream import load_peft_model, load_stream_data
 
     log = log or (lambda _: None)
     start = time.perf_counter()
     data, _ = load_stream_data(recipe, log)
     if len(data) < 2:
         raise ValueError("prop1 (real training) needs a stream of at least two domains")
-    model, tokenizer = _load_peft_model(recipe)
+    model, tokenizer = load_peft_model(recipe)
     collate = pad_collate(tokenizer)
     bs, lr = recipe.training.batch_size, recipe.training.lr
     torch.manual_seed(seed)

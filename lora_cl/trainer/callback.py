@@ -298,8 +298,8 @@ def check_steps_model_tensors(optimizer: RoutedAdamW, model: Any, wrapped: Any =
         return  # plain AdamW is element-wise: exact on flat slices too
     model_ids = {id(p) for p in model.parameters()}
     names, params = optimizer.routed_named_params()
-    foreign = [n for n, p in zip(names, params, strict=False) if id(p) not in model_ids]
-    if not foreign and params and len(names) == len(params):
+    foreign = [n for n, p in zip(names, params, strict=True) if id(p) not in model_ids]
+    if not foreign and params:
         return  # (ZeRO-3 leaves the groups empty outside step(): no tensors is not "the model's own")
     if wrapped is not None and route_under_zero(wrapped, optimizer, method_of(optimizer)):
         return

@@ -66,13 +66,11 @@ def run_stream(recipe: Any, *, output_dir: str | os.PathLike[str] | None = None,
     log = log or _stderr
     out = Path(output_dir if output_dir is not None else recipe.output_dir)
     choices = recipe.methods()
-    data, tokenizer = None, None
+    data, _ = load_stream_data(recipe, log)
     runs: list[Path] = []
     for k, choice in enumerate(choices):
         run_dir = out / choice.run_label
         log(f"lora-cl: method {k + 1}/{len(choices)} {choice.run_label!r} -> {run_dir}")
-        if data is None:
-            data, tokenizer = load_stream_data(recipe, log)
         runs.append(run_method(recipe, choice, run_dir, data=data, resume=resume, progress=progress,
                                log=log))
         write_json(out / "compare.json", {"runs": [r.name for r in runs]})
@@ -112,7 +110,7 @@ def run_method(recipe: Any, choice: Any, run_dir: str | os.PathLike[str], *,
     _check_start(recipe, choice, run_dir, resume)
     if data is None:
         data, _ = load_stream_data(recipe, log)
-    model, tokenizer = _load_peft_model(recipe)
+    model, tokenizer = load_peft_model(recipe)
     spec = choice.spec()
     optimizer = make_optimizer(model, spec, lr=recipe.training.lr,
                                weight_decay=recipe.training.weight_decay,
@@ -285,16 +283,24 @@ def _save_domain(run_dir: Path, i: int, name: str, model: Any, optimizer: Routed
             "bases_added": callback.bases_added.get(name), **record})
 
 
-def _restore_domain(model: Any, optimizer: RoutedAdamW, callback: ContinualCallback, ddir: Path) -> None:
+def load_adapter(model: Any, adapter_dir: str | os.PathLike[str]) -> None:
+    """Load the LoRA weights ``save_pretrained`` wrote to ``adapter_dir`` into the peft ``model``."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    weights = load_file(str(ddir / "adapter" / "adapter_model.safetensors"))
-    result = set_peft_model_state_dict(model, weights)
-    missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
-    if missing:
-        raise StreamError(f"{ddir}: adapter tensors {missing[:3]} do not fit this model; the recipe's "
-                          "model or lora settings changed since the run started")
+    weights = Path(adapter_dir) / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} not found: an adapter is a directory written by "
+                                "save_pretrained, e.g. runs/x/ogp/domains/00-kjv/adapter")
+    result = set_peft_model_state_dict(model, load_file(str(weights)))
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if unexpected:
+        raise StreamError(f"{adapter_dir}: adapter tensors {unexpected[:3]} do not fit this model; "
+                          "the recipe's model or lora settings differ from the adapter's")
+
+
+def _restore_domain(model: Any, optimizer: RoutedAdamW, callback: ContinualCallback, ddir: Path) -> None:
+    load_adapter(model, ddir / "adapter")
     optimizer.load_state_dict(torch.load(ddir / "optimizer.pt", weights_only=True))
     callback.load_state_dict(read_json(ddir / "callback.json"))
 
@@ -353,7 +359,8 @@ def _write_run_json(recipe: Any, choice: Any, spec: Any, run_dir: Path, data: Se
     })
 
 
-def _load_peft_model(recipe: Any) -> tuple[Any, Any]:
+def load_peft_model(recipe: Any) -> tuple[Any, Any]:
+    """The recipe's model with its LoRA adapter (seeded init) and the tokenizer."""
     from peft import get_peft_model
 
     from lora_cl.models import load_model
@@ -402,6 +409,4 @@ class _FaultInjector(TrainerCallback):
                 p.grad.view(-1)[0] = float("nan")
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        spec = _fault_spec()
-        if spec and spec[0] == "kill" and spec[1] == self.index and spec[2] == str(state.global_step):
-            os.kill(os.getpid(), signal.SIGKILL)
+        _fault(str(state.global_step), self.index)
