@@ -48,7 +48,7 @@ lint: install
 	$(BIN)/ruff check lora_cl tests benchmarks
 
 bench: install
-	$(BIN)/python benchmarks/optimizer_step.py --out docs/performance.md
+	$(BIN)/python benchmarks/performance.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

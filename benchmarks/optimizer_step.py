@@ -7,17 +7,21 @@ measured in the same run, with the interquartile range. A second table sets the 
 RoutedAdamW (state_bits=8) against bitsandbytes' AdamW8bit (same blockwise format), with the
 optimizer-state bytes per parameter of each.
 
-    python benchmarks/optimizer_step.py [--rounds 7] [--steps 5] [--out docs/performance.md]
+    python benchmarks/optimizer_step.py [--rounds 7] [--steps 5] [--out F.md] [--json F.json]
+
+``benchmarks/performance.py`` runs it with the other benchmarks and writes docs/performance.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -25,6 +29,9 @@ from lora_cl import OverlapAdaptiveStrength, Projection, RoutedAdamW, SubspaceBa
 from lora_cl.optim.quantized_state import state_nbytes
 
 BNB_8BIT = "bitsandbytes AdamW8bit"
+NO_MODIFIER = "RoutedAdamW decoupled, no modifier (fused path)"
+NO_MODIFIER_OFF = "RoutedAdamW decoupled, no modifier, nonfinite='off' (fused path)"
+PROJECTION = "RoutedAdamW decoupled + rank-{rank} projection, overlap-adaptive (fused path)"
 ROUTED_8BIT = "RoutedAdamW decoupled, no modifier, state_bits=8 (fused path)"
 
 
@@ -58,13 +65,15 @@ def variants(names, params, rank, device) -> dict[str, Callable[[], torch.optim.
         "torch AdamW fused=True": lambda: torch.optim.AdamW(params, lr=1e-4, fused=True),
         "torch AdamW foreach=True": lambda: torch.optim.AdamW(params, lr=1e-4, foreach=True),
         "torch AdamW single-tensor": lambda: torch.optim.AdamW(params, lr=1e-4, foreach=False),
-        "RoutedAdamW decoupled, no modifier (fused path)":
+        NO_MODIFIER:
             lambda: RoutedAdamW(groups, lr=1e-4, impl="fused"),
+        NO_MODIFIER_OFF:
+            lambda: RoutedAdamW(groups, lr=1e-4, impl="fused", nonfinite="off"),
         "RoutedAdamW decoupled, no modifier (reference path)":
             lambda: RoutedAdamW(groups, lr=1e-4, impl="reference"),
     }
     bank = bank_for(names, params, rank)
-    out[f"RoutedAdamW decoupled + rank-{rank} projection, overlap-adaptive (fused path)"] = (
+    out[PROJECTION.format(rank=rank)] = (
         lambda: RoutedAdamW(groups, lr=1e-4, impl="fused",
                             modifiers=[Projection(bank, OverlapAdaptiveStrength())])
     )
@@ -110,6 +119,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per round")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None, help="write a markdown section here")
+    ap.add_argument("--json", default=None, help="write the timings here (read by performance.py)")
+    ap.add_argument("--profile", default=None,
+                    help="profile the projection step with torch.profiler; write its top ops here")
     args = ap.parse_args()
 
     names, params = lora_tensors(args.layers, args.hidden, args.r, args.device)
@@ -126,6 +138,8 @@ def main() -> None:
             times[key].append(time_steps(make(), params, grads, args.steps, args.device, nbytes, key))
         print(f"round {rnd + 1}/{args.rounds} done", flush=True)
 
+    if args.profile:
+        profile_projection(makers[PROJECTION.format(rank=args.rank)], params, grads, args.profile, times)
     torch_keys = [k for k in times if k.startswith("torch")]
     fastest = min(torch_keys, key=lambda k: statistics.median(times[k]))
     base = statistics.median(times[fastest])
@@ -167,10 +181,50 @@ def main() -> None:
     text = "\n".join(lines)
     print("\n" + text)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write("# Optimizer step time\n\nRegenerate with `python benchmarks/optimizer_step.py "
-                    f"--out {args.out}` (or `make bench`).\n\n{text}\n")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
         print(f"\nwrote {args.out}")
+    if args.json:
+        doc = {"benchmark": "optimizer_step", "device": args.device, "tensors": len(params),
+               "params": n_params, "rounds": args.rounds, "steps": args.steps, "load_avg_1min_end": load,
+               "threads": torch.get_num_threads(), "torch": torch.__version__, "baseline": fastest,
+               "step_seconds": times, "state_bytes_per_param": nbytes,
+               "ratio": {k: statistics.median(ts) / base for k, ts in times.items()},
+               "routed_8bit": ROUTED_8BIT, "bnb_8bit": BNB_8BIT,
+               "projection": PROJECTION.format(rank=args.rank), "no_modifier": NO_MODIFIER,
+               "no_modifier_off": NO_MODIFIER_OFF}
+        if BNB_8BIT in times:
+            doc["ratio_8bit_vs_bnb"] = statistics.median(ratios)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
+
+
+def profile_projection(make, params, grads, path: str, times) -> None:  # noqa: ANN001
+    """Top operators of 5 projection steps (self CPU time), as a markdown table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    opt = make()
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt.step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(5):
+            opt.step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    fused = statistics.median(times["torch AdamW fused=True"]) * 1e3
+    lines = ["#### Where the projection step's time goes", "",
+             f"torch.profiler over 5 steps of the projection row (self CPU time per step; "
+             f"torch AdamW fused=True took {fused:.1f} ms/step in the timed rounds):", "",
+             "| operator | ms/step | share | calls/step |", "|---|---|---|---|"]
+    for e in events[:10]:
+        lines.append(f"| `{e.key}` | {e.self_cpu_time_total / 5e3:.2f} | "
+                     f"{e.self_cpu_time_total / total:.0%} | {e.count // 5} |")
+    lines.append(f"| total | {total / 5e3:.2f} | 100% | |")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print(f"wrote {path}")
 
 
 def _ms(ts: list[float]) -> str:

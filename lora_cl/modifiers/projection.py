@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -14,6 +16,8 @@ if TYPE_CHECKING:
     from lora_cl.subspace.bank import SubspaceBank
 
 SIDES = ("in", "out", "both")
+#: Working-set size of one batched chunk (measured on a 32 MiB L3: 16 MiB chunks ran fastest).
+CHUNK_BYTES = 16 * 2**20
 
 
 class Projection(GradientModifier):
@@ -28,10 +32,14 @@ class Projection(GradientModifier):
 
     The overlap s = ||G U||^2 / ||G||^2 of each tensor (mean over its sides) feeds the
     ``strength`` schedule, which returns alpha per tensor.
+
+    ``batched=True`` (default) stacks same-shaped tensors and projects each group with two
+    ``bmm`` calls against bases stacked once per domain (no host sync); ``batched=False`` is the
+    readable per-tensor loop. Both give the same g~ up to float rounding (tested).
     """
 
     def __init__(self, bank: SubspaceBank, strength: float | Strength = 1.0,
-                 weighted: bool = True, side: str = "in") -> None:
+                 weighted: bool = True, side: str = "in", *, batched: bool = True) -> None:
         if side not in SIDES:
             raise ValueError(f"Projection: side must be one of {SIDES}, got {side!r}")
         self.bank = bank
@@ -39,7 +47,9 @@ class Projection(GradientModifier):
         self.weighted = weighted
         self.side = side
         self._sides = ("in", "out") if side == "both" else (side,)
+        self.batched = batched
         self._last_alphas: dict[str, float | Tensor] = {}
+        self._plan_cache: tuple[Any, list[_Group]] | None = None
 
     def _bases(self, name: str, g: Tensor) -> list[tuple[str, Tensor, Tensor]]:
         if g.ndim < 2:
@@ -73,6 +83,42 @@ class Projection(GradientModifier):
         return comp.reshape(g.shape), overlap
 
     def apply(self, batch: GradBatch) -> list[Tensor]:
+        if not self.batched:
+            return self._apply_loop(batch)
+        out = list(batch.grads)
+        groups = self._plan(batch.names, batch.grads)
+        found: list[tuple[int, Tensor]] = []  # (index into the batch, overlap)
+        work = []
+        for group in groups:
+            G = _stack([batch.grads[i] for i in group.idx])
+            first, overlap = _component_stack(G, *group.bases[0], self.weighted)
+            if len(group.bases) > 1:
+                others = [_component_stack(G, *b, self.weighted)[1] for b in group.bases[1:]]
+                overlap = torch.stack([overlap, *others]).mean(0)
+            found += list(zip(group.idx, overlap.unbind(0), strict=True))
+            work.append((group, G, first))
+        found.sort(key=lambda t: t[0])
+        names = [batch.names[i] for i, _ in found]
+        alphas = self.strength.update(names, [o for _, o in found])
+        self._last_alphas = dict(zip(names, alphas, strict=True))
+        by_index = {i: a for (i, _), a in zip(found, alphas, strict=True)}
+        for group, G, first in work:
+            group_alphas = [by_index[i] for i in group.idx]
+            keep = [not _is_zero(a) for a in group_alphas]
+            if not any(keep):
+                continue  # g~ = g exactly: the incoming tensor objects stay
+            alpha = _alpha_vector(group_alphas, G)
+            g = first.mul_(-alpha).add_(G)  # G - alpha * first, in first's buffer
+            # side="both": the out-side component is taken of the in-projected gradient.
+            for base in group.bases[1:]:
+                g = g - alpha * _component_stack(g, *base, self.weighted)[0]
+            for i, k, gi in zip(group.idx, keep, g.unbind(0), strict=True):
+                if k:
+                    out[i] = gi
+        return out
+
+    def _apply_loop(self, batch: GradBatch) -> list[Tensor]:
+        """The readable per-tensor path (``batched=False``); the batched path is tested against it."""
         out = list(batch.grads)
         found: list[tuple[int, list[tuple[str, Tensor, Tensor]], Tensor]] = []
         overlaps: list[Tensor] = []
@@ -98,15 +144,59 @@ class Projection(GradientModifier):
             out[i] = g
         return out
 
+    def _plan(self, names: list[str], grads: list[Tensor]) -> list[_Group]:
+        """Tensors with bases, grouped by (shape, device, sides) with their stacked projectors.
+
+        Cached per (bank version, names, shapes, devices): the grouping and the stacked bases
+        are built once per domain, not per step. Groups are cut into chunks of about
+        ``CHUNK_BYTES`` (gradients, components and bases) so that both ``bmm`` calls of a chunk
+        find its bases in cache and the temporaries come from the heap, not fresh pages.
+        """
+        key = (self.bank.version, tuple(names), tuple((tuple(g.shape), g.device) for g in grads))
+        if self._plan_cache is not None and self._plan_cache[0] == key:
+            return self._plan_cache[1]
+        members: dict[tuple[Any, ...], list[int]] = {}
+        for i, (name, g) in enumerate(zip(names, grads, strict=True)):
+            sides = tuple(side for side, _, _ in self._bases(name, g))  # validates dimensions
+            if sides:
+                members.setdefault((tuple(g.shape), g.device, sides), []).append(i)
+        groups = []
+        for (shape, device, sides), idx in members.items():
+            per_tensor = 4 * (3 * math.prod(shape) + sum(
+                self.bank.projector(names[idx[0]], side, device=device)[0].numel() for side in sides))
+            step = max(1, CHUNK_BYTES // per_tensor)
+            for start in range(0, len(idx), step):
+                chunk = idx[start:start + step]
+                group_names = tuple(names[i] for i in chunk)
+                bases = [(side, *self.bank.stacked_projector(group_names, side, device=device))
+                         for side in sides]
+                groups.append(_Group(chunk, bases))
+        self._plan_cache = (key, groups)
+        return groups
+
     def project_update(self, names: list[str], deltas: list[Tensor]) -> list[Tensor]:
         """Re-project a final parameter update with each tensor's alpha of the last step."""
         out = list(deltas)
-        for i, name in enumerate(names):
-            alpha = self._last_alphas.get(name, 0.0)
-            if _is_zero(alpha):
+        if not self.batched:
+            for i, name in enumerate(names):
+                alpha = self._last_alphas.get(name, 0.0)
+                if _is_zero(alpha):
+                    continue
+                for base in self._bases(name, out[i]):
+                    out[i] = out[i] - alpha * self._component(out[i], *base)[0]
+            return out
+        for group in self._plan(names, deltas):
+            group_alphas = [self._last_alphas.get(names[i], 0.0) for i in group.idx]
+            keep = [not _is_zero(a) for a in group_alphas]
+            if not any(keep):
                 continue
-            for base in self._bases(name, out[i]):
-                out[i] = out[i] - alpha * self._component(out[i], *base)[0]
+            d = _stack([deltas[i] for i in group.idx])
+            alpha = _alpha_vector(group_alphas, d)
+            for base in group.bases:
+                d = d - alpha * _component_stack(d, *base, self.weighted)[0]
+            for i, k, di in zip(group.idx, keep, d.unbind(0), strict=True):
+                if k:
+                    out[i] = di
         return out
 
     def on_domain_start(self, domain: str) -> None:
@@ -130,3 +220,41 @@ class Projection(GradientModifier):
 def _is_zero(alpha: float | Tensor) -> bool:
     # A 0-d tensor alpha is never compared (that would sync the device).
     return isinstance(alpha, (int, float)) and alpha == 0.0
+
+
+@dataclass
+class _Group:
+    """Batch indices of same-shaped tensors and their stacked (side, U (n,d,k), s (n,k)) bases."""
+
+    idx: list[int]
+    bases: list[tuple[str, Tensor, Tensor]]
+
+
+def _stack(tensors: list[Tensor]) -> Tensor:
+    return torch.stack([t.float() for t in tensors])
+
+
+def _component_stack(G: Tensor, side: str, U: Tensor, s: Tensor, weighted: bool) -> tuple[Tensor, Tensor]:
+    """Batched :meth:`Projection._component`: G is (n, *shape); returns (comp, overlaps (n,))."""
+    n = G.shape[0]
+    if side == "in":
+        M = G.reshape(n, -1, G.shape[-1])
+        coords = torch.bmm(M, U)
+        comp = torch.bmm(coords * s[:, None, :] if weighted else coords, U.transpose(1, 2))
+    else:
+        M = G.reshape(n, G.shape[1], -1)
+        coords = torch.bmm(U.transpose(1, 2), M)
+        comp = torch.bmm(U, coords * s[:, :, None] if weighted else coords)
+    energy = torch.linalg.vector_norm(M, dim=(1, 2)).square()  # no temporary the size of G
+    overlap = torch.linalg.vector_norm(coords, dim=(1, 2)).square() / energy.clamp_min(1e-30)
+    return comp.reshape(G.shape), overlap
+
+
+def _alpha_vector(alphas: list[float | Tensor], like: Tensor) -> Tensor | float:
+    """Per-tensor strengths broadcastable over a stacked group (a float when all are one float)."""
+    first = alphas[0]
+    if all(a is first for a in alphas) or (isinstance(first, float)
+                                           and all(isinstance(a, float) and a == first for a in alphas)):
+        return float(first) if isinstance(first, (int, float)) else first.to(like)
+    vec = torch.stack([torch.as_tensor(a, dtype=like.dtype, device=like.device) for a in alphas])
+    return vec.reshape(-1, *([1] * (like.dim() - 1)))

@@ -49,7 +49,7 @@ class SubspaceBank:
         self.version = 0
         # domain -> {(name, side): (U, s)}; dict order is the domains' insertion order
         self._bases: dict[str, dict[tuple[str, str], tuple[Tensor, Tensor]]] = {}
-        self._cache: dict[tuple[str, str, str, torch.dtype], tuple[Tensor, Tensor] | None] = {}
+        self._cache: dict[tuple[Any, ...], tuple[Tensor, Tensor] | None] = {}
         self._cache_version = 0
 
     def __repr__(self) -> str:
@@ -148,6 +148,45 @@ class SubspaceBank:
                 merged[0].to(device=dev, dtype=dtype), merged[1].to(device=dev, dtype=dtype))
         return self._cache[key]
 
+    def stacked_projector(self, names: tuple[str, ...], side: str = "in", *,
+                          device: torch.device | str | None = None,
+                          dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+        """The merged projectors of ``names`` (one shared dimension) stacked for batched use.
+
+        Returns U of shape (n, dim, k_max) and s of shape (n, k_max): tensors with fewer than
+        k_max directions are padded with zero columns and zero weights, which add nothing to
+        G U or to the projection. Cached like :meth:`projector` (treat as read-only). Every name
+        must hold a basis on ``side``.
+        """
+        check_side(side)
+        if self._cache_version != self.version:
+            self._cache.clear()
+            self._cache_version = self.version
+        dev = torch.device("cpu") if device is None else torch.device(device)
+        key = (tuple(names), side, str(dev), dtype, "stacked")
+        hit = self._cache.get(key)
+        if hit is None:
+            merged = [self.projector(n, side, device=dev, dtype=dtype) for n in names]
+            missing = [n for n, m in zip(names, merged, strict=True) if m is None]
+            if missing:
+                raise KeyError(f"no basis on side {side!r} for {missing[:3]}")
+            dims = {m[0].shape[0] for m in merged if m is not None}
+            if len(dims) != 1:
+                raise ValueError(f"stacked_projector: the bases of {len(names)} tensors have "
+                                 f"different dimensions {sorted(dims)}")
+            k = max(m[1].numel() for m in merged if m is not None)
+            u = torch.zeros(len(names), dims.pop(), k, dtype=dtype, device=dev)
+            s = torch.zeros(len(names), k, dtype=dtype, device=dev)
+            for i, (name, m) in enumerate(zip(names, merged, strict=True)):
+                assert m is not None
+                ki = m[1].numel()
+                u[i, :, :ki] = m[0]
+                s[i, :ki] = m[1]
+                # the per-name projector becomes a view of the stack: the bases are held once
+                self._cache[(name, side, str(dev), dtype)] = (u[i, :, :ki], s[i, :ki])
+            hit = self._cache[key] = (u, s)
+        return hit
+
     def _merge(self, name: str, side: str) -> tuple[Tensor, Tensor] | None:
         parts = [e[(name, side)] for e in self._bases.values() if (name, side) in e]
         if not parts:
@@ -182,8 +221,8 @@ class SubspaceBank:
                 per_name[name] = per_name.get(name, 0) + b
                 weight_bytes += s.numel() * s.element_size()
                 tensors += 1
-        cache_bytes = sum(u.numel() * u.element_size() + s.numel() * s.element_size()
-                          for v in self._cache.values() if v is not None for u, s in [v])
+        cache_bytes = sum(t.numel() * t.element_size()  # views of stacked projectors count once
+                          for v in self._cache.values() if v is not None for t in v if t._base is None)
         return {"per_domain": per_domain, "total_bytes": sum(per_domain.values()),
                 "tensors": tensors, "per_name": per_name, "weight_bytes": weight_bytes,
                 "cache_bytes": cache_bytes}

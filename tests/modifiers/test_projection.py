@@ -132,3 +132,59 @@ def test_strength_bad_arguments(bad):
 def test_projection_bad_side():
     with pytest.raises(ValueError, match="side must be one of"):
         Projection(SubspaceBank(), 1.0, side="left")
+
+
+def _mixed_bank_and_grads(seed=0):
+    """Two shape groups, varied ranks (padding), out/in sides, tensors without bases, a 1-D one."""
+    gen = torch.Generator().manual_seed(seed)
+    bank, names, grads = SubspaceBank(), [], []
+    for i in range(5):
+        names.append(f"a{i}")
+        grads.append(torch.randn(4, 24, generator=gen))
+        if i != 3:  # a3 has no basis
+            bank.add("d0", f"a{i}", orth(24, 2 + i, seed=10 + i), torch.rand(2 + i, generator=gen))
+    for i in range(3):
+        names.append(f"b{i}")
+        grads.append(torch.randn(18, 4, generator=gen))
+        bank.add("d0", f"b{i}", orth(18, 3, seed=20 + i), side="out")
+        bank.add("d0", f"b{i}", orth(4, 1, seed=30 + i), side="in")
+    bank.add("d1", "a0", orth(24, 3, seed=40))  # a second domain: merged (accumulate) basis
+    names.append("bias")
+    grads.append(torch.randn(24, generator=gen))
+    return bank, names, grads
+
+
+@pytest.mark.parametrize("side", ["in", "out", "both"])
+@pytest.mark.parametrize("weighted", [True, False])
+@pytest.mark.parametrize("strength", ["fixed", "global", "tensor"])
+def test_batched_projection_equals_per_tensor_loop(side, weighted, strength):
+    bank, names, grads = _mixed_bank_and_grads()
+
+    def make(batched):
+        st = {"fixed": FixedStrength(0.7), "global": OverlapAdaptiveStrength(0.8, beta=0.5),
+              "tensor": OverlapAdaptiveStrength(0.8, beta=0.5, scope="tensor")}[strength]
+        return Projection(bank, st, weighted=weighted, side=side, batched=batched)
+
+    fast, slow = make(True), make(False)
+    for step in range(3):  # several steps: the EMA, the cached plan and stacked bases are reused
+        g_step = [g * (1 + step) for g in grads]
+        out_f = fast(batch_of(g_step, names, step=step + 1))
+        out_s = slow(batch_of(g_step, names, step=step + 1))
+        for g, a, b in zip(g_step, out_f, out_s):
+            assert (a is g) == (b is g)  # untouched tensors stay the same object in both paths
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert fast.metrics() == pytest.approx(slow.metrics(), rel=1e-5)
+        deltas = [torch.randn_like(g) for g in grads]
+        for a, b in zip(fast.project_update(names, deltas), slow.project_update(names, deltas)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert out_f[3] is g_step[3] and out_f[-1] is g_step[-1]  # no basis / 1-D: pass through
+
+
+def test_batched_projection_follows_bank_changes():
+    bank, names, grads = _mixed_bank_and_grads()
+    fast = Projection(bank, 1.0, weighted=False, batched=True)
+    fast(batch_of(grads, names))
+    bank.add("d2", "a3", orth(24, 4, seed=50))  # a3 gains a basis: the cached plan must notice
+    out = fast(batch_of(grads, names))
+    U = bank.projector("a3")[0]
+    torch.testing.assert_close(out[3] @ U, torch.zeros(4, U.shape[1]), atol=1e-5, rtol=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -231,6 +232,25 @@ def test_nonfinite_gradient_skips_whole_step_and_names_tensor():
     params[2].grad[0] = float("inf")
     with pytest.raises(NonFiniteGradientError, match=r"\bc\b"):
         strict.step()
+
+
+def test_nonfinite_off_does_not_look_like_torch_adamw():
+    params = make_params()
+    ref_params = [p.detach().clone().requires_grad_() for p in params]
+    opt = RoutedAdamW(params, lr=1e-2, nonfinite="off")
+    ref = torch.optim.AdamW(ref_params, lr=1e-2, weight_decay=0.0)
+    for ps in (params, ref_params):
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        ps[1].grad[0, 0] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no skip warning: the step runs
+        opt.step()
+    ref.step()
+    assert opt.skipped_steps == 0
+    assert torch.isnan(params[1][0, 0]) and torch.isnan(opt.state[params[1]]["exp_avg"][0, 0])
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p, q, equal_nan=True, rtol=0, atol=0)
 
 
 def test_bad_arguments_have_clear_errors():

@@ -1,0 +1,190 @@
+"""Run every performance benchmark, one after another, and write docs/performance.md with a PNG.
+
+    python benchmarks/performance.py            # or: make bench
+    python benchmarks/performance.py --report   # only rebuild the page from docs/performance/*.json
+
+Each benchmark runs in its own process, alone (ratios are taken inside one run, never across
+runs). The targets table compares each measured ratio with issue 6's targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+DOCS = ROOT / "docs"
+RESULTS = DOCS / "performance"
+
+
+def run_all(quick: bool) -> None:
+    jobs = [
+        ["optimizer_step.py", "--out", str(RESULTS / "optimizer_step.md"),
+         "--json", str(RESULTS / "optimizer_step.json"),
+         "--profile", str(RESULTS / "projection_profile.md")]
+        + (["--rounds", "2", "--steps", "1"] if quick else []),
+        ["trainer_step.py", "--json", str(RESULTS / "trainer_step.json")]
+        + (["--model", "tiny", "--rounds", "1", "--steps", "3", "--seq", "32"] if quick else []),
+        ["basis_build.py", "--json", str(RESULTS / "basis_build.json")]
+        + (["--model", "tiny", "--steps", "3", "--seq", "32"] if quick else []),
+    ]
+    for job in jobs:
+        print(f"== {job[0]}", flush=True)
+        subprocess.run([sys.executable, str(HERE / job[0]), *job[1:]], check=True)
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _row(what: str, baseline: str, target: str, measured: str, ok: bool | None) -> str:
+    verdict = "not run" if ok is None else ("**met**" if ok else "**not met**")
+    return f"| {what} | {baseline} | {target} | {measured} | {verdict} |"
+
+
+def targets_table(opt: dict | None, trainer: dict | None, basis: dict | None) -> list[str]:
+    lines = ["| measurement | baseline | target | measured | verdict |", "|---|---|---|---|---|"]
+    if opt:
+        r = opt["ratio"]
+        nm, pj = r[opt["no_modifier"]], r[opt["projection"]]
+        lines.append(_row("RoutedAdamW decoupled, no modifier, 7B-shaped LoRA step", opt["baseline"],
+                          "<= 1.15x", f"{nm:.2f}x", nm <= 1.15))
+        off = r[opt["no_modifier_off"]]
+        lines.append(_row("same without the inf/nan guard (nonfinite='off', as torch AdamW)",
+                          opt["baseline"], "<= 1.15x", f"{off:.2f}x", off <= 1.15))
+        lines.append(_row("same + rank-32 projection, overlap-adaptive", opt["baseline"], "<= 3.0x",
+                          f"{pj:.2f}x", pj <= 3.0))
+        if "ratio_8bit_vs_bnb" in opt:
+            q, b = opt["ratio_8bit_vs_bnb"], opt["state_bytes_per_param"][opt["routed_8bit"]]
+            lines.append(_row("same, 8-bit states", "bitsandbytes AdamW8bit", "<= 1.0x; <= 2.1 B/param",
+                              f"{q:.2f}x; {b:.3f} B/param", q <= 1.0 and b <= 2.1))
+    if trainer:
+        o = trainer["overhead"]
+        lines.append(_row(f"Trainer step, {trainer['model']} LoRA, ContinualCallback + RoutedAdamW(ogp)",
+                          "peft + AdamW(fused), same Trainer", "overhead <= 5%", f"{o:+.1%}", o <= 0.05))
+    if basis:
+        for label, row in basis["sources"].items():
+            f = row["fraction_at_80_steps"]
+            lines.append(_row(f"basis building at a domain end: {label}", "an 80-step domain's training",
+                              "<= 5%", f"{f:.1%} ({row['build_seconds']:.2f} s)", f <= 0.05))
+    lines.append(_row("GPU: no-modifier step vs AdamW(fused); 8-bit vs AdamW8bit", "", "<= 1.2x",
+                      "no GPU lent to this task (benchmarks/gpu_7b.py is ready)", None))
+    return lines
+
+
+def plot(opt: dict | None, trainer: dict | None, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    if not opt:
+        return False
+    labels = list(opt["ratio"])
+    values = [opt["ratio"][k] for k in labels]
+    if trainer:
+        labels.append("Trainer step: lora-cl ogp vs peft + AdamW(fused)")
+        values.append(1.0 + trainer["overhead"])
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(labels) + 1.2))
+    ax.barh(range(len(labels)), values, color=["#888" if v <= 1.0001 else "#3a7" for v in values])
+    ax.set_yticks(range(len(labels)), [lbl[:70] for lbl in labels], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.axvline(1.0, color="k", lw=0.8)
+    for i, v in enumerate(values):
+        ax.text(v, i, f" {v:.2f}x", va="center", fontsize=8)
+    ax.set_xlabel(f"time relative to the baseline ({opt['baseline']}; log scale)")
+    ax.set_title("Step time as ratios measured in one run (lower is faster)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_page() -> Path:
+    opt, trainer, basis = _load("optimizer_step"), _load("trainer_step"), _load("basis_build")
+    png = plot(opt, trainer, RESULTS / "ratios.png")
+    lines = [
+        "# Performance",
+        "",
+        "Regenerate everything with `make bench` (`python benchmarks/performance.py`; "
+        "`--report` only rebuilds this page from `docs/performance/*.json`). Every number is a "
+        "ratio of two things timed in the same run, alternating, on "
+        f"{platform.machine()} with the thread count shown; absolute times vary with the machine.",
+        "",
+        "## Targets",
+        "",
+        *targets_table(opt, trainer, basis),
+        "",
+    ]
+    if png:
+        lines += ["![step-time ratios](performance/ratios.png)", ""]
+    if opt:
+        fragment = (RESULTS / "optimizer_step.md").read_text(encoding="utf-8")
+        lines += ["## Optimizer step", "", fragment.replace("\n### ", "\n#### ").rstrip(), ""]
+        lines += _projection_profile()
+    if trainer:
+        med = trainer["median_seconds"]
+        q = trainer["paired_ratio_quartiles"]
+        lines += [
+            "## Trainer step", "",
+            f"`benchmarks/trainer_step.py`: {trainer['model']}, LoRA r=8 on q,k,v,o, batch "
+            f"{trainer['batch']} x {trainer['seq']} tokens, {trainer['rounds']} alternating rounds of "
+            f"{trainer['steps_per_round']} steps (first step of each round not timed), "
+            f"{trainer['threads']} threads, device {trainer['device']}; lora-cl's bank holds "
+            f"{len(trainer['bank_domains'])} old domain (rank-32 gradient bases), last alpha "
+            f"{trainer['last_alpha']:.3f}. Load average at the end: {trainer['load_avg_1min_end']:.2f}.",
+            "",
+            "| | median s/step | steps timed |", "|---|---|---|",
+            *(f"| {k} | {v:.3f} | {len(trainer['step_seconds'][k])} |" for k, v in med.items()),
+            "",
+            f"Overhead of lora-cl: **{trainer['overhead']:+.1%}** (ratio of medians); step-by-step "
+            f"ratios, quartiles {q[0]:.3f} / {q[1]:.3f} / {q[2]:.3f}.",
+            "",
+        ]
+    if basis:
+        lines += [
+            "## Basis building", "",
+            f"`benchmarks/basis_build.py`: {basis['model']}, one real domain (debian:austen) of "
+            f"{basis['steps']} steps per basis source, batch {basis['batch']} x {basis['seq']}, "
+            f"{basis['threads']} threads, device {basis['device']}. The build runs once per domain, "
+            "so its share shrinks with the domain's length.",
+            "",
+            "| basis source | build s | step s | tensors | bank MiB | share of a 16-step domain | "
+            "share of an 80-step domain | steps for <= 5% |",
+            "|---|---|---|---|---|---|---|---|",
+            *(f"| {k} | {r['build_seconds']:.3f} | {r['step_seconds']:.3f} | {r['bases']} | "
+              f"{r['bank_mib']:.2f} | {r['fraction_at_16_steps']:.1%} | {r['fraction_at_80_steps']:.1%} | "
+              f"{r['steps_for_5_percent']} |" for k, r in basis["sources"].items()),
+            "",
+        ]
+    out = DOCS / "performance.md"
+    out.write_text("\n".join(lines), encoding="utf-8")
+    return out
+
+
+def _projection_profile() -> list[str]:
+    path = RESULTS / "projection_profile.md"
+    return [path.read_text(encoding="utf-8").rstrip(), ""] if path.is_file() else []
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--report", action="store_true", help="only rebuild the page from the JSON files")
+    ap.add_argument("--quick", action="store_true", help="tiny model, few rounds (a smoke test)")
+    args = ap.parse_args()
+    if not args.report:
+        run_all(args.quick)
+    print(f"wrote {write_page()}")
+
+
+if __name__ == "__main__":
+    main()
