@@ -90,32 +90,41 @@ class Projection(GradientModifier):
         found: list[tuple[int, Tensor]] = []  # (index into the batch, overlap)
         work = []
         for group in groups:
-            G = _stack([batch.grads[i] for i in group.idx])
-            first, overlap = _component_stack(G, *group.bases[0], self.weighted)
-            if len(group.bases) > 1:
-                others = [_component_stack(G, *b, self.weighted)[1] for b in group.bases[1:]]
-                overlap = torch.stack([overlap, *others]).mean(0)
+            G = group.stack([batch.grads[i] for i in group.idx])
+            coords = [_coords(G, side, U) for side, U, _ in group.bases]
+            overlaps = [_energy(c) for c in coords]
+            overlap = overlaps[0] if len(overlaps) == 1 else torch.stack(overlaps).mean(0)
+            overlap = overlap / _energy(G).clamp_min(1e-30)
             found += list(zip(group.idx, overlap.unbind(0), strict=True))
-            work.append((group, G, first))
+            work.append((group, G, coords[0]))
         found.sort(key=lambda t: t[0])
         names = [batch.names[i] for i, _ in found]
         alphas = self.strength.update(names, [o for _, o in found])
         self._last_alphas = dict(zip(names, alphas, strict=True))
         by_index = {i: a for (i, _), a in zip(found, alphas, strict=True)}
-        for group, G, first in work:
+        for group, G, coords in work:
             group_alphas = [by_index[i] for i in group.idx]
             keep = [not _is_zero(a) for a in group_alphas]
             if not any(keep):
                 continue  # g~ = g exactly: the incoming tensor objects stay
             alpha = _alpha_vector(group_alphas, G)
-            g = first.mul_(-alpha).add_(G)  # G - alpha * first, in first's buffer
+            side, U, s = group.bases[0]
+            # g~ = G - alpha * comp, written into the group's output buffer (no fresh pages)
+            g = _expand(coords, side, U, self._scale(s, alpha), out=group.output(G)).add_(G)
             # side="both": the out-side component is taken of the in-projected gradient.
-            for base in group.bases[1:]:
-                g = g - alpha * _component_stack(g, *base, self.weighted)[0]
+            for side, U, s in group.bases[1:]:
+                g = g + _expand(_coords(g, side, U), side, U, self._scale(s, alpha))
             for i, k, gi in zip(group.idx, keep, g.unbind(0), strict=True):
                 if k:
                     out[i] = gi
         return out
+
+    def _scale(self, s: Tensor, alpha: float | Tensor) -> Tensor:
+        """-alpha * s per (tensor, direction): (n, k); alpha is a float, 0-d or (n,)."""
+        weights = s if self.weighted else torch.ones_like(s)  # padded columns of U are 0 anyway
+        if isinstance(alpha, Tensor) and alpha.dim() == 1:
+            return weights * -alpha[:, None]
+        return weights * -alpha
 
     def _apply_loop(self, batch: GradBatch) -> list[Tensor]:
         """The readable per-tensor path (``batched=False``); the batched path is tested against it."""
@@ -190,10 +199,10 @@ class Projection(GradientModifier):
             keep = [not _is_zero(a) for a in group_alphas]
             if not any(keep):
                 continue
-            d = _stack([deltas[i] for i in group.idx])
+            d = torch.stack([deltas[i].float() for i in group.idx])
             alpha = _alpha_vector(group_alphas, d)
-            for base in group.bases:
-                d = d - alpha * _component_stack(d, *base, self.weighted)[0]
+            for side, U, s in group.bases:
+                d = d + _expand(_coords(d, side, U), side, U, self._scale(s, alpha))
             for i, k, di in zip(group.idx, keep, d.unbind(0), strict=True):
                 if k:
                     out[i] = di
@@ -224,37 +233,56 @@ def _is_zero(alpha: float | Tensor) -> bool:
 
 @dataclass
 class _Group:
-    """Batch indices of same-shaped tensors and their stacked (side, U (n,d,k), s (n,k)) bases."""
+    """Batch indices of same-shaped tensors, their stacked (side, U (n,d,k), s (n,k)) bases and
+    two work buffers reused every step (the stacked gradients and g~; fresh buffers of this size
+    would cost page faults on every step)."""
 
     idx: list[int]
     bases: list[tuple[str, Tensor, Tensor]]
+    _in: Tensor | None = None
+    _out: Tensor | None = None
+
+    def stack(self, tensors: list[Tensor]) -> Tensor:
+        like = tensors[0]
+        if self._in is None or self._in.device != like.device:
+            self._in = torch.empty((len(tensors), *like.shape), dtype=torch.float32, device=like.device)
+        return torch.stack([t if t.dtype == torch.float32 else t.float() for t in tensors], out=self._in)
+
+    def output(self, like: Tensor) -> Tensor:
+        if self._out is None or self._out.device != like.device:
+            self._out = torch.empty_like(like)
+        return self._out
 
 
-def _stack(tensors: list[Tensor]) -> Tensor:
-    return torch.stack([t.float() for t in tensors])
-
-
-def _component_stack(G: Tensor, side: str, U: Tensor, s: Tensor, weighted: bool) -> tuple[Tensor, Tensor]:
-    """Batched :meth:`Projection._component`: G is (n, *shape); returns (comp, overlaps (n,))."""
+def _coords(G: Tensor, side: str, U: Tensor) -> Tensor:
+    """Coordinates of a stacked G (n, *shape) in its bases: G U ("in") or U^T G ("out")."""
     n = G.shape[0]
     if side == "in":
-        M = G.reshape(n, -1, G.shape[-1])
-        coords = torch.bmm(M, U)
-        comp = torch.bmm(coords * s[:, None, :] if weighted else coords, U.transpose(1, 2))
+        return torch.bmm(G.reshape(n, -1, G.shape[-1]), U)
+    return torch.bmm(U.transpose(1, 2), G.reshape(n, G.shape[1], -1))
+
+
+def _expand(coords: Tensor, side: str, U: Tensor, scale: Tensor, out: Tensor | None = None) -> Tensor:
+    """(coords * scale) mapped back: (C diag(scale)) U^T ("in") or U diag(scale) C ("out")."""
+    n = coords.shape[0]
+    if side == "in":
+        a, b = coords * scale[:, None, :], U.transpose(1, 2)
     else:
-        M = G.reshape(n, G.shape[1], -1)
-        coords = torch.bmm(U.transpose(1, 2), M)
-        comp = torch.bmm(U, coords * s[:, :, None] if weighted else coords)
-    energy = torch.linalg.vector_norm(M, dim=(1, 2)).square()  # no temporary the size of G
-    overlap = torch.linalg.vector_norm(coords, dim=(1, 2)).square() / energy.clamp_min(1e-30)
-    return comp.reshape(G.shape), overlap
+        a, b = U, coords * scale[:, :, None]
+    if out is None:
+        return torch.bmm(a, b)
+    return torch.bmm(a, b, out=out.view(n, a.shape[1], b.shape[2])).view(out.shape)
+
+
+def _energy(x: Tensor) -> Tensor:
+    """Squared Frobenius norm of each stacked item (no temporary the size of x)."""
+    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1).square()
 
 
 def _alpha_vector(alphas: list[float | Tensor], like: Tensor) -> Tensor | float:
-    """Per-tensor strengths broadcastable over a stacked group (a float when all are one float)."""
+    """Per-tensor strengths of a group: a float or 0-d tensor when all are one, else (n,)."""
     first = alphas[0]
     if all(a is first for a in alphas) or (isinstance(first, float)
                                            and all(isinstance(a, float) and a == first for a in alphas)):
         return float(first) if isinstance(first, (int, float)) else first.to(like)
-    vec = torch.stack([torch.as_tensor(a, dtype=like.dtype, device=like.device) for a in alphas])
-    return vec.reshape(-1, *([1] * (like.dim() - 1)))
+    return torch.stack([torch.as_tensor(a, dtype=like.dtype, device=like.device) for a in alphas])

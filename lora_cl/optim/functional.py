@@ -81,9 +81,10 @@ def routed_adamw_fused(
         )
         return
     differ = [i for i, (gm, gv) in enumerate(zip(grads_m, grads_v, strict=True)) if gm is not gv]
-    if differ:
-        diffs = torch._foreach_sub([grads_m[i] for i in differ], [grads_v[i] for i in differ])
-        torch._foreach_add_([exp_avgs[i] for i in differ], diffs, alpha=(1 - beta1) / beta1)
+    if differ:  # m += c * g_m - c * g_v in place: no temporaries the size of the gradients
+        ms, c = [exp_avgs[i] for i in differ], (1 - beta1) / beta1
+        torch._foreach_add_(ms, [grads_m[i] for i in differ], alpha=c)
+        torch._foreach_add_(ms, [grads_v[i] for i in differ], alpha=-c)
 
     # The kernel wants params, grads and states of one dtype: lower-precision params are
     # updated through an fp32 working copy (states stay fp32).
