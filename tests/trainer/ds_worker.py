@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import traceback
+import weakref
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -55,16 +56,36 @@ def fresh(prep: Path | None) -> tuple[torch.nn.Module, object]:
     return model, tokenizer
 
 
+class SplitFactory(lora_cl.RoutedAdamWFactory):
+    """Builds the method's optimizer with its LoRA tensors in two routed groups (refused by ZeRO)."""
+
+    def build(self, model: torch.nn.Module, **kwargs: object) -> lora_cl.RoutedAdamW:
+        whole = super().build(model, **kwargs)
+        groups = []
+        for g in whole.param_groups:
+            half = len(g["params"]) // 2
+            if g["routing"] == "vanilla" or half == 0:
+                groups.append(g)
+                continue
+            for part in (slice(0, half), slice(half, None)):
+                groups.append({**g, "params": g["params"][part], "param_names": g["param_names"][part]})
+        split = lora_cl.RoutedAdamW(groups, lr=LR, modifiers=whole.modifiers)
+        split.lora_cl_method, split.bank = whole.lora_cl_method, whole.bank
+        self._built = (weakref.ref(model), split)
+        return split
+
+
 def second_domain(out: Path, prep: Path, *, steps: int, world: int, method: str = "ogp",
                   deepspeed: str | dict | None = None, save_steps: int = 0,
-                  resume: str | None = None, state_bits: int = 32) -> lora_cl.ContinualCallback:
+                  resume: str | None = None, state_bits: int = 32, split_groups: bool = False,
+                  bf16: bool = False) -> lora_cl.ContinualCallback:
     model, tokenizer = fresh(prep)
     bank = SubspaceBank.load(prep / "bank.safetensors")
     # Under DeepSpeed the Trainer drops optimizers=(opt, None) and builds its own: hand a factory.
-    factory = lora_cl.RoutedAdamWFactory(method, lr=LR, bank=bank if method == "ogp" else None,
-                                         state_bits=state_bits)
+    factory = (SplitFactory if split_groups else lora_cl.RoutedAdamWFactory)(
+        method, lr=LR, bank=bank if method == "ogp" else None, state_bits=state_bits)
     args = H.train_args(out, max_steps=steps, per_device_train_batch_size=GLOBAL_BATCH // world,
-                        deepspeed=deepspeed, ddp_find_unused_parameters=False,
+                        deepspeed=deepspeed, ddp_find_unused_parameters=False, bf16=bf16,
                         save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
                         save_only_model=False)
     trainer = H.Trainer(model=model, args=args, train_dataset=H.lm_dataset(tokenizer, H.DOMAINS[SECOND]),
@@ -105,6 +126,8 @@ def main() -> None:
     parser.add_argument("--resume")
     parser.add_argument("--method", default="ogp")
     parser.add_argument("--state-bits", type=int, default=32)
+    parser.add_argument("--split-groups", action="store_true")
+    parser.add_argument("--bf16", action="store_true")
     a = parser.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     if a.mode == "prep":
@@ -114,7 +137,8 @@ def main() -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         second_domain(a.out, a.prep, steps=a.steps, world=world, method=a.method, deepspeed=config,
-                      save_steps=a.save_steps, resume=a.resume, state_bits=a.state_bits)
+                      save_steps=a.save_steps, resume=a.resume, state_bits=a.state_bits,
+                      split_groups=a.split_groups, bf16=a.bf16)
     except Exception as exc:
         if int(os.environ.get("RANK", "0")) == 0:
             (a.out / "error.txt").write_text(f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc()}")
