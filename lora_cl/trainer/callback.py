@@ -27,7 +27,7 @@ from lora_cl.trainer.replay import (
     seeded_subset,
 )
 from lora_cl.trainer.zero import SUPPORTED as ZERO_SUPPORTED
-from lora_cl.trainer.zero import route_under_zero
+from lora_cl.trainer.zero import release_zero, route_under_zero
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +186,7 @@ class ContinualCallback(TrainerCallback):
             return
         name, index, spec = self.current, self.domain_index, method_of(optimizer)
         model = kwargs["model"]
+        release_zero(kwargs.get("optimizer"))  # under ZeRO: per-tensor layout again, as in one process
         optimizer.end_domain(name)
         start = time.perf_counter()
         added = build_domain_bases(spec, optimizer, bank_of(optimizer), model, name,

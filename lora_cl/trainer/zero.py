@@ -8,7 +8,9 @@ per-parameter ``_hp_mapping``; one all-reduce of zero-filled buffers, exact sinc
 disjoint), runs the unchanged :meth:`RoutedAdamW.step` on them (every rank the same update, as in
 a single process), then writes this rank's fragment of p, m and v back into the partition, from
 where DeepSpeed copies and all-gathers the weights as usual. States stay in DeepSpeed's flat
-layout, so ZeRO checkpoints save and resume with no change.
+layout during a domain, so ZeRO checkpoints save and resume with no change; between domains
+(one engine per domain) :func:`release_zero` and :meth:`ZeroRoutedStep.adopt` carry them over
+in per-tensor layout.
 
 Stages and options that cannot keep the single-process math refuse at start-up
 (:class:`ZeroRoutingError`, raised from :func:`route_under_zero`).
@@ -25,8 +27,13 @@ from lora_cl.methods import MethodSpec
 from lora_cl.modifiers.base import GradientModifier
 from lora_cl.optim import RoutedAdamW
 
-SUPPORTED = ("deepspeed_configs/zero2.json or zero2_offload.json (ZeRO-2; ZeRO-1 works too), "
+SUPPORTED = ("deepspeed_configs/zero2.json (ZeRO-2; ZeRO-1 works too), "
              "plain DDP (torchrun without training.deepspeed) or ZeRO stage 0 without bf16/fp16")
+
+
+#: Per-tensor optimizer-state key of the fp32 master weights of low-precision (bf16/fp16) LoRA
+#: tensors between two ZeRO engines of a stream.
+MASTER = "lora_cl_fp32_master"
 
 
 class ZeroRoutingError(RuntimeError):
@@ -62,8 +69,27 @@ def route_under_zero(wrapped: Any, optimizer: RoutedAdamW, spec: MethodSpec | No
                 "docs/deepspeed.md, 'Routing under ZeRO'")
         return False
     _check_supported(optimizer, spec, zero)
-    zero.optimizer = ZeroRoutedStep(optimizer, zero)
+    routed = ZeroRoutedStep(optimizer, zero)
+    routed.adopt()
+    zero.optimizer = routed
     return True
+
+
+def release_zero(wrapped: Any) -> bool:
+    """At a domain's end: the stream's RoutedAdamW back in per-tensor layout, if ZeRO routed it.
+
+    A stream runs one DeepSpeed engine per domain on one optimizer; each engine re-flattens the
+    optimizer's param groups. Releasing gives the groups back their LoRA tensors and the states
+    back as full per-tensor m and v (every rank; one all-reduce), so the domain's end (bases,
+    snapshots, ``optimizer.pt``) sees what a single process sees, and the next engine's
+    :meth:`ZeroRoutedStep.adopt` cuts them into its partitions again. Returns False when no
+    :class:`ZeroRoutedStep` is in ``wrapped``'s chain.
+    """
+    for w in _wrappers(wrapped):
+        if isinstance(w, ZeroRoutedStep):
+            w.release()
+            return True
+    return False
 
 
 def _check_supported(optimizer: RoutedAdamW, spec: MethodSpec | None, zero: Any) -> None:
@@ -143,6 +169,60 @@ class ZeroRoutedStep:
         if name in ("optimizer", "_zero"):
             raise AttributeError(name)
         return getattr(self.optimizer, name)
+
+    @torch.no_grad()
+    def adopt(self) -> None:
+        """Per-tensor states left by :meth:`release` (or loaded from ``optimizer.pt``) into this
+        engine's flat partitions; a state DeepSpeed already loaded from its checkpoint wins."""
+        opt, zero = self.optimizer, self._zero
+        for index, group in enumerate(opt.param_groups):
+            flat, lps = group["params"][0], list(zero.bit16_groups[index])
+            per = [opt.state.pop(lp, None) for lp in lps]
+            if opt.state.get(flat) or not any(per):
+                continue
+            if not all(per):
+                raise ZeroRoutingError("lora-cl under DeepSpeed ZeRO-1/2: some LoRA tensors of param group "
+                                       f"{index} have optimizer states and some do not; resume from "
+                                       "a domain directory or checkpoint written by lora-cl")
+            state = opt.state[flat]
+            state["step"] = per[0]["step"].detach().to(device=flat.device, dtype=torch.float32).clone()
+            state["exp_avg"] = torch.zeros_like(flat, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(flat, dtype=torch.float32)
+            position = {id(lp): j for j, lp in enumerate(lps)}
+            for lp, lo, hi, hp in fragments(zero, index):
+                st = per[position[id(lp)]]
+                pairs = [(state["exp_avg"], st["exp_avg"]), (state["exp_avg_sq"], st["exp_avg_sq"])]
+                if MASTER in st:  # fp32 master weights kept over the domain boundary (bf16/fp16)
+                    pairs.append((flat.data, st[MASTER]))
+                for dst, src in pairs:
+                    dst.view(-1)[hp:hp + hi - lo].copy_(src.reshape(-1)[lo:hi])
+
+    @torch.no_grad()
+    def release(self) -> None:
+        """This engine's flat states back to per-tensor layout (see :func:`release_zero`)."""
+        opt, zero = self.optimizer, self._zero
+        groups = []
+        for index, group in enumerate(opt.param_groups):
+            flat, lps = group["params"][0], list(zero.bit16_groups[index])
+            state = opt.state.pop(flat, None) or {}
+            keys = ["exp_avg", "exp_avg_sq"] if state else []
+            low_precision = any(lp.dtype != torch.float32 for lp in lps)
+            if low_precision:
+                keys.append("param")
+            if keys:
+                sources = {"param": flat.detach(), **{k: state[k] for k in keys if k != "param"}}
+                full = _gather_full(lps, fragments(zero, index), sources, keys,
+                                    zero.real_dp_process_group[index])
+                for j, lp in enumerate(lps):
+                    st = opt.state[lp]
+                    if state:
+                        st["step"] = state["step"].clone()
+                        st["exp_avg"], st["exp_avg_sq"] = full["exp_avg"][j], full["exp_avg_sq"][j]
+                    if low_precision:
+                        st[MASTER] = full["param"][j]
+            groups.append({**group, "params": lps, "param_names": [zero.param_names[lp] for lp in lps]})
+        opt.param_groups = groups
+        zero.optimizer = opt  # this engine is done: nothing routes through it any more
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:

@@ -5,7 +5,8 @@ with a DeepSpeed config, under ``torchrun``). Run by tests/trainer/test_deepspee
     python ds_worker.py prep OUT
     torchrun --nproc_per_node 2 ds_worker.py train OUT --prep PREP --config zero2.json [...]
 
-Writes ``OUT/final.safetensors`` (LoRA tensors after training, rank 0) or ``OUT/error.txt``.
+Writes ``OUT/final.safetensors`` (LoRA tensors after training, rank 0) or ``OUT/error.txt``;
+``--stream`` trains a third domain after the second, one Trainer (DeepSpeed engine) each.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from lora_cl.subspace import SubspaceBank  # noqa: E402
 
 torch.set_num_threads(1)
 GLOBAL_BATCH = 4
-FIRST, SECOND = "cooking", "astronomy"
+FIRST, SECOND, THIRD = "cooking", "astronomy", "law"
 LR = 1e-3
 
 
@@ -78,26 +79,32 @@ class SplitFactory(lora_cl.RoutedAdamWFactory):
 def second_domain(out: Path, prep: Path, *, steps: int, world: int, method: str = "ogp",
                   deepspeed: str | dict | None = None, save_steps: int = 0,
                   resume: str | None = None, state_bits: int = 32, split_groups: bool = False,
-                  bf16: bool = False) -> lora_cl.ContinualCallback:
+                  bf16: bool = False, domains: tuple[str, ...] = (SECOND,)) -> lora_cl.ContinualCallback:
     model, tokenizer = fresh(prep)
     bank = SubspaceBank.load(prep / "bank.safetensors")
     # Under DeepSpeed the Trainer drops optimizers=(opt, None) and builds its own: hand a factory.
     factory = (SplitFactory if split_groups else lora_cl.RoutedAdamWFactory)(
         method, lr=LR, bank=bank if method == "ogp" else None, state_bits=state_bits)
-    args = H.train_args(out, max_steps=steps, per_device_train_batch_size=GLOBAL_BATCH // world,
-                        deepspeed=deepspeed, ddp_find_unused_parameters=False, bf16=bf16,
-                        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
-                        save_only_model=False)
-    trainer = H.Trainer(model=model, args=args, train_dataset=H.lm_dataset(tokenizer, H.DOMAINS[SECOND]),
-                        optimizer_cls_and_kwargs=factory.cls_and_kwargs())
-    callback = lora_cl.attach(trainer)
-    callback.set_domain(SECOND)
-    trainer.train(resume_from_checkpoint=resume)
+    callback = lora_cl.ContinualCallback()
+    for k, domain in enumerate(domains):  # one Trainer (one DeepSpeed engine) per domain
+        args = H.train_args(out / f"{k}-{domain}", max_steps=steps,
+                            per_device_train_batch_size=GLOBAL_BATCH // world, deepspeed=deepspeed,
+                            ddp_find_unused_parameters=False, bf16=bf16,
+                            save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
+                            save_only_model=False)
+        trainer = H.Trainer(model=model, args=args,
+                            train_dataset=H.lm_dataset(tokenizer, H.DOMAINS[domain]),
+                            optimizer_cls_and_kwargs=factory.cls_and_kwargs())
+        lora_cl.attach(trainer, callback)
+        callback.set_domain(domain)
+        trainer.train(resume_from_checkpoint=resume)
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         save_file(lora_tensors(model), str(out / "final.safetensors"))
         (out / "info.json").write_text(json.dumps({"global_step": factory.optimizer.global_step,
                                                    "world": world}))
+        if factory.optimizer.bank is not None:
+            factory.optimizer.bank.save(out / "bank.safetensors")
     return callback
 
 
@@ -113,6 +120,9 @@ def prep(out: Path) -> None:
         ref = out / f"reference{steps}"
         ref.mkdir(parents=True, exist_ok=True)
         second_domain(ref, out, steps=steps, world=1)
+    ref = out / "reference-stream"  # two more domains, one Trainer each, 3 steps each
+    ref.mkdir(parents=True, exist_ok=True)
+    second_domain(ref, out, steps=3, world=1, domains=(SECOND, THIRD))
 
 
 def main() -> None:
@@ -128,6 +138,7 @@ def main() -> None:
     parser.add_argument("--state-bits", type=int, default=32)
     parser.add_argument("--split-groups", action="store_true")
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--stream", action="store_true", help=f"train {SECOND} then {THIRD}")
     a = parser.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     if a.mode == "prep":
@@ -138,7 +149,8 @@ def main() -> None:
     try:
         second_domain(a.out, a.prep, steps=a.steps, world=world, method=a.method, deepspeed=config,
                       save_steps=a.save_steps, resume=a.resume, state_bits=a.state_bits,
-                      split_groups=a.split_groups, bf16=a.bf16)
+                      split_groups=a.split_groups, bf16=a.bf16,
+                      domains=(SECOND, THIRD) if a.stream else (SECOND,))
     except Exception as exc:
         if int(os.environ.get("RANK", "0")) == 0:
             (a.out / "error.txt").write_text(f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc()}")
