@@ -131,8 +131,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
               f"{args.recipe} {' '.join('--set ' + s for s in args.set or [])} --output "
               f"{recipe.output_dir} --resume", file=sys.stderr)
         return 130
-    print("\n" + results_table(runs, markdown=False))
-    print(f"\nreport: {Path(recipe.output_dir) / 'report.md'}")
+    from lora_cl.trainer.stream import is_main_process
+
+    if is_main_process():  # under torchrun the other ranks trained; rank 0 wrote the results
+        print("\n" + results_table(runs, markdown=False))
+        print(f"\nreport: {Path(recipe.output_dir) / 'report.md'}")
     return 0
 
 

@@ -63,7 +63,7 @@ def run_stream(recipe: Any, *, output_dir: str | os.PathLike[str] | None = None,
     """
     from lora_cl.report import write_comparison_report
 
-    log = log or _stderr
+    log = (log or _stderr) if is_main_process() else _silent
     out = Path(output_dir if output_dir is not None else recipe.output_dir)
     choices = recipe.methods()
     data, _ = load_stream_data(recipe, log)
@@ -73,10 +73,25 @@ def run_stream(recipe: Any, *, output_dir: str | os.PathLike[str] | None = None,
         log(f"lora-cl: method {k + 1}/{len(choices)} {choice.run_label!r} -> {run_dir}")
         runs.append(run_method(recipe, choice, run_dir, data=data, resume=resume, progress=progress,
                                log=log))
-        write_json(out / "compare.json", {"runs": [r.name for r in runs]})
-    report = write_comparison_report(out, runs)
-    log(f"lora-cl: report {report}")
+        if is_main_process():
+            write_json(out / "compare.json", {"runs": [r.name for r in runs]})
+    if is_main_process():
+        report = write_comparison_report(out, runs)
+        log(f"lora-cl: report {report}")
     return runs
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun/DeepSpeed launch (or no launcher): the process that writes run files.
+
+    Every rank trains (the Trainer, DDP and DeepSpeed need them all); evaluation, domain
+    directories, matrices and reports are rank 0's alone.
+    """
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _silent(message: str) -> None:
+    del message
 
 
 def load_stream_data(recipe: Any, log: Log | None = None) -> tuple[list[Any], Any]:
@@ -104,10 +119,12 @@ def run_method(recipe: Any, choice: Any, run_dir: str | os.PathLike[str], *,
     from lora_cl.evaluation import evaluate_all
     from lora_cl.report import write_run_report
 
-    log = log or _stderr
+    main = is_main_process()
+    log = (log or _stderr) if main else _silent
     run_dir = Path(run_dir)
     names = recipe.domain_names()
-    _check_start(recipe, choice, run_dir, resume)
+    if main:  # (another rank could see the run.json rank 0 has just written)
+        _check_start(recipe, choice, run_dir, resume)
     if data is None:
         data, _ = load_stream_data(recipe, log)
     model, tokenizer = load_peft_model(recipe)
@@ -120,7 +137,7 @@ def run_method(recipe: Any, choice: Any, run_dir: str | os.PathLike[str], *,
     primary = primary_metric(recipe.eval.metric, has_generation)
     eval_kw = dict(batch_size=recipe.eval.batch_size, generate=recipe.eval.generate,
                    max_new_tokens=recipe.eval.max_new_tokens)
-    if not (run_dir / "base_eval.json").is_file():
+    if main and not (run_dir / "base_eval.json").is_file():
         _write_run_json(recipe, choice, spec, run_dir, data, primary)
         log(f"lora-cl: [{choice.run_label}] evaluating the base model on {len(data)} domains")
         base = evaluate_all(model, data, tokenizer, **eval_kw)
@@ -132,6 +149,8 @@ def run_method(recipe: Any, choice: Any, run_dir: str | os.PathLike[str], *,
     for i in range(done, len(names)):
         trained = _train_domain(recipe, choice, run_dir, i, model, tokenizer, optimizer, callback,
                                 data, progress, log)
+        if not main:
+            continue  # the other ranks go on to the next domain's Trainer and wait for rank 0 there
         start = time.perf_counter()
         scores = evaluate_all(model, data, tokenizer, **eval_kw)
         eval_seconds = time.perf_counter() - start
@@ -142,6 +161,8 @@ def run_method(recipe: Any, choice: Any, run_dir: str | os.PathLike[str], *,
         rebuild_matrices(run_dir, names, primary)
         log(f"lora-cl: [{choice.run_label}] domain {i + 1}/{len(names)} {names[i]!r} done: "
             + _scores_line(scores, names, primary))
+    if not main:
+        return run_dir
     meta = read_json(run_dir / "run.json")
     meta["finished"] = meta.get("finished") or now_iso()
     write_json(run_dir / "run.json", meta)

@@ -178,3 +178,35 @@ def test_zero2_offload_refuses(prep: Path, tmp_path: Path, test_cache_dir: Path)
     text = (tmp_path / "error.txt").read_text() if (tmp_path / "error.txt").exists() else proc.stderr
     assert proc.returncode != 0
     assert "needs the Trainer to step a lora_cl.RoutedAdamW" in text and "DeepSpeedCPUAdam" in text
+
+
+@pytest.mark.parametrize("launch", ["zero2", "ddp"])
+def test_cli_train_under_torchrun_equals_single_process(tmp_path: Path, test_cache_dir: Path,
+                                                        launch: str) -> None:
+    """`torchrun -m lora_cl.cli train RECIPE [--set training.deepspeed=zero2.json]`: the whole stream
+    (3 domains, one Trainer each, evaluation, domain directories) on 2 ranks x 2 examples equals
+    one process x 4, under ZeRO-2 and under plain DDP; rank 0 alone writes the run files."""
+    common = ["train", str(REPO / "recipes" / "tiny.yaml"), "--set", "compare=[]", "--no-progress",
+              "--set", "training.lr=1e-3", "--set", "data.train_examples=8"]  # whole global batches
+    single = subprocess.run([sys.executable, "-m", "lora_cl.cli", *common, "--output", str(tmp_path / "one")],
+                            capture_output=True, text=True, timeout=300, cwd=REPO, env=_env(test_cache_dir))
+    assert single.returncode == 0, single.stderr[-3000:]
+    deepspeed = ["--set", f"training.deepspeed={CONFIGS / 'zero2.json'}"] if launch == "zero2" else []
+    ds = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                         "2", "-m", "lora_cl.cli", *common, "--output", str(tmp_path / "two"),
+                         "--set", "training.batch_size=2", *deepspeed],
+                        capture_output=True, text=True, timeout=300, cwd=REPO, env=_env(test_cache_dir))
+    assert ds.returncode == 0, ds.stderr[-3000:]
+    assert ds.stdout.count("report:") == 1  # one results table, from rank 0
+    one, two = tmp_path / "one" / "ogp", tmp_path / "two" / "ogp"
+    meta = json.loads((two / "run.json").read_text())
+    assert meta["world_size"] == 2 and meta["global_batch"] == 4
+    for ddir in sorted((one / "domains").iterdir()):
+        want = load_file(str(ddir / "adapter" / "adapter_model.safetensors"))
+        got = load_file(str(two / "domains" / ddir.name / "adapter" / "adapter_model.safetensors"))
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], **TOL, msg=lambda m, n=name: f"{n}: {m}")
+    moved = max(float(t.abs().max()) for t in want.values() if t.abs().max() > 0)
+    assert moved > 1e-3, "the reference run did not train"
+    m1, m2 = (json.loads((d / "matrix.json").read_text())["metrics"]["loss"]["R"] for d in (one, two))
+    torch.testing.assert_close(torch.tensor(m2), torch.tensor(m1), rtol=1e-5, atol=1e-5)
