@@ -118,7 +118,7 @@ def measure(config, quantization: str | None, steps: int) -> dict:
     plan = plan_memory(config, PlanInputs(lora_r=RANK, lora_targets=tuple(TARGETS), quantization=quantization,
                                           batch_size=BATCH, seq_len=SEQ, gradient_checkpointing=True,
                                           state_bits=8, basis_rank=BASIS_RANK, n_domains=EARLIER + 1,
-                                          gpu_mem_gb=gpu_gib))
+                                          gpu_mem_gb=gpu_gib, loss="full"))  # model(labels=...) above
     results["plan_gib"] = plan.total_bytes / 2**30
     return results
 

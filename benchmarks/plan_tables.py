@@ -87,7 +87,9 @@ def zero_table(config: PretrainedConfig, paper: PlanInputs) -> list[str]:
 
 
 def render() -> str:
-    paper = PlanInputs(lora_r=16, batch_size=4, seq_len=2048, gradient_checkpointing=True, gpu_mem_gb=24)
+    # the shipped 7-9B recipes train with trl's SFTTrainer, whose fused LM head builds no b*s*V logits
+    paper = PlanInputs(lora_r=16, batch_size=4, seq_len=2048, gradient_checkpointing=True, gpu_mem_gb=24,
+                       loss="fused")
     fams = families()
     lines = ["# Memory per GPU: 7B-9B LoRA at the paper setup", "",
              "Regenerate with `python benchmarks/plan_tables.py --out docs/memory.md` (meta device, "
@@ -95,7 +97,9 @@ def render() -> str:
              "`python -m lora_cl.plan MODEL_DIR --batch-size 2 --quantization 4bit`.",
              "", "Paper setup: LoRA r=16 on q,k,v,o (fp32 adapters, bf16 autocast), batch 4, seq 2048, "
              "gradient checkpointing on, subspace bases of rank 32 per LoRA tensor and domain, 8 domains, "
-             "1 GPU, no ZeRO. GiB = 2^30 bytes; a \"24 GB\" card is taken as 24 GiB, with 0.75 GiB "
+             "1 GPU, no ZeRO, the loss through the fused LM head (trl's SFTTrainer, which the shipped "
+             "7-9B recipes use, or `training.fused_loss: true` with the plain Trainer). "
+             "GiB = 2^30 bytes; a \"24 GB\" card is taken as 24 GiB, with 0.75 GiB "
              "assumed for the CUDA context and allocator slack. These are planner numbers, not "
              "measurements on a GPU.", ""]
     for name, (config, expected) in fams.items():
@@ -107,12 +111,17 @@ def render() -> str:
                   f"{p.n_params:,} parameters; LoRA r=16 on q,k,v,o: {p.n_lora_params:,}; "
                   f"hidden {text.hidden_size}, {text.num_hidden_layers} layers, vocab {text.vocab_size}.", ""]
         lines += summary_table(name, config, paper) + [""]
+        full = plan_memory(config, dataclasses.replace(paper, loss="full"))
+        verdict = "fits" if full.fits else "does not fit"
+        lines += [f"With the full b*s*V logits instead (the plain Trainer, `training.fused_loss: false`), "
+                  f"bf16 base and fp32 states: {gib(rows_by_prefix(full, 'logits'))} GiB for the loss, "
+                  f"{gib(full.total_bytes)} GiB in all ({verdict} 24 GiB).", ""]
     llama = fams["Llama-2-7B"][0]
     lines += ["## Full breakdown: Llama-2-7B, bf16 base, 8-bit states, 24 GiB", "",
               plan_memory(llama, dataclasses.replace(paper, state_bits=8)).to_markdown(), "",
               "## ZeRO: Llama-2-7B, bf16 base, fp32 states, 4 GPUs", "",
-              "Routing under ZeRO is not available yet (see docs/deepspeed.md); the table is what the "
-              "configs will buy.", ""]
+              "Routed methods run under ZeRO-1/2 with single-process math and refuse ZeRO-3 (see "
+              "docs/deepspeed.md); the ZeRO-3 rows are what the configs buy the vanilla baseline.", ""]
     lines += zero_table(llama, paper) + [""]
     lines += ["## Formulas", "", "Per GPU, summed (an upper bound: the loss peak and the one-layer recompute "
               "do not coincide in time). Parameter counts and LoRA shapes come from the real architecture "
@@ -136,10 +145,11 @@ def render() -> str:
               "for a small Llama on CPU in `tests/test_plan.py`, within 5%):", "", "```",
               *[ln[4:] for ln in plan_mod.__doc__.split("as measured with saved-tensor hooks")[1]
                 .splitlines()[2:] if ln.strip()], "```", "",
-              "The loss row dominates for large vocabularies (Llama-3, Qwen2.5, Gemma-2): transformers "
-              "upcasts all b*s*V logits to fp32 for the cross-entropy. A chunked or fused cross-entropy "
-              "would remove most of it; until then the advice is a smaller micro-batch with more "
-              "gradient accumulation.", ""]
+              "With the full logits the loss row dominates for large vocabularies (Llama-3, Qwen2.5, "
+              "Gemma-2): transformers upcasts all b*s*V logits to fp32 for the cross-entropy. The fused "
+              "LM head (trl's chunked log-probabilities: vocabulary tiles folded into an online "
+              "logsumexp, recomputed in backward) removes it; `lora-cl plan` picks the row from the "
+              "recipe (`training.trainer: sft`, or `training.fused_loss`).", ""]
     return "\n".join(lines)
 
 

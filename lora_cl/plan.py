@@ -13,10 +13,13 @@ with autocast, frozen base (frozen Linear layers save no input), as measured wit
     eager attention adds 6*a*s per token (fp32 softmax + its bf16 copy), 8*a*s with logit softcapping.
     no checkpointing:   L * A_layer * b*s
     checkpointing:      L * d*h * b*s  (layer inputs)  +  A_layer * b*s  (one layer recomputed)
-    loss:               12 * b*s*V  (+4 with final softcapping): bf16 logits, fp32 copy and
+    loss, full:         12 * b*s*V  (+4 with final softcapping): bf16 logits, fp32 copy and
                         log-softmax in forward; log-softmax, its gradient and the input gradient
-                        in backward. Summing the rows is an upper bound: the loss peak and the
-                        layer recompute do not coincide in time.
+                        in backward (HF Trainer, ``training.fused_loss: false``).
+    loss, fused:        2*b*s*h*d (labelled hidden states, their gradient cast back) + 4*b*s*h (fp32
+                        hidden gradient) + one min(b*s, 4096) x min(V, 32768) tile of d bytes
+                        (trl's SFTTrainer always; the Trainer with ``training.fused_loss: true``).
+    Summing the rows is an upper bound: the loss peak and the layer recompute do not coincide.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ GIB = 1024**3
 CUDA_OVERHEAD_BYTES = int(0.75 * GIB)
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 NF4_BLOCK, STATE_BLOCK, BNB_MIN_8BIT_SIZE = 64, 256, 4096
+#: trl's fused LM head (trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE and
+#: trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE; a test keeps them in step with trl)
+FUSED_TOKEN_TILE, FUSED_VOCAB_TILE = 4096, 32768
 Row = tuple[str, int, str]
 
 
@@ -58,6 +64,7 @@ class PlanInputs:
     gpu_mem_gb: float = 24.0
     attention: str = "auto"  # "auto" (sdpa; eager if the model softcaps attention logits) | "sdpa" | "eager"
     double_quant: bool = False  # nf4 double quantization; lora_cl.models.load_model leaves it off
+    loss: str = "full"  # "full": b x s x V logits (HF Trainer) | "fused": trl's tiled LM head
 
     def __post_init__(self) -> None:
         checks = [(self.quantization in (None, "4bit", "8bit"),
@@ -66,6 +73,7 @@ class PlanInputs:
                   (self.state_bits in (8, 32), "state_bits must be 32 or 8"),
                   (self.zero_stage in (0, 1, 2, 3), "zero_stage must be 0, 1, 2 or 3"),
                   (self.attention in ("auto", "sdpa", "eager"), "attention must be auto, sdpa or eager"),
+                  (self.loss in ("full", "fused"), "loss must be 'full' or 'fused'"),
                   (min(self.lora_r, self.batch_size, self.seq_len, self.gpus, self.n_domains) >= 1,
                    "lora_r, batch_size, seq_len, gpus and n_domains must be >= 1")]
         for ok, message in checks:
@@ -307,10 +315,17 @@ def _plan(config: PretrainedConfig, inputs: PlanInputs) -> MemoryPlan:
         rows.append(("activations: one layer recomputed", layer, f"A_layer*b*s ({attn} attention)"))
     else:
         rows.append(("activations: all layers", layers * layer, f"L*A_layer*b*s ({attn} attention)"))
-    softcap = bool(getattr(text, "final_logit_softcapping", None))
-    per_logit = 16 if softcap else 12
-    rows.append(("logits + loss", per_logit * tokens * text.vocab_size,
-                 f"{per_logit}*b*s*V, V={text.vocab_size}" + (" (+softcapping)" if softcap else "")))
+    if inputs.loss == "fused":
+        h = text.hidden_size
+        rows_, cols = min(tokens, FUSED_TOKEN_TILE), min(text.vocab_size, FUSED_VOCAB_TILE)
+        rows.append(("logits + loss (fused LM head)", 2 * tokens * h * d + 4 * tokens * h + rows_ * cols * d,
+                     f"2*b*s*h*d + 4*b*s*h + {rows_}x{cols} tile*d (trl's chunked log-probs: "
+                     "no b*s*V logits)"))
+    else:
+        softcap = bool(getattr(text, "final_logit_softcapping", None))
+        per_logit = 16 if softcap else 12
+        rows.append(("logits + loss", per_logit * tokens * text.vocab_size,
+                     f"{per_logit}*b*s*V, V={text.vocab_size}" + (" (+softcapping)" if softcap else "")))
     rows.append(("CUDA context + allocator", CUDA_OVERHEAD_BYTES, "assumption: 0.75 GiB"))
     total = sum(b for _, b, _ in rows)
     gpu = int(inputs.gpu_mem_gb * GIB)
@@ -321,6 +336,8 @@ def _plan(config: PretrainedConfig, inputs: PlanInputs) -> MemoryPlan:
 def _changes(inputs: PlanInputs) -> list[tuple[str, dict]]:
     """Candidate changes, cheapest in quality and speed first."""
     out: list[tuple[str, dict]] = []
+    if inputs.loss == "full":
+        out.append(("training.fused_loss: true (the same loss through a tiled LM head)", {"loss": "fused"}))
     if not inputs.gradient_checkpointing:
         out.append(("turn on gradient_checkpointing", {"gradient_checkpointing": True}))
     if inputs.state_bits == 32:
@@ -333,10 +350,7 @@ def _changes(inputs: PlanInputs) -> list[tuple[str, dict]]:
         out.append((f"batch_size {b} with gradient_accumulation_steps x{factor} (same global batch)",
                     {"batch_size": b}))
         b //= 2
-    for gpus in (2, 4, 8):
-        if gpus > inputs.gpus:
-            out.append((f"{gpus} GPUs with ZeRO-3 (zero3.json; needs routing under ZeRO, not available yet)",
-                        {"gpus": gpus, "zero_stage": 3}))
+    # (no ZeRO-3 here: lora-cl refuses routed methods under ZeRO-3; ZeRO-1/2 save little for LoRA)
     s = inputs.seq_len // 2
     while s >= 256:
         out.append((f"seq_len {s} (changes what the model sees: longer texts are cut)", {"seq_len": s}))

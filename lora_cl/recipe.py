@@ -156,6 +156,7 @@ class TrainingConfig:
     logging_steps: int = 5
     nonfinite: str = "stop"
     deepspeed: str | None = None
+    fused_loss: bool = False  # trainer: "trainer" only; trl's SFTTrainer always fuses the LM head
 
 
 @dataclass

@@ -59,6 +59,39 @@ def test_resume_continues_a_killed_run(test_cache_dir, tmp_path):
     assert (tmp_path / "tiny" / "ogp" / "domains" / "02-law" / "metrics.json").is_file()
 
 
+def test_qlora_trains_lora_on_a_4bit_base(test_cache_dir):
+    pytest.importorskip("bitsandbytes")
+    out = run_example("qlora.py", "tiny", cache=test_cache_dir)
+    assert "base layers under LoRA: 4, all bitsandbytes Linear4bit: True (nf4)" in out  # 2 layers x (q, v)
+    assert "LoRA params: 8 tensors, dtypes ['torch.float32']" in out
+    assert re.search(r"^cooking: protected domains \['cooking'\], .*LoRA changed: True$", out, re.M)
+    assert re.search(r"^astronomy: protected domains \['cooking', 'astronomy'\], .*changed: True$", out, re.M)
+    assert "subspace bank (accumulate): 8 bases" in out
+
+
+def test_memory_plan_runs_offline_for_both_setups(test_cache_dir):
+    out = run_example("memory_plan.py", cache=test_cache_dir)
+    assert "6,738,415,616 params, 16,777,216 LoRA" in out  # Llama-2-7B on the meta device, r 16 on q/k/v/o
+    assert "17.80 GiB of 24.00 GiB per GPU: fits" in out  # the table in docs/guides/memory-planning.md
+    assert re.search(r"^base weights +4\.37 GiB +[\d,]+ Linear params nf4", out, re.M)
+    assert re.search(r"^logits \+ loss \(fused LM head\) +0\.49 GiB", out, re.M)  # an SFT recipe
+    assert "verdict: bf16 base, 24 GiB: 17.80 GiB of 24 GiB, fits" in out
+    assert "verdict: 4-bit base, 12 GiB: 9.62 GiB of 12 GiB, fits" in out
+
+
+def test_read_report_recomputes_the_stored_summary(test_cache_dir):
+    out = run_example("read_report.py", cache=test_cache_dir)
+    assert "domains ['cooking', 'astronomy', 'law'], primary metric loss, finished 3/3" in out
+    for metric in ("loss", "ppl"):
+        section = out.split(f"\n{metric} (lower is better)")[1]
+        for key in ("op", "bwt_trace", "bwt_gem", "forgetting", "fwt"):
+            line = rf"^  {key} +recomputed [-+][\d.]+  summary\.json [-+][\d.]+  agree$"
+            assert re.search(line, section, re.M), (metric, key)
+    assert "DIFFER" not in out and "all summary values agree with lora_cl.metrics" in out
+    report = Path(out.rsplit("the report: ", 1)[1].strip())
+    assert report.is_file() and "BWT" in report.read_text(encoding="utf-8")
+
+
 # -- the code in the pages --------------------------------------------------------------------
 def _python_blocks() -> list[tuple[Path, str]]:
     blocks = []

@@ -232,3 +232,30 @@ def test_training_arguments_fill_the_autos(name, tmp_path, monkeypatch, clean_pr
     assert "auto" not in json.dumps(config)
     if name.startswith("zero3"):
         assert config["zero_optimization"]["stage3_prefetch_bucket_size"] == int(0.9 * 256 * 256)
+
+
+def test_fused_loss_row_and_advice_for_a_large_vocabulary():
+    llama3 = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)
+    full = plan_memory(llama3, PlanInputs(batch_size=4, seq_len=2048, gpu_mem_gb=24))
+    fused = plan_memory(llama3, PlanInputs(batch_size=4, seq_len=2048, gpu_mem_gb=24, loss="fused"))
+    tokens, h = 4 * 2048, 4096
+    assert row(full, "logits + loss") == 12 * tokens * 128256  # 11.7 GiB of b*s*V logits
+    tile = 4096 * 32768 * 2
+    assert row(fused, "logits + loss (fused LM head)") == 2 * tokens * h * 2 + 4 * tokens * h + tile
+    assert not full.fits and fused.fits, (full.to_text(), fused.to_text())
+    assert full.advice[0].startswith("training.fused_loss: true") and full.advice[0].endswith("fits")
+    assert fused.total_bytes == full.total_bytes - row(full, "logits + loss") + row(
+        fused, "logits + loss (fused LM head)")
+    with pytest.raises(ValueError, match="loss must be"):
+        PlanInputs(loss="chunked")
+
+
+def test_fused_tiles_are_trls():
+    """The planner's fused-head tile is trl's: a trl upgrade that changes it fails here."""
+    from trl.kernels.chunked_logprob import TOKEN_CHUNK_SIZE
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+    from lora_cl.plan import FUSED_TOKEN_TILE, FUSED_VOCAB_TILE
+
+    assert (FUSED_TOKEN_TILE, FUSED_VOCAB_TILE) == (TOKEN_CHUNK_SIZE, _CHUNKED_LOGPROB_CHUNK_SIZE)

@@ -29,6 +29,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from lora_cl.optim import NonFiniteGradientError, RoutedAdamW
 from lora_cl.paths import atomic_dir
 from lora_cl.trainer.callback import ContinualCallback, attach
+from lora_cl.trainer.fused_loss import FusedLossTrainer
 from lora_cl.trainer.optimizer_factory import bank_of, make_optimizer
 from lora_cl.trainer.run_files import (
     domain_dir,
@@ -238,8 +239,9 @@ def make_trainer(recipe: Any, model: Any, tokenizer: Any, optimizer: RoutedAdamW
                               "token); raise data.seq_len")
         return trainer
     args = TrainingArguments(**kwargs, remove_unused_columns=False)
-    return Trainer(model=model, args=args, train_dataset=data.train, data_collator=pad_collate(tokenizer),
-                   processing_class=tokenizer, **handover)
+    trainer_cls = FusedLossTrainer if t.fused_loss else Trainer
+    return trainer_cls(model=model, args=args, train_dataset=data.train, data_collator=pad_collate(tokenizer),
+                       processing_class=tokenizer, **handover)
 
 
 class _Existing:

@@ -211,3 +211,10 @@ def test_cli_train_under_torchrun_equals_single_process(tmp_path: Path, test_cac
     assert moved > 1e-3, "the reference run did not train"
     m1, m2 = (json.loads((d / "matrix.json").read_text())["metrics"]["loss"]["R"] for d in (one, two))
     torch.testing.assert_close(torch.tensor(m2), torch.tensor(m1), rtol=1e-5, atol=1e-5)
+
+
+def test_vanilla_trains_under_zero3(prep: Path, tmp_path: Path, test_cache_dir: Path) -> None:
+    """ZeRO-3 refuses routed methods, not the vanilla baseline (plain AdamW is exact on partitions)."""
+    _train(tmp_path, prep, test_cache_dir, "--config", str(CONFIGS / "zero3.json"), "--method", "vanilla",
+           "--steps", "2", nproc=2)
+    assert json.loads((tmp_path / "info.json").read_text())["world"] == 2
