@@ -26,7 +26,9 @@ from lora_cl.reproduce.collect import (
 from lora_cl.reproduce.grid import (
     PARTS,
     STREAMS,
+    EVAL_SECONDS_4x128,
     Settings,
+    STEP_SECONDS_4x128,
     estimate_prop1_seconds,
     estimate_run_seconds,
     part_cells,
@@ -121,8 +123,9 @@ class Report:
             + (" — QUICK settings: a smoke test, not evidence" if s.quick else "") + ".", "",
             f"Compute used by the cached cells: **{_hours(used)}** (train + eval + basis seconds from "
             "every domain's metrics.json, plus part 1).", "",
-            "Estimated compute on 2 CPU cores (1.3 s per 4x128 training step, 0.55 s per 4x128 eval "
-            f"forward, measured; generation cost assumed): one 8-domain run ~{_hours(one8)}; "
+            f"Estimated compute on 2 CPU cores ({STEP_SECONDS_4x128:g} s per 4x128 training step, "
+            f"{EVAL_SECONDS_4x128:g} s per 4x128 eval forward, measured; generation cost assumed): "
+            f"one 8-domain run ~{_hours(one8)}; "
             f"the whole grid ~{_hours(total_est)}.", "",
             _table(["part", "stream", "cells", "estimate"], est_rows), "",
         ])
