@@ -12,17 +12,18 @@ from typing import Any
 import numpy as np
 
 from lora_cl.paths import atomic_write_bytes
-from lora_cl.report import (
-    _SHOW,
-    _UNIT,
+from lora_cl.run_results import (
+    HIGHER_METRICS,
+    SHOW,
+    UNIT,
     RunResult,
-    _common_primary,
-    _direction,
-    _domain_union,
-    _extra_metrics,
-    _forgetting_by_domain,
-    _what,
+    common_primary,
+    direction_label,
+    domain_union,
+    extra_metrics,
     fmt,
+    forgetting_by_domain,
+    what_label,
 )
 
 
@@ -44,7 +45,7 @@ def _save(fig: Any, path: Path) -> None:
 
 
 def _axis_label(metric: str) -> str:
-    return f"{_SHOW.get(metric, metric)}" + (f" ({_UNIT[metric]})" if metric in _UNIT else "")
+    return f"{SHOW.get(metric, metric)}" + (f" ({UNIT[metric]})" if metric in UNIT else "")
 
 
 def plot_matrix(run: RunResult, path: str | os.PathLike[str]) -> None:
@@ -59,13 +60,13 @@ def plot_matrix(run: RunResult, path: str | os.PathLike[str]) -> None:
     cmap = mpl.colormaps["viridis" if run.higher_is_better() else "viridis_r"].with_extremes(bad="white")
     masked = np.ma.masked_invalid(A)
     im = ax.imshow(masked, cmap=cmap, aspect="auto")
-    fig.colorbar(im, ax=ax, label=f"{_axis_label(p)}, {_direction(run.higher_is_better())}")
+    fig.colorbar(im, ax=ax, label=f"{_axis_label(p)}, {direction_label(run.higher_is_better())}")
     ax.set_xticks(range(T), run.domains, rotation=45, ha="right")
     ax.set_yticks(range(T), [f"after {n}" for n in run.domains])
     ax.set_xlabel("evaluated domain")
     ax.set_ylabel("training stage")
     done = "" if run.complete else f" ({run.finished}/{T} domains)"
-    ax.set_title(f"{run.label}: {_SHOW.get(p, p)} after each training stage{done}")
+    ax.set_title(f"{run.label}: {SHOW.get(p, p)} after each training stage{done}")
     if T <= 16 and masked.count():
         norm = im.norm
         for t in range(run.finished):
@@ -92,8 +93,8 @@ def plot_curves(run: RunResult, path: str | os.PathLike[str]) -> None:
     ax.set_xticks(range(run.T + 1), ["base", *run.domains], rotation=45, ha="right")
     ax.set_xlim(-0.3, run.T + 0.3)
     ax.set_xlabel("training stage (after training domain)")
-    ax.set_ylabel(f"{_axis_label(p)}, {_direction(run.higher_is_better())}")
-    ax.set_title(f"{run.label}: {_SHOW.get(p, p)} on each domain over the stream (★ = just trained)")
+    ax.set_ylabel(f"{_axis_label(p)}, {direction_label(run.higher_is_better())}")
+    ax.set_title(f"{run.label}: {SHOW.get(p, p)} on each domain over the stream (★ = just trained)")
     ax.grid(alpha=0.3)
     ax.legend(title="evaluated domain", fontsize=8, loc="best", ncol=1 + run.T // 12)
     _save(fig, Path(path))
@@ -168,13 +169,13 @@ def _bars(ax: Any, labels: list[str], values: list[float | None], metric: str, s
 
 def plot_comparison(runs: Sequence[RunResult], path: str | os.PathLike[str]) -> None:
     """One panel per summary metric (OP, forgetting, BWT, final means), one bar per method."""
-    p = _common_primary(runs)
+    p = common_primary(runs)
     labels = [r.label for r in runs]
-    panels = [("op", p, f"OP ({_what(p, _direction(runs[0].higher_is_better(p)))})", False),
-              ("forgetting", p, f"forgetting ({_what(p, 'lower better')})", True),
-              ("bwt_trace", p, f"BWT TRACE ({_what(p, 'higher better')})", True)]
-    panels += [("op", m, f"final mean {_what(m, _direction(m in ('exact_match', 'rougeL')))}", False)
-               for m in _extra_metrics(runs, p)]
+    panels = [("op", p, f"OP ({what_label(p, direction_label(runs[0].higher_is_better(p)))})", False),
+              ("forgetting", p, f"forgetting ({what_label(p, 'lower better')})", True),
+              ("bwt_trace", p, f"BWT TRACE ({what_label(p, 'higher better')})", True)]
+    panels += [("op", m, f"final mean {what_label(m, direction_label(m in HIGHER_METRICS))}", False)
+               for m in extra_metrics(runs, p)]
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = _figure(rows, cols, size=(4.2 * cols, 3.8 * rows))
@@ -192,20 +193,20 @@ def plot_comparison(runs: Sequence[RunResult], path: str | os.PathLike[str]) -> 
 
 def plot_forgetting(runs: Sequence[RunResult], path: str | os.PathLike[str]) -> None:
     """Grouped bars: Chaudhry forgetting of each domain (all but the last), one bar per method."""
-    p = _common_primary(runs)
-    names = _domain_union(runs)[:-1] or _domain_union(runs)
+    p = common_primary(runs)
+    names = domain_union(runs)[:-1] or domain_union(runs)
     fig, axes = _figure(size=(max(7.0, 0.5 * len(names) * len(runs) + 3), 5))
     ax = axes[0, 0]
     width = 0.8 / len(runs)
     for k, r in enumerate(runs):
-        f = _forgetting_by_domain(r, p)
+        f = forgetting_by_domain(r, p)
         xs = np.arange(len(names)) + (k - (len(runs) - 1) / 2) * width
         label = r.label if r.summary(p) else f"{r.label} (not finished)"
         ax.bar(xs, [f.get(n, np.nan) for n in names], width, label=label)
     ax.axhline(0, color="black", lw=0.6)
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
     ax.set_xlabel("domain")
-    ax.set_ylabel(f"forgetting ({_what(p, 'lower better')})")
+    ax.set_ylabel(f"forgetting ({what_label(p, 'lower better')})")
     ax.set_title("forgetting per domain: best score since trained minus final score")
     ax.legend(title="method", fontsize=8)
     ax.grid(axis="y", alpha=0.3)
