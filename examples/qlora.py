@@ -60,7 +60,7 @@ def main() -> None:
         before = lora_state(model)
         args = TrainingArguments(output_dir=f"{out}/{domain}", max_steps=3, logging_steps=1,
                                  per_device_train_batch_size=2, report_to=[], save_strategy="no",
-                                 use_cpu=True, disable_tqdm=True)
+                                 use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
         trainer = Trainer(model=model, args=args, train_dataset=lm_dataset(tok, texts),
                           optimizers=(optimizer, None))
         lora_cl.attach(trainer, callback)

@@ -12,6 +12,7 @@ import os
 import sys
 import tempfile
 
+import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from trl import SFTConfig, SFTTrainer
@@ -42,7 +43,7 @@ def main() -> None:
         data = Dataset.from_dict({"prompt": [p for p, _ in pairs], "completion": [c for _, c in pairs]})
         args = SFTConfig(output_dir=f"{out}/{task}", max_steps=4, per_device_train_batch_size=2,
                          max_length=64, logging_steps=1, report_to=[], save_strategy="no",
-                         use_cpu=True, bf16=False, disable_tqdm=True)
+                         use_cpu=not torch.cuda.is_available(), bf16=False, disable_tqdm=True)
         trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
                              optimizers=(optimizer, None))
         lora_cl.attach(trainer, callback)

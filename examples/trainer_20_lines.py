@@ -11,6 +11,7 @@ import os
 import sys
 import tempfile
 
+import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments
@@ -45,7 +46,7 @@ def main() -> None:
     for domain, texts in DOMAINS.items():
         args = TrainingArguments(output_dir=f"{out}/{domain}", max_steps=4, logging_steps=1,
                                  per_device_train_batch_size=2, report_to=[], save_strategy="no",
-                                 use_cpu=True, disable_tqdm=True)
+                                 use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
         trainer = Trainer(model=model, args=args, train_dataset=lm_dataset(tok, texts),
                           optimizers=(optimizer, None))        # hand our optimizer over
         lora_cl.attach(trainer, callback)                       # callback first in line
