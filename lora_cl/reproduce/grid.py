@@ -23,11 +23,11 @@ REPO = Path(__file__).resolve().parents[2]
 TINY_DATA = REPO / "recipes" / "data" / "tiny"
 TINY_DOMAINS = ("cooking", "astronomy", "law")
 
-# Cost model on 2 CPU cores (SmolLM2-135M + LoRA r=8 q,k,v,o, fp32), measured in the first lm8
-# cell at 80 steps per domain on a quiet machine: one training step of 4 x 128 tokens 3.0 s
-# (240 s for 80 steps), one eval forward of 4 x 128 0.9 s (30 s for 8 domains x 16 blocks);
-# scaled linearly in tokens. (An earlier 1.3 s/step figure was wrong by 2.3x.)
-STEP_SECONDS_4x128 = 3.0
+# Cost model on 2 CPU cores (SmolLM2-135M + LoRA r=8 q,k,v,o, fp32), measured on a quiet machine in
+# the lm8 vanilla-s0 cell at 40 steps per domain: one training step of 4 x 128 tokens 1.8 s (72 s
+# for 40 steps), one eval forward of 4 x 128 0.9 s (28 s for 8 domains x 16 blocks); scaled
+# linearly in tokens. Any other job on the two cores slows both several-fold.
+STEP_SECONDS_4x128 = 1.8
 EVAL_SECONDS_4x128 = 0.9
 # Assumed (not measured): one decoded token for a batch of 8 prompts with the KV cache.
 GEN_TOKEN_SECONDS = 0.05
@@ -53,7 +53,7 @@ class Settings:
     data: str = "debian"            # "debian" (built-in sources) or "tiny" (recipes/data/tiny)
     seeds: tuple[int, ...] = (0, 1, 2)
     max_domains: int | None = None  # quick: the first 3 domains of every stream
-    steps: int = 40  # one 8-domain cell ~20 min on 2 cores (the budget; see the cost model)
+    steps: int = 40  # one 8-domain cell ~14 min on 2 cores (budget: <= 20 min; see the cost model)
     seq_len: int = 128
     batch_size: int = 4
     lr: float = 2e-4
