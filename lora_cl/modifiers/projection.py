@@ -110,7 +110,7 @@ class Projection(GradientModifier):
             alpha = _alpha_vector(group_alphas, G)
             side, U, s = group.bases[0]
             # g~ = G - alpha * comp, written into the group's output buffer (no fresh pages)
-            g = _expand(coords, side, U, self._scale(s, alpha), out=group.output(G)).add_(G)
+            g = _expand(coords, side, U, self._scale(s, alpha), out=group.output(G), add=G)
             # side="both": the out-side component is taken of the in-projected gradient.
             for side, U, s in group.bases[1:]:
                 g = g + _expand(_coords(g, side, U), side, U, self._scale(s, alpha))
@@ -262,8 +262,10 @@ def _coords(G: Tensor, side: str, U: Tensor) -> Tensor:
     return torch.bmm(U.transpose(1, 2), G.reshape(n, G.shape[1], -1))
 
 
-def _expand(coords: Tensor, side: str, U: Tensor, scale: Tensor, out: Tensor | None = None) -> Tensor:
-    """(coords * scale) mapped back: (C diag(scale)) U^T ("in") or U diag(scale) C ("out")."""
+def _expand(coords: Tensor, side: str, U: Tensor, scale: Tensor, out: Tensor | None = None,
+            add: Tensor | None = None) -> Tensor:
+    """(coords * scale) mapped back: (C diag(scale)) U^T ("in") or U diag(scale) C ("out"), plus
+    ``add`` (same shape as ``out``) in the same kernel when given."""
     n = coords.shape[0]
     if side == "in":
         a, b = coords * scale[:, None, :], U.transpose(1, 2)
@@ -271,7 +273,10 @@ def _expand(coords: Tensor, side: str, U: Tensor, scale: Tensor, out: Tensor | N
         a, b = U, coords * scale[:, :, None]
     if out is None:
         return torch.bmm(a, b)
-    return torch.bmm(a, b, out=out.view(n, a.shape[1], b.shape[2])).view(out.shape)
+    shape = (n, a.shape[1], b.shape[2])
+    if add is None:
+        return torch.bmm(a, b, out=out.view(shape)).view(out.shape)
+    return torch.baddbmm(add.reshape(shape), a, b, out=out.view(shape)).view(out.shape)
 
 
 def _energy(x: Tensor) -> Tensor:
