@@ -113,6 +113,10 @@ class OverlapAdaptiveStrength(Strength):
         if self.steps <= self.warmup:
             alphas: list[float | Tensor] = [0.0] * len(names)
             self._last_alpha = torch.zeros(())
+        elif self.scope == "global":  # one alpha for every tensor: computed once
+            alpha = self.alpha_max * (1.0 - sbars[0])
+            alphas = [alpha] * len(names)
+            self._last_alpha = alpha
         else:
             alphas = [self.alpha_max * (1.0 - sb) for sb in sbars]
             self._last_alpha = torch.stack([a.to(sbars[0]) for a in alphas]).mean()
