@@ -226,7 +226,7 @@ class RoutedAdamW(Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError("RoutedAdamW does not support sparse gradients")
                 state = self.state[p]
-                if not state:
+                if "exp_avg" not in state and not q8.is_8bit(state):  # (a state may hold only extras)
                     state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device)
                     if self._wants_8bit(p):
                         state.update(q8.init_8bit(p))

@@ -177,22 +177,28 @@ class ZeroRoutedStep:
         opt, zero = self.optimizer, self._zero
         for index, group in enumerate(opt.param_groups):
             flat, lps = group["params"][0], list(zero.bit16_groups[index])
-            per = [opt.state.pop(lp, None) for lp in lps]
-            if opt.state.get(flat) or not any(per):
+            per = [opt.state.pop(lp, None) or {} for lp in lps]
+            if opt.state.get(flat):
                 continue
-            if not all(per):
+            moments = ["exp_avg" in st for st in per]
+            if any(moments) and not all(moments):
                 raise ZeroRoutingError("lora-cl under DeepSpeed ZeRO-1/2: some LoRA tensors of param group "
                                        f"{index} have optimizer states and some do not; resume from "
                                        "a domain directory or checkpoint written by lora-cl")
-            state = opt.state[flat]
-            state["step"] = per[0]["step"].detach().to(device=flat.device, dtype=torch.float32).clone()
-            state["exp_avg"] = torch.zeros_like(flat, dtype=torch.float32)
-            state["exp_avg_sq"] = torch.zeros_like(flat, dtype=torch.float32)
+            keys = ["exp_avg", "exp_avg_sq"] if all(moments) else []
+            if keys:
+                state = opt.state[flat]
+                state["step"] = per[0]["step"].detach().to(device=flat.device, dtype=torch.float32).clone()
+                for key in keys:
+                    state[key] = torch.zeros_like(flat, dtype=torch.float32)
+            masters = all(MASTER in st for st in per)  # fp32 master weights over the domain boundary
+            if not keys and not masters:
+                continue
             position = {id(lp): j for j, lp in enumerate(lps)}
             for lp, lo, hi, hp in fragments(zero, index):
                 st = per[position[id(lp)]]
-                pairs = [(state["exp_avg"], st["exp_avg"]), (state["exp_avg_sq"], st["exp_avg_sq"])]
-                if MASTER in st:  # fp32 master weights kept over the domain boundary (bf16/fp16)
+                pairs = [(opt.state[flat][k], st[k]) for k in keys]
+                if masters:
                     pairs.append((flat.data, st[MASTER]))
                 for dst, src in pairs:
                     dst.view(-1)[hp:hp + hi - lo].copy_(src.reshape(-1)[lo:hi])

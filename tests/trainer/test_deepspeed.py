@@ -218,3 +218,10 @@ def test_vanilla_trains_under_zero3(prep: Path, tmp_path: Path, test_cache_dir: 
     _train(tmp_path, prep, test_cache_dir, "--config", str(CONFIGS / "zero3.json"), "--method", "vanilla",
            "--steps", "2", nproc=2)
     assert json.loads((tmp_path / "info.json").read_text())["world"] == 2
+
+
+def test_zero2_bf16_stream_carries_fp32_masters(prep: Path, tmp_path: Path, test_cache_dir: Path) -> None:
+    """Under bf16 the engine's fp32 master LoRA weights cross the domain boundary (release/adopt)."""
+    _train(tmp_path, prep, test_cache_dir, "--config", str(CONFIGS / "zero2.json"), "--steps", "2",
+           "--bf16", "--stream")
+    assert json.loads((tmp_path / "info.json").read_text()) == {"global_step": 4, "world": 2}
