@@ -46,21 +46,32 @@ def _gpm_directions(x: Tensor, old: Tensor, energy: float, max_new: int) -> Tens
     """New orthonormal directions (d, k) of samples x (n, d) beyond the kept basis ``old``.
 
     R = X - X U U^T = P S V^T; k = smallest with ||X U||^2 + sum_{i<=k} S_i^2 >= energy ||X||^2
-    (GPM's criterion), then V[:, :k] is re-orthogonalised against U.
+    (GPM's criterion), then V[:, :k] is re-orthogonalised against U. S^2 and V come from the
+    eigendecomposition of R^T R (d x d, float64): several times cheaper than the SVD of R for
+    n >> d, and exact enough for an energy threshold (directions below 1e-6 of the top singular
+    value, ``NULL_TOL``, are dropped either way).
     """
     total = x.double().square().sum()
     r = x - (x @ old) @ old.mT
-    captured = total - r.double().square().sum()
+    rd = r.double()
+    captured = total - rd.square().sum()
     if total <= 0 or captured >= energy * total or max_new <= 0:
         return x.new_zeros(x.shape[1], 0)
-    _, sigma, vh = torch.linalg.svd(r, full_matrices=False)
-    cum = captured + torch.cumsum(sigma.double().square(), 0)
+    evals, evecs = torch.linalg.eigh(rd.mT @ rd)  # ascending
+    sq = evals.flip(0).clamp_min(0.0)
+    v = evecs.flip(1)
+    sigma = sq.sqrt()
+    cum = captured + torch.cumsum(sq, 0)
     k = int((cum < energy * total * (1 - 1e-12)).sum()) + 1
     k = min(k, int((sigma > NULL_TOL * sigma[0]).sum()), max_new)
-    v = vh[:k].mT
+    v = v[:, :k].to(x.dtype)
     v = v - old @ (old.mT @ v)
     q, _ = torch.linalg.qr(v)
     return q.contiguous()
+
+
+class _Collected(Exception):
+    """Raised by the hook after the last LoRA layer to end a forward early."""
 
 
 def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
@@ -86,37 +97,59 @@ def activation_bases(model: nn.Module, batches: Iterable[Mapping[str, Any]], ban
         raise ValueError(f"max_tokens must be positive, got {max_tokens!r}")
     layers = lora_linears(model, adapter_name)
     generator = torch.Generator().manual_seed(seed)
-    samples = {m.a_name: _TokenSample(max_tokens, generator) for m in layers}
-    current: dict[str, Tensor | None] = {"mask": None}
+    samples: dict[str, _TokenSample] = {}  # a_name -> its sample (shared by layers fed one input)
+    owners: dict[str, str] = {}  # a_name -> the layer whose sample it shares (itself: samples)
+    current: dict[str, Any] = {"mask": None, "last": None, "order": []}
 
-    def make_hook(sample: _TokenSample):
+    def make_hook(a_name: str):
         def hook(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             x = args[0] if args else kwargs["x"]
+            current["order"].append(a_name)
+            last = current["last"]  # (tensor, owner): held, so its memory cannot be reused meanwhile
+            if a_name not in owners:  # q, k and v (gate and up) take one tensor in a row: share it
+                owners[a_name] = last[1] if last is not None and last[0] is x else a_name
+                samples[a_name] = (samples[owners[a_name]] if owners[a_name] != a_name
+                                   else _TokenSample(max_tokens, generator))
+            current["last"] = (x, owners[a_name])
+            if owners[a_name] != a_name:
+                return
             mask = current["mask"]
             if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
                 x = x[mask.to(x.device).bool()]
-            sample.add(x.reshape(-1, x.shape[-1]))
+            samples[a_name].add(x.reshape(-1, x.shape[-1]))
         return hook
 
+    def stop_hook(_mod: nn.Module, _args: Any, _out: Any) -> None:
+        raise _Collected  # every LoRA layer has its input: skip the rest (LM head, loss)
+
     flags = [(mod, mod.training) for mod in model.modules()]
-    handles = [m.layer.register_forward_pre_hook(make_hook(samples[m.a_name]), with_kwargs=True)
-               for m in layers]
+    handles = [m.layer.register_forward_pre_hook(make_hook(m.a_name), with_kwargs=True) for m in layers]
+    by_name = {m.a_name: m for m in layers}
     device = next(model.parameters()).device
     try:
         model.eval()
         with torch.no_grad():
-            for batch in batches:
-                current["mask"] = batch.get("attention_mask")
-                model(**_to_device(batch, device))
+            for i, batch in enumerate(batches):
+                current.update(mask=batch.get("attention_mask"), last=None, order=[])
+                inputs = {k: v for k, v in _to_device(batch, device).items() if k != "labels"}
+                try:
+                    model(**inputs)
+                except _Collected:
+                    pass
+                if i == 0 and current["order"]:  # the first batch ran through: its last LoRA layer
+                    handles.append(by_name[current["order"][-1]].layer.register_forward_hook(stop_hook))
     finally:
+        current["last"] = None
         for h in handles:
             h.remove()
         for mod, was_training in flags:
             mod.training = was_training
 
+    results: dict[tuple[int, Any], Tensor] = {}  # (sample, old projector) -> new directions
     added = 0
     for m in layers:
-        x = samples[m.a_name].rows
+        sample = samples.get(m.a_name)
+        x = None if sample is None else sample.rows
         if x is None or x.shape[0] == 0:
             continue
         proj = bank.projector(m.a_name, "in")
@@ -124,7 +157,11 @@ def activation_bases(model: nn.Module, batches: Iterable[Mapping[str, Any]], ban
         max_new = x.shape[1] - old.shape[1]
         if max_rank is not None:
             max_new = min(max_new, max_rank)
-        new = _gpm_directions(x, old, energy, max_new)
+        key = next((k for k in results if k[0] == id(sample) and torch.equal(k[1], old)), None)
+        if key is None:  # layers sharing a sample and an old basis (q, k, v) share the result
+            key = (id(sample), old)
+            results[key] = _gpm_directions(x, old, energy, max_new)
+        new = results[key]
         if new.shape[1]:
             bank.add(domain, m.a_name, new, torch.ones(new.shape[1]), side="in")
             added += 1
