@@ -11,12 +11,9 @@ checkpoint after it, so a killed run finishes with the same adapters and scores.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import re
 import shlex
 import shutil
-import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -24,12 +21,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from lora_cl.optim import NonFiniteGradientError, RoutedAdamW
 from lora_cl.paths import atomic_dir
 from lora_cl.trainer.callback import ContinualCallback, attach
-from lora_cl.trainer.fused_loss import FusedLossTrainer
+from lora_cl.trainer.checkpoints import (
+    MARKER,
+    CheckpointMarker,
+    FaultInjector,
+    checkpoint_root,
+    fault,
+    latest_checkpoint,
+)
 from lora_cl.trainer.optimizer_factory import bank_of, make_optimizer
 from lora_cl.trainer.run_files import (
     domain_dir,
@@ -42,17 +45,11 @@ from lora_cl.trainer.run_files import (
     versions,
     write_json,
 )
+from lora_cl.trainer.trainers import StreamError, make_trainer
 
 Log = Callable[[str], None]
-_MARKER = "lora_cl_checkpoint.json"  # written after the Trainer finished a checkpoint
-# transformers 5 renamed gradient_checkpointing (a deprecated alias until v6)
-_CKPT_ARG = ("activation_checkpointing"
-             if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
-             else "gradient_checkpointing")
-
-
-class StreamError(RuntimeError):
-    """A stream run cannot start or continue; the message says what to do."""
+__all__ = ["StreamError", "is_main_process", "latest_checkpoint", "load_adapter", "load_peft_model",
+           "load_stream_data", "make_trainer", "run_method", "run_stream"]
 
 
 def run_stream(recipe: Any, *, output_dir: str | os.PathLike[str] | None = None, resume: bool = False,
@@ -155,10 +152,10 @@ def run_method(recipe: Any, choice: Any, run_dir: str | os.PathLike[str], *,
         start = time.perf_counter()
         scores = evaluate_all(model, data, tokenizer, **eval_kw)
         eval_seconds = time.perf_counter() - start
-        _fault("end", i)
+        fault("end", i)
         _save_domain(run_dir, i, names[i], model, optimizer, callback,
                      {**trained, "eval_seconds": eval_seconds, "eval": scores})
-        shutil.rmtree(_checkpoint_root(run_dir, i, names[i]), ignore_errors=True)
+        shutil.rmtree(checkpoint_root(run_dir, i, names[i]), ignore_errors=True)
         rebuild_matrices(run_dir, names, primary)
         log(f"lora-cl: [{choice.run_label}] domain {i + 1}/{len(names)} {names[i]!r} done: "
             + _scores_line(scores, names, primary))
@@ -178,16 +175,16 @@ def _train_domain(recipe: Any, choice: Any, run_dir: Path, i: int, model: Any, t
                   progress: bool, log: Log) -> dict[str, Any]:
     """Train domain ``i`` (from its newest checkpoint, if any); return its record for metrics.json."""
     name = data[i].name
-    ckpt_root = _checkpoint_root(run_dir, i, name)
+    ckpt_root = checkpoint_root(run_dir, i, name)
     latest = latest_checkpoint(ckpt_root)
     if latest is not None:  # the callback's state as it was when that checkpoint was written
-        callback.load_state_dict(read_json(latest / _MARKER)["callback"])
+        callback.load_state_dict(read_json(latest / MARKER)["callback"])
         log(f"lora-cl: [{choice.run_label}] resuming domain {name!r} from {latest}")
     _supply_replay(recipe, model, tokenizer, optimizer, callback, data, run_dir)
     trainer = make_trainer(recipe, model, tokenizer, optimizer, data[i], ckpt_root,
                            steps=recipe.steps_for(i), seed=recipe.training.seed + i, progress=progress)
-    trainer.add_callback(_CheckpointMarker(callback, name))
-    trainer.add_callback(_FaultInjector(i))
+    trainer.add_callback(CheckpointMarker(callback, name))
+    trainer.add_callback(FaultInjector(i))
     attach(trainer, callback)
     callback.set_domain(name)
     log(f"lora-cl: [{choice.run_label}] domain {i + 1}/{len(data)} {name!r}: "
@@ -208,86 +205,14 @@ def _train_domain(recipe: Any, choice: Any, run_dir: Path, i: int, model: Any, t
             "log_history": [dict(h) for h in trainer.state.log_history]}
 
 
-def make_trainer(recipe: Any, model: Any, tokenizer: Any, optimizer: RoutedAdamW, data: Any,
-                 output_dir: Path, *, steps: int, seed: int, progress: bool = True) -> Trainer:
-    """The Trainer (``training.trainer: trainer``) or trl SFTTrainer (``sft``) for one domain."""
-    from lora_cl.data.examples import pad_collate
-
-    t = recipe.training
-    kwargs: dict[str, Any] = dict(
-        output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr, weight_decay=t.weight_decay,
-        warmup_steps=t.warmup_steps, lr_scheduler_type=t.scheduler, max_grad_norm=t.max_grad_norm,
-        bf16=t.bf16, fp16=t.fp16, seed=seed, save_strategy="steps", save_steps=t.save_steps,
-        save_total_limit=2, logging_steps=t.logging_steps, logging_nan_inf_filter=False,
-        report_to=[], disable_tqdm=not progress, use_cpu=not torch.cuda.is_available(),
-        deepspeed=t.deepspeed, dataloader_num_workers=0,
-    )
-    kwargs[_CKPT_ARG] = recipe.model.gradient_checkpointing
-    # Under DeepSpeed the Trainer ignores optimizers=(...) and builds its own from a factory
-    handover: dict[str, Any] = ({"optimizer_cls_and_kwargs": (_Existing(optimizer), {})}
-                                if t.deepspeed else {"optimizers": (optimizer, None)})
-    if t.trainer == "sft":
-        from trl import SFTConfig, SFTTrainer
-
-        args = SFTConfig(**kwargs, max_length=recipe.data.seq_len, packing=False)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=data.raw_train,
-                             processing_class=tokenizer, **handover)
-        if len(trainer.train_dataset) == 0:  # trl truncates on the right, then drops masked rows
-            raise StreamError(f"domain {data.name!r}: trl dropped every training example (each prompt "
-                              f"fills data.seq_len={recipe.data.seq_len} tokens, leaving no completion "
-                              "token); raise data.seq_len")
-        return trainer
-    args = TrainingArguments(**kwargs, remove_unused_columns=False)
-    trainer_cls = FusedLossTrainer if t.fused_loss else Trainer
-    return trainer_cls(model=model, args=args, train_dataset=data.train, data_collator=pad_collate(tokenizer),
-                       processing_class=tokenizer, **handover)
 
 
-class _Existing:
-    """``optimizer_cls_and_kwargs`` factory handing the stream's one optimizer to each Trainer."""
-
-    def __init__(self, optimizer: RoutedAdamW) -> None:
-        self.optimizer = optimizer
-
-    def __call__(self) -> Callable[..., RoutedAdamW]:
-        return lambda *args, **kwargs: self.optimizer
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    """The newest ``checkpoint-N`` under ``root`` that the Trainer finished writing (marked)."""
-    if not root.is_dir():
-        return None
-    marked = [(int(m.group(1)), p) for p in root.iterdir()
-              if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / _MARKER).is_file()]
-    return max(marked)[1] if marked else None
 
 
-def _checkpoint_root(run_dir: Path, i: int, name: str) -> Path:
-    return run_dir / "checkpoints" / f"{i:02d}-{name}"
 
 
-class _CheckpointMarker(TrainerCallback):
-    """Marks a Trainer checkpoint complete (the Trainer writes it non-atomically, then calls on_save).
-
-    No checkpoint at a domain's last step: the domain directory follows it, and a Trainer resumed
-    from a checkpoint at ``max_steps`` trains one step too many (transformers 5.24).
-    """
-
-    def __init__(self, callback: ContinualCallback, domain: str) -> None:
-        self.callback, self.domain = callback, domain
-
-    def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.global_step >= state.max_steps:
-            control.should_save = False
-
-    def on_save(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        if not state.is_world_process_zero:
-            return
-        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if ckpt.is_dir():
-            write_json(ckpt / _MARKER, {"domain": self.domain, "step": state.global_step,
-                                        "callback": self.callback.state_dict()})
 
 
 # -- domain directories -------------------------------------------------------------------
@@ -404,32 +329,7 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-# -- fault injection (tests of kill -9 resume and NaN handling) ------------------------------
-def _fault_spec() -> tuple[str, int, str] | None:
-    """``LORA_CL_FAULT=kill:<domain index>:<step>|end`` or ``nan:<domain index>:<step>``."""
-    raw = os.environ.get("LORA_CL_FAULT")
-    if not raw:
-        return None
-    kind, index, at = raw.split(":")
-    return kind, int(index), at
 
 
-def _fault(at: str, i: int) -> None:
-    spec = _fault_spec()
-    if spec is not None and spec[0] == "kill" and spec[1] == i and spec[2] == at:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
-class _FaultInjector(TrainerCallback):
-    def __init__(self, index: int) -> None:
-        self.index = index
-
-    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        spec = _fault_spec()
-        if spec and spec[0] == "nan" and spec[1] == self.index and int(spec[2]) == state.global_step + 1:
-            with contextlib.suppress(StopIteration):
-                p = next(p for p in kwargs["model"].parameters() if p.grad is not None)
-                p.grad.view(-1)[0] = float("nan")
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        _fault(str(state.global_step), self.index)

@@ -1,0 +1,84 @@
+"""Trainer checkpoints of a stream: where they live, the marker that says one is complete, and the
+fault hooks the resume tests use (``LORA_CL_FAULT``)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback, TrainingArguments
+
+from lora_cl.trainer.callback import ContinualCallback
+from lora_cl.trainer.run_files import write_json
+
+MARKER = "lora_cl_checkpoint.json"  # written after the Trainer finished a checkpoint
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest ``checkpoint-N`` under ``root`` that the Trainer finished writing (marked)."""
+    if not root.is_dir():
+        return None
+    marked = [(int(m.group(1)), p) for p in root.iterdir()
+              if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / MARKER).is_file()]
+    return max(marked)[1] if marked else None
+
+
+def checkpoint_root(run_dir: Path, i: int, name: str) -> Path:
+    return run_dir / "checkpoints" / f"{i:02d}-{name}"
+
+
+class CheckpointMarker(TrainerCallback):
+    """Marks a Trainer checkpoint complete (the Trainer writes it non-atomically, then calls on_save).
+
+    No checkpoint at a domain's last step: the domain directory follows it, and a Trainer resumed
+    from a checkpoint at ``max_steps`` trains one step too many (transformers 5.24).
+    """
+
+    def __init__(self, callback: ContinualCallback, domain: str) -> None:
+        self.callback, self.domain = callback, domain
+
+    def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step >= state.max_steps:
+            control.should_save = False
+
+    def on_save(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if not state.is_world_process_zero:
+            return
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if ckpt.is_dir():
+            write_json(ckpt / MARKER, {"domain": self.domain, "step": state.global_step,
+                                        "callback": self.callback.state_dict()})
+
+
+def _fault_spec() -> tuple[str, int, str] | None:
+    """``LORA_CL_FAULT=kill:<domain index>:<step>|end`` or ``nan:<domain index>:<step>``."""
+    raw = os.environ.get("LORA_CL_FAULT")
+    if not raw:
+        return None
+    kind, index, at = raw.split(":")
+    return kind, int(index), at
+
+
+def fault(at: str, i: int) -> None:
+    spec = _fault_spec()
+    if spec is not None and spec[0] == "kill" and spec[1] == i and spec[2] == at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class FaultInjector(TrainerCallback):
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        spec = _fault_spec()
+        if spec and spec[0] == "nan" and spec[1] == self.index and int(spec[2]) == state.global_step + 1:
+            with contextlib.suppress(StopIteration):
+                p = next(p for p in kwargs["model"].parameters() if p.grad is not None)
+                p.grad.view(-1)[0] = float("nan")
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        fault(str(state.global_step), self.index)
