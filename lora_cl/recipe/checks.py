@@ -109,6 +109,9 @@ def check_recipe(recipe: Recipe, *, check_sources: bool = True, check_model: boo
     if recipe.model.quantization is not None and recipe.model.dtype == "float32":
         notes.append(f"model.quantization {recipe.model.quantization} with dtype float32: "
                      "non-quantized layers stay in float32")
+    if recipe.training.fused_loss and recipe.training.trainer == "sft":
+        notes.append("training.fused_loss: trl's SFTTrainer fuses the LM head anyway; the key only "
+                     "changes training.trainer: trainer")
     if check_model:
         notes.append(_check_targets(recipe, ctx))
     return notes
