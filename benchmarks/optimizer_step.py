@@ -139,7 +139,8 @@ def main() -> None:
         print(f"round {rnd + 1}/{args.rounds} done", flush=True)
 
     if args.profile:
-        profile_projection(makers[PROJECTION.format(rank=args.rank)], params, grads, args.profile, times)
+        profile_projection(makers[PROJECTION.format(rank=args.rank)], params, grads, args.profile, times,
+                           args.rank)
     torch_keys = [k for k in times if k.startswith("torch")]
     fastest = min(torch_keys, key=lambda k: statistics.median(times[k]))
     base = statistics.median(times[fastest])
@@ -200,7 +201,7 @@ def main() -> None:
         print(f"wrote {args.json}")
 
 
-def profile_projection(make, params, grads, path: str, times) -> None:  # noqa: ANN001
+def profile_projection(make, params, grads, path: str, times, rank: int) -> None:  # noqa: ANN001
     """Top operators of 5 projection steps (self CPU time), as a markdown table."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -223,6 +224,8 @@ def profile_projection(make, params, grads, path: str, times) -> None:  # noqa: 
                      f"{e.self_cpu_time_total / total:.0%} | {e.count // 5} |")
     lines.append(f"| total | {total / 5e3:.2f} | 100% | |")
     per_op = {e.key: e.self_cpu_time_total / 5e3 for e in events}
+    based = [p for p in params if p.shape[-1] > rank]
+    macs = sum(p.numel() * rank for p in based)
     matmul = sum(v for k, v in per_op.items() if k in ("aten::bmm", "aten::baddbmm"))
     kernel = per_op.get("aten::_fused_adamw_", 0.0)
     rest = total / 5e3 - matmul - kernel
@@ -231,9 +234,10 @@ def profile_projection(make, params, grads, path: str, times) -> None:  # noqa: 
               f"the fused kernel {kernel:.1f} ms; everything else (the inf/nan check, the first-moment "
               f"pre-correction, stacking the gradients, Python) {rest:.1f} ms. So even with no "
               f"overhead at all the step would be {(matmul + kernel) / fused:.2f}x the fused baseline: "
-              "the products are compute-bound (rank-32 bases on 128 tensors of 16 x 4096 are "
-              "2 x 268M multiply-adds per step, near this CPU's two-core peak), where AdamW is "
-              "memory-bound. On a GPU the same products take microseconds."]
+              f"the products are compute-bound (rank-{rank} bases on {len(based)} tensors are "
+              f"2 x {macs / 1e6:.0f}M multiply-adds per step, {2 * 2 * macs / (matmul * 1e6):.0f} "
+              "GFLOP/s here), where AdamW is memory-bound. On a GPU the same products take "
+              "microseconds."]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(f"wrote {path}")
