@@ -87,7 +87,7 @@ def second_domain(out: Path, prep: Path, *, steps: int, world: int, method: str 
         method, lr=LR, bank=bank if method == "ogp" else None, state_bits=state_bits)
     callback = lora_cl.ContinualCallback()
     for k, domain in enumerate(domains):  # one Trainer (one DeepSpeed engine) per domain
-        args = H.train_args(out / f"{k}-{domain}", max_steps=steps,
+        args = H.train_args(out if len(domains) == 1 else out / f"{k}-{domain}", max_steps=steps,
                             per_device_train_batch_size=GLOBAL_BATCH // world, deepspeed=deepspeed,
                             ddp_find_unused_parameters=False, bf16=bf16,
                             save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
