@@ -152,7 +152,8 @@ def main() -> None:
         f"torch {torch.__version__}; {args.rounds} interleaved rounds x {args.steps} steps. "
         f"Baseline = fastest torch AdamW in this run: **{fastest}**. Load average (1 min) "
         f"when the run ended: {load:.2f} on {os.cpu_count()} CPUs"
-        + (" (other jobs were running: read ratios, not absolute times)." if load > 0.5 else "."),
+        + f" (this benchmark's own {torch.get_num_threads()} threads count in it; more means other "
+        "jobs ran too: read ratios, not absolute times).",
         "",
         "| optimizer | median ms/step | IQR ms | ratio to baseline | state B/param |",
         "|---|---|---|---|---|",

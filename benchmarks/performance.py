@@ -95,7 +95,7 @@ def plot(opt: dict | None, trainer: dict | None, path: Path) -> bool:
         values.append(1.0 + trainer["overhead"])
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(labels) + 1.2))
     ax.barh(range(len(labels)), values, color=["#888" if v <= 1.0001 else "#3a7" for v in values])
-    ax.set_yticks(range(len(labels)), [lbl[:70] for lbl in labels], fontsize=8)
+    ax.set_yticks(range(len(labels)), [lbl[:90] for lbl in labels], fontsize=8)
     ax.invert_yaxis()
     ax.set_xscale("log")
     ax.axvline(1.0, color="k", lw=0.8)
