@@ -122,7 +122,10 @@ class Report:
             f"{', '.join(s.targets)}, {s.eval_examples} held-out examples per domain"
             + (" — QUICK settings: a smoke test, not evidence" if s.quick else "") + ".", "",
             f"Compute used by the cached cells: **{_hours(used)}** (train + eval + basis seconds from "
-            "every domain's metrics.json, plus part 1).", "",
+            "every domain's metrics.json, plus part 1). These are wall-clock seconds: a cell trained "
+            "while other jobs shared the two cores, or while it was paused for them, records the wait "
+            "too, so read them as an upper bound; the estimate below uses the measured undisturbed "
+            "step time.", "",
             f"Estimated compute on 2 CPU cores ({STEP_SECONDS_4x128:g} s per 4x128 training step, "
             f"{EVAL_SECONDS_4x128:g} s per 4x128 eval forward, measured; generation cost assumed): "
             f"one 8-domain run ~{_hours(one8)}; "
@@ -217,7 +220,8 @@ class Report:
             out.append(f"\npartial: {done} of {total} cells finished; CIs cover the finished seeds.")
         dirs = {c.run_dir(self.cache) for c in self.cells[p]}
         secs = sum(r.seconds for r in self.results if r.cell.run_dir(self.cache) in dirs)
-        out.append(f"\nCompute of these cells: {_hours(secs)}. Values: mean [95% t-CI] over seeds.\n")
+        out.append(f"\nCompute of these cells: {_hours(secs)} wall-clock (an upper bound, see above). "
+                   "Values: mean [95% t-CI] over seeds.\n")
         for stream in PARTS[p].streams:
             table, stats = self._method_table(p, stream)
             out += [table, ""]
