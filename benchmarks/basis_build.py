@@ -31,7 +31,7 @@ from lora_cl.data.examples import load_domain, pad_collate
 from lora_cl.models import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from trainer_step import StepClock  # noqa: E402
+from trainer_step import StepClock, write_result  # noqa: E402
 
 #: label -> (preset, overrides)
 SOURCES = {
@@ -86,10 +86,7 @@ def main() -> None:
               "device": "cuda" if torch.cuda.is_available() else "cpu",
               "load_avg_1min_end": os.getloadavg()[0], "target": TARGET, "sources": rows}
     print(json.dumps(result, indent=1))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-        print(f"wrote {args.json}")
+    write_result(args.json, result)
 
 
 if __name__ == "__main__":

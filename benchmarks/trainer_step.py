@@ -115,10 +115,15 @@ def main() -> None:
         "bank_domains": bank.domains(),
     }
     print(json.dumps({k: v for k, v in result.items() if k != "step_seconds"}, indent=1))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-        print(f"wrote {args.json}")
+    write_result(args.json, result)
+
+
+def write_result(path: str | None, result: dict) -> None:
+    """The benchmark's JSON for benchmarks/performance.py (nothing when ``path`` is None)."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":
