@@ -49,10 +49,11 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--source", default="debian:austen", help="the domain trained and decomposed")
     args = ap.parse_args()
 
     base, tok = load_model(args.model)
-    data = load_domain("debian:austen", tok, seq_len=args.seq, eval_examples=4)
+    data = load_domain(args.source, tok, seq_len=args.seq, eval_examples=2)
     out = tempfile.mkdtemp(prefix="lora-cl-bench-")
     rows = {}
     for label, (preset, overrides) in SOURCES.items():
@@ -81,7 +82,8 @@ def main() -> None:
         print(f"{label}: build {build:.2f} s, step {step:.2f} s, "
               f"{rows[label]['fraction_at_80_steps']:.1%} of an 80-step domain", flush=True)
         base = model.unload()  # the bare base model again for the next source
-    result = {"benchmark": "basis_build", "model": args.model, "seq": args.seq, "batch": args.batch,
+    result = {"benchmark": "basis_build", "model": args.model, "source": args.source, "seq": args.seq,
+              "batch": args.batch,
               "steps": args.steps, "threads": torch.get_num_threads(), "torch": torch.__version__,
               "device": "cuda" if torch.cuda.is_available() else "cpu",
               "load_avg_1min_end": os.getloadavg()[0], "target": TARGET, "sources": rows}

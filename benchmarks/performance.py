@@ -20,18 +20,22 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DOCS = ROOT / "docs"
 RESULTS = DOCS / "performance"
+PAGE = DOCS / "performance.md"
+TINY = {n: str(ROOT / "recipes" / "data" / "tiny" / f"{n}.txt") for n in ("cooking", "astronomy")}
 
 
 def run_all(quick: bool) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
     jobs = [
         ["optimizer_step.py", "--out", str(RESULTS / "optimizer_step.md"),
          "--json", str(RESULTS / "optimizer_step.json"),
          "--profile", str(RESULTS / "projection_profile.md")]
-        + (["--rounds", "2", "--steps", "1"] if quick else []),
+        + (["--rounds", "2", "--steps", "1", "--layers", "2", "--hidden", "256"] if quick else []),
         ["trainer_step.py", "--json", str(RESULTS / "trainer_step.json")]
-        + (["--model", "tiny", "--rounds", "1", "--steps", "3", "--seq", "32"] if quick else []),
+        + (["--model", "tiny", "--rounds", "1", "--steps", "3", "--seq", "32", "--old", TINY["cooking"],
+            "--new", TINY["astronomy"]] if quick else []),
         ["basis_build.py", "--json", str(RESULTS / "basis_build.json")]
-        + (["--model", "tiny", "--steps", "3", "--seq", "32"] if quick else []),
+        + (["--model", "tiny", "--steps", "3", "--seq", "32", "--source", TINY["cooking"]] if quick else []),
     ]
     for job in jobs:
         print(f"== {job[0]}", flush=True)
@@ -166,7 +170,7 @@ def write_page() -> Path:
               f"{r['steps_for_5_percent']} |" for k, r in basis["sources"].items()),
             "",
         ]
-    out = DOCS / "performance.md"
+    out = PAGE
     out.write_text("\n".join(lines), encoding="utf-8")
     return out
 
@@ -180,7 +184,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--report", action="store_true", help="only rebuild the page from the JSON files")
     ap.add_argument("--quick", action="store_true", help="tiny model, few rounds (a smoke test)")
+    ap.add_argument("--out", type=Path, default=DOCS / "performance.md",
+                    help="the page; its JSON, fragments and PNG go to performance/ beside it")
     args = ap.parse_args()
+    global RESULTS, PAGE
+    PAGE, RESULTS = args.out, args.out.parent / "performance"
     if not args.report:
         run_all(args.quick)
     print(f"wrote {write_page()}")

@@ -57,13 +57,15 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--old", default="debian:austen", help="the first domain (its bases fill the bank)")
+    ap.add_argument("--new", default="debian:kjv", help="the domain the steps are timed on")
     args = ap.parse_args()
 
     model, tok = load_model(args.model)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16,
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    old = load_domain("debian:austen", tok, seq_len=args.seq, eval_examples=4)
-    new = load_domain("debian:kjv", tok, seq_len=args.seq, eval_examples=4)
+    old = load_domain(args.old, tok, seq_len=args.seq, eval_examples=2)
+    new = load_domain(args.new, tok, seq_len=args.seq, eval_examples=2)
     out = tempfile.mkdtemp(prefix="lora-cl-bench-")
     collate = pad_collate(tok)
 
@@ -104,7 +106,8 @@ def main() -> None:
     paired = [a / b for a, b in zip(clocks[ROUTED].times, clocks[BASELINE].times)]
     result = {
         "benchmark": "trainer_step", "model": args.model, "seq": args.seq, "batch": args.batch,
-        "rounds": args.rounds, "steps_per_round": args.steps, "threads": torch.get_num_threads(),
+        "rounds": args.rounds, "steps_per_round": args.steps, "domains": [args.old, args.new],
+        "threads": torch.get_num_threads(),
         "device": "cuda" if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
         "load_avg_1min_end": os.getloadavg()[0],
         "step_seconds": {k: c.times for k, c in clocks.items()},
