@@ -19,22 +19,26 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DOCS = ROOT / "docs"
-RESULTS = DOCS / "performance"
 PAGE = DOCS / "performance.md"
 TINY = {n: str(ROOT / "recipes" / "data" / "tiny" / f"{n}.txt") for n in ("cooking", "astronomy")}
 
 
-def run_all(quick: bool) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def results_dir(page: Path) -> Path:
+    """Where the page's JSON, fragments and PNG live: ``performance/`` beside it."""
+    return page.parent / "performance"
+
+
+def run_all(quick: bool, results: Path) -> None:
+    results.mkdir(parents=True, exist_ok=True)
     jobs = [
-        ["optimizer_step.py", "--out", str(RESULTS / "optimizer_step.md"),
-         "--json", str(RESULTS / "optimizer_step.json"),
-         "--profile", str(RESULTS / "projection_profile.md")]
+        ["optimizer_step.py", "--out", str(results / "optimizer_step.md"),
+         "--json", str(results / "optimizer_step.json"),
+         "--profile", str(results / "projection_profile.md")]
         + (["--rounds", "2", "--steps", "1", "--layers", "2", "--hidden", "256"] if quick else []),
-        ["trainer_step.py", "--json", str(RESULTS / "trainer_step.json")]
+        ["trainer_step.py", "--json", str(results / "trainer_step.json")]
         + (["--model", "tiny", "--rounds", "1", "--steps", "3", "--seq", "32", "--old", TINY["cooking"],
             "--new", TINY["astronomy"]] if quick else []),
-        ["basis_build.py", "--json", str(RESULTS / "basis_build.json")]
+        ["basis_build.py", "--json", str(results / "basis_build.json")]
         + (["--model", "tiny", "--steps", "3", "--seq", "32", "--source", TINY["cooking"]] if quick else []),
     ]
     for job in jobs:
@@ -42,8 +46,8 @@ def run_all(quick: bool) -> None:
         subprocess.run([sys.executable, str(HERE / job[0]), *job[1:]], check=True)
 
 
-def _load(name: str) -> dict | None:
-    path = RESULTS / f"{name}.json"
+def _load(results: Path, name: str) -> dict | None:
+    path = results / f"{name}.json"
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
@@ -113,9 +117,10 @@ def plot(opt: dict | None, trainer: dict | None, path: Path) -> bool:
     return True
 
 
-def write_page() -> Path:
-    opt, trainer, basis = _load("optimizer_step"), _load("trainer_step"), _load("basis_build")
-    png = plot(opt, trainer, RESULTS / "ratios.png")
+def write_page(page: Path) -> Path:
+    results = results_dir(page)
+    opt, trainer, basis = (_load(results, n) for n in ("optimizer_step", "trainer_step", "basis_build"))
+    png = plot(opt, trainer, results / "ratios.png")
     lines = [
         "# Performance",
         "",
@@ -132,9 +137,9 @@ def write_page() -> Path:
     if png:
         lines += ["![step-time ratios](performance/ratios.png)", ""]
     if opt:
-        fragment = (RESULTS / "optimizer_step.md").read_text(encoding="utf-8")
+        fragment = (results / "optimizer_step.md").read_text(encoding="utf-8")
         lines += ["## Optimizer step", "", fragment.replace("\n### ", "\n#### ").rstrip(), ""]
-        lines += _projection_profile()
+        lines += _projection_profile(results)
     if trainer:
         med = trainer["median_seconds"]
         q = trainer["paired_ratio_quartiles"]
@@ -170,13 +175,12 @@ def write_page() -> Path:
               f"{r['steps_for_5_percent']} |" for k, r in basis["sources"].items()),
             "",
         ]
-    out = PAGE
-    out.write_text("\n".join(lines), encoding="utf-8")
-    return out
+    page.write_text("\n".join(lines), encoding="utf-8")
+    return page
 
 
-def _projection_profile() -> list[str]:
-    path = RESULTS / "projection_profile.md"
+def _projection_profile(results: Path) -> list[str]:
+    path = results / "projection_profile.md"
     return [path.read_text(encoding="utf-8").rstrip(), ""] if path.is_file() else []
 
 
@@ -184,14 +188,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--report", action="store_true", help="only rebuild the page from the JSON files")
     ap.add_argument("--quick", action="store_true", help="tiny model, few rounds (a smoke test)")
-    ap.add_argument("--out", type=Path, default=DOCS / "performance.md",
+    ap.add_argument("--out", type=Path, default=PAGE,
                     help="the page; its JSON, fragments and PNG go to performance/ beside it")
     args = ap.parse_args()
-    global RESULTS, PAGE
-    PAGE, RESULTS = args.out, args.out.parent / "performance"
     if not args.report:
-        run_all(args.quick)
-    print(f"wrote {write_page()}")
+        run_all(args.quick, results_dir(args.out))
+    print(f"wrote {write_page(args.out)}")
 
 
 if __name__ == "__main__":

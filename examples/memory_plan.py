@@ -23,7 +23,7 @@ def main() -> None:
     recipe = load_recipe(path)
     config = model_config(recipe)  # a transformers config; the planner builds the model on meta
     # the guide's setup; trl's SFTTrainer (training.trainer: sft) never builds the b x s x V logits
-    loss = "fused" if recipe.training.trainer == "sft" or recipe.training.fused_loss else "full"
+    loss = "fused" if recipe.training.fused_head else "full"
     common = dict(lora_r=16, batch_size=4, seq_len=2048, gradient_checkpointing=True, loss=loss)
     setups = {"bf16 base, 24 GiB": PlanInputs(**common, quantization=None, gpu_mem_gb=24),
               "4-bit base, 12 GiB": PlanInputs(**common, quantization="4bit", gpu_mem_gb=12)}

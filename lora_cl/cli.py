@@ -194,7 +194,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                         state_bits=args.state_bits, basis_rank=basis_rank,
                         n_domains=len(recipe.domains), gpus=args.gpus, zero_stage=stage,
                         offload=offload, gpu_mem_gb=args.gpu_mem,
-                        loss="fused" if t.trainer == "sft" or t.fused_loss else "full")
+                        loss="fused" if t.fused_head else "full")
     print(f"{args.recipe}: {m.name}, per GPU over {args.gpus} GPU(s) of {args.gpu_mem:g} GiB")
     print(plan_memory(model_config(recipe), inputs).to_text())
     return 0

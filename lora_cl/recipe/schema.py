@@ -144,6 +144,11 @@ class TrainingConfig:
     deepspeed: str | None = None
     fused_loss: bool = False  # trainer: "trainer" only; trl's SFTTrainer always fuses the LM head
 
+    @property
+    def fused_head(self) -> bool:
+        """Whether training never builds the b x s x V logits: trl's SFTTrainer, or ``fused_loss``."""
+        return self.trainer == "sft" or self.fused_loss
+
 
 @dataclass
 class EvalConfig:

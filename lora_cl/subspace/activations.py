@@ -99,12 +99,12 @@ def activation_bases(model: nn.Module, batches: Iterable[Mapping[str, Any]], ban
     generator = torch.Generator().manual_seed(seed)
     samples: dict[str, _TokenSample] = {}  # a_name -> its sample (shared by layers fed one input)
     owners: dict[str, str] = {}  # a_name -> the layer whose sample it shares (itself: samples)
-    current: dict[str, Any] = {"mask": None, "last": None, "order": []}
+    current: dict[str, Any] = {"mask": None, "last": None, "last_layer": None}
 
     def make_hook(a_name: str):
         def hook(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             x = args[0] if args else kwargs["x"]
-            current["order"].append(a_name)
+            current["last_layer"] = a_name
             last = current["last"]  # (tensor, owner): held, so its memory cannot be reused meanwhile
             if a_name not in owners:  # q, k and v (gate and up) take one tensor in a row: share it
                 owners[a_name] = last[1] if last is not None and last[0] is x else a_name
@@ -130,14 +130,14 @@ def activation_bases(model: nn.Module, batches: Iterable[Mapping[str, Any]], ban
         model.eval()
         with torch.no_grad():
             for i, batch in enumerate(batches):
-                current.update(mask=batch.get("attention_mask"), last=None, order=[])
+                current.update(mask=batch.get("attention_mask"), last=None)
                 inputs = {k: v for k, v in _to_device(batch, device).items() if k != "labels"}
                 try:
                     model(**inputs)
                 except _Collected:
                     pass
-                if i == 0 and current["order"]:  # the first batch ran through: its last LoRA layer
-                    handles.append(by_name[current["order"][-1]].layer.register_forward_hook(stop_hook))
+                if i == 0 and current["last_layer"]:  # the first batch ran through: its last LoRA layer
+                    handles.append(by_name[current["last_layer"]].layer.register_forward_hook(stop_hook))
     finally:
         current["last"] = None
         for h in handles:

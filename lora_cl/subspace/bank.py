@@ -137,9 +137,7 @@ class SubspaceBank:
         U = Q[:, :k], s = min(S, 1). replace: the last domain's (U, s) for (name, side).
         """
         check_side(side)
-        if self._cache_version != self.version:
-            self._cache.clear()
-            self._cache_version = self.version
+        self._sync_cache()
         dev = torch.device("cpu") if device is None else torch.device(device)
         key = (name, side, str(dev), dtype)
         if key not in self._cache:
@@ -159,9 +157,7 @@ class SubspaceBank:
         must hold a basis on ``side``.
         """
         check_side(side)
-        if self._cache_version != self.version:
-            self._cache.clear()
-            self._cache_version = self.version
+        self._sync_cache()
         dev = torch.device("cpu") if device is None else torch.device(device)
         key = (tuple(names), side, str(dev), dtype, "stacked")
         hit = self._cache.get(key)
@@ -186,6 +182,12 @@ class SubspaceBank:
                 self._cache[(name, side, str(dev), dtype)] = (u[i, :, :ki], s[i, :ki])
             hit = self._cache[key] = (u, s)
         return hit
+
+    def _sync_cache(self) -> None:
+        """Drop the cached projectors once the bases changed (``version``)."""
+        if self._cache_version != self.version:
+            self._cache.clear()
+            self._cache_version = self.version
 
     def _merge(self, name: str, side: str) -> tuple[Tensor, Tensor] | None:
         parts = [e[(name, side)] for e in self._bases.values() if (name, side) in e]

@@ -61,7 +61,8 @@ def run_stream(recipe: Any, *, output_dir: str | os.PathLike[str] | None = None,
     """
     from lora_cl.report import write_comparison_report
 
-    log = (log or _stderr) if is_main_process() else _silent
+    main = is_main_process()
+    log = (log or _stderr) if main else _silent
     out = Path(output_dir if output_dir is not None else recipe.output_dir)
     choices = recipe.methods()
     data, _ = load_stream_data(recipe, log)
@@ -71,9 +72,9 @@ def run_stream(recipe: Any, *, output_dir: str | os.PathLike[str] | None = None,
         log(f"lora-cl: method {k + 1}/{len(choices)} {choice.run_label!r} -> {run_dir}")
         runs.append(run_method(recipe, choice, run_dir, data=data, resume=resume, progress=progress,
                                log=log))
-        if is_main_process():
+        if main:
             write_json(out / "compare.json", {"runs": [r.name for r in runs]})
-    if is_main_process():
+    if main:
         report = write_comparison_report(out, runs)
         log(f"lora-cl: report {report}")
     return runs

@@ -194,14 +194,10 @@ class ZeroRoutedStep:
             masters = all(MASTER in st for st in per)  # fp32 master weights over the domain boundary
             if not keys and not masters:
                 continue
-            position = {id(lp): j for j, lp in enumerate(lps)}
-            for lp, lo, hi, hp in fragments(zero, index):
-                st = per[position[id(lp)]]
-                pairs = [(opt.state[flat][k], st[k]) for k in keys]
-                if masters:
-                    pairs.append((flat.data, st[MASTER]))
-                for dst, src in pairs:
-                    dst.view(-1)[hp:hp + hi - lo].copy_(src.reshape(-1)[lo:hi])
+            pairs = [(opt.state[flat][k], [st[k] for st in per]) for k in keys]
+            if masters:
+                pairs.append((flat.data, [st[MASTER] for st in per]))
+            _scatter_own(lps, fragments(zero, index), pairs)
 
     @torch.no_grad()
     def release(self) -> None:
@@ -285,12 +281,8 @@ class ZeroRoutedStep:
             state["exp_avg"] = torch.zeros_like(flat, dtype=torch.float32)
             state["exp_avg_sq"] = torch.zeros_like(flat, dtype=torch.float32)
         state["step"].copy_(states[0]["step"])
-        position = {id(lp): j for j, lp in enumerate(lps)}
-        for lp, lo, hi, hp in frags:
-            j = position[id(lp)]
-            for dst, src in ((flat, params[j]), (state["exp_avg"], states[j]["exp_avg"]),
-                             (state["exp_avg_sq"], states[j]["exp_avg_sq"])):
-                dst.view(-1)[hp:hp + hi - lo].copy_(src.reshape(-1)[lo:hi])
+        _scatter_own(lps, frags, [(flat, params)] + [(state[k], [st[k] for st in states])
+                                                     for k in ("exp_avg", "exp_avg_sq")])
 
 
 def fragments(zero: Any, index: int) -> list[tuple[Tensor, int, int, int]]:
@@ -337,6 +329,17 @@ def _gather_full(lps: list[Tensor], frags: list[tuple[Tensor, int, int, int]],
         pieces = torch.split(buf[row], sizes)
         out[key] = [t.view(lp.shape).clone() for t, lp in zip(pieces, lps, strict=True)]
     return out
+
+
+def _scatter_own(lps: list[Tensor], frags: list[tuple[Tensor, int, int, int]],
+                 pairs: list[tuple[Tensor, list[Tensor]]]) -> None:
+    """This rank's fragments of full per-tensor values into its flat partitions (the inverse of
+    :func:`_gather_full`): for each (flat target, one full tensor per ``lps`` entry)."""
+    position = {id(lp): j for j, lp in enumerate(lps)}
+    for lp, lo, hi, hp in frags:
+        j = position[id(lp)]
+        for dst, full in pairs:
+            dst.view(-1)[hp:hp + hi - lo].copy_(full[j].reshape(-1)[lo:hi])
 
 
 def _cumsum(sizes: list[int]) -> list[int]:
