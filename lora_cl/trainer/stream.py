@@ -318,7 +318,22 @@ def load_peft_model(recipe: Any) -> tuple[Any, Any]:
     model, tokenizer = load_model(m.name, dtype=getattr(torch, m.dtype),
                                   trust_remote_code=m.trust_remote_code, quantization=m.quantization)
     torch.manual_seed(recipe.training.seed)  # LoRA init
-    return get_peft_model(model, recipe.lora.peft_config()), tokenizer
+    model = get_peft_model(model, recipe.lora.peft_config())
+    device = _accelerator(recipe)
+    if device is not None:  # so the base-model evaluation runs there too, not on the CPU
+        model.to(device)
+    return model, tokenizer
+
+
+def _accelerator(recipe: Any) -> torch.device | None:
+    """The GPU this process's Trainer would move the model to, when it is safe to do so first.
+
+    Quantized models are placed by their device map and DeepSpeed places its own engine's
+    model, so those stay where they are.
+    """
+    if not torch.cuda.is_available() or recipe.model.quantization or recipe.training.deepspeed:
+        return None
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def _scores_line(scores: list[dict[str, Any]], names: Sequence[str], primary: str) -> str:

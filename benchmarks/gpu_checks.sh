@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The GPU checks, in one go, on a machine with CUDA and lora-cl's dependencies importable:
+#   bash benchmarks/gpu_checks.sh [OUTDIR]      (default docs/gpu)
+# 1. optimizer parity on the device (benchmarks/gpu_parity.py), 2. optimizer-step ratios on the
+# device (benchmarks/optimizer_step.py), 3. a Llama-2-7B-shaped model, bf16 and 4-bit, against the
+# memory planner and against peft + fused AdamW (benchmarks/gpu_7b.py). Each has its own time limit,
+# so one that hangs does not take the others' results with it.
+set -uo pipefail
+out=${1:-docs/gpu}
+py=${PYTHON:-python3}
+mkdir -p "$out"
+$py - <<'PY'
+import importlib, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")
+for name in ("transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets"):
+    try:
+        print(name, importlib.import_module(name).__version__)
+    except Exception as exc:  # report and go on: a check that needs it will fail on its own
+        print(name, "not importable:", exc)
+PY
+status=0
+timeout 120 $py benchmarks/gpu_parity.py --out "$out/gpu_parity.md" --json "$out/gpu_parity.json" || status=1
+timeout 150 $py benchmarks/optimizer_step.py --device cuda --out "$out/optimizer_step_gpu.md" \
+    --json "$out/optimizer_step_gpu.json" || status=1
+timeout ${GPU_7B_TIMEOUT:-330} $py benchmarks/gpu_7b.py --out "$out/gpu_7b.md" --json "$out/gpu_7b.json" \
+    --steps 6 || status=1
+exit $status
