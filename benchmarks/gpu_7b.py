@@ -68,6 +68,9 @@ def build(config, saved: str | None, device: str):
         model = prepare_model_for_kbit_training(model)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    # from_pretrained returns the model in eval mode, and transformers checkpoints activations only
+    # in train mode (the Trainer calls train(); this loop must too).
+    model.train()
     model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=0.0,
                                              target_modules=TARGETS, task_type="CAUSAL_LM"))
     return model

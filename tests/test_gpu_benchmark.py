@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,3 +43,79 @@ def test_without_cuda_it_says_so_and_exits_0(tmp_path):
                            str(tmp_path / "gpu.md")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "no CUDA device" in proc.stdout
     assert not (tmp_path / "gpu.md").exists()
+
+
+def _recomputes(model) -> int:
+    """Calls of the first decoder layer's MLP during one forward + backward (2 = checkpointed).
+
+    (The forward is wrapped rather than hooked: module hooks do not fire on the recompute.)
+    """
+    mlp = model.get_base_model().model.layers[0].mlp
+    calls, forward = [], mlp.forward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    mlp.forward = counted
+    ids = torch.randint(0, 100, (1, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    del mlp.forward
+    return len(calls)
+
+
+def test_both_builds_train_with_activation_checkpointing(tmp_path):
+    """from_pretrained returns eval mode, where transformers skips checkpointing: build() must not."""
+    pytest.importorskip("bitsandbytes")
+    bench = load_benchmark()
+    config = bench.llama2_7b_config(1, tiny=True)
+    bench.save_random(config, str(tmp_path))
+    for saved in (None, str(tmp_path)):  # bf16 from the config, 4-bit through bitsandbytes' CPU backend
+        model = bench.build(config, saved, "cpu")
+        assert model.training
+        assert _recomputes(model) == 2
+
+
+def test_tiny_flow_runs_on_cpu_and_writes_page_and_json(tmp_path):
+    out, js = tmp_path / "gpu.md", tmp_path / "gpu.json"
+    args = ["--tiny", "--device", "cpu", "--layers", "1", "--steps", "1", "--skip-qlora", "--out", str(out),
+            "--json", str(js)]
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_7b.py"), *args],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(js.read_text())["rows"]["bf16"]
+    assert set(rows) == {"lora-cl ogp, 8-bit states", "peft + AdamW(fused)", "plan_gib"}
+    assert all(r["tokens_per_s"] > 0 and r["peak_gib"] is None for k, r in rows.items() if k != "plan_gib")
+    assert "step-time ratio" in out.read_text()
+
+
+def test_parity_script_on_cpu_is_bitwise_for_every_routing(tmp_path):
+    js = tmp_path / "parity.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_parity.py"), "--device", "cpu",
+                           "--out", str(tmp_path / "parity.md"), "--json", str(js)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(js.read_text())
+    assert len(result["adamw"]) == 8 and all(r["max_abs_diff"] == 0.0 for r in result["adamw"])
+    assert result["projection"]["max_rel_diff_vs_cpu"] == 0.0
+    if result["8bit"] is not None:
+        assert result["8bit"]["max_rel_norm_diff"] < 5e-3
+
+
+def test_cross_platform_table_compares_common_finished_cells(tmp_path):
+    """Two caches sharing one finished cell (a copy, so every difference is 0) and one not."""
+    import shutil
+
+    cache = REPO / "benchmarks" / "reproduction" / "cells-gpu"
+    src = next(p.parent for p in sorted(cache.glob("*/*/*/run.json")))
+    key = src.relative_to(src.parents[2])
+    shutil.copytree(src, tmp_path / "a" / key)
+    shutil.copytree(src, tmp_path / "b" / key)
+    shutil.copytree(src, tmp_path / "b" / key.parent / "other-s9")
+    out = tmp_path / "x.md"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "cross_platform_cells.py"), "--a",
+                           str(tmp_path / "a"), "--b", str(tmp_path / "b"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = out.read_text()
+    assert "present in both caches: 1." in text and f"| {key} |" in text and "| 0 | 0 |" in text

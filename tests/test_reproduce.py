@@ -43,6 +43,9 @@ def test_quick_grid_runs_parts_1_and_2_then_skips_finished_cells(tmp_path, lora_
     assert "partial: 2 of 11 cells finished" in text      # the other 9 part-2 methods
     assert "not run yet (0 of 4 cells)" in text            # e.g. part 4
     assert "lora-cl reproduce --only 2 --quick --model tiny" in text
+    run = json.loads((cells[0].run_dir(cache) / "run.json").read_text())
+    assert run["device"].endswith("cores") or "CUDA" in run["device"]
+    assert f"ran (each cell's run.json): {run['device']}, torch {run['versions']['torch']}: 2 cells" in text
     # measured values come from the cells: vanilla's forgetting appears in the table
     vanilla = json.loads((cells[0].run_dir(cache) / "summary.json").read_text())
     assert f"{vanilla['metrics']['loss']['forgetting']:.4g}" in text

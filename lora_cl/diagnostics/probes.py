@@ -57,12 +57,13 @@ def optimizer_probes(optimizer: Any, bank: Any, side: str = "in") -> dict[str, f
     shares, lrs = [], []
     for name, p in zip(names, params, strict=True):
         state = optimizer.state.get(p)
-        proj = bank.projector(name, side) if p.ndim >= 2 else None
-        if not state or proj is None or side != "in":
+        proj = bank.projector(name, side, device=p.device) if p.ndim >= 2 and side == "in" else None
+        moments = optimizer.moments(p) if state and proj is not None else None
+        if moments is None:
             continue
-        step = float(state["step"])
-        shares.append(v_share_in_subspace(state["exp_avg_sq"], proj[0], step, beta2))
-        lrs.append(old_direction_lr(state["exp_avg_sq"], proj[0], step, lr, beta2, eps))
+        step, v = float(state["step"]), moments[1]  # (8-bit states come back dequantized)
+        shares.append(v_share_in_subspace(v, proj[0], step, beta2))
+        lrs.append(old_direction_lr(v, proj[0], step, lr, beta2, eps))
     if not shares:
         return {}
     return {"probe/v_share_old": sum(shares) / len(shares),

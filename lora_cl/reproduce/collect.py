@@ -26,6 +26,7 @@ class CellResult:
     summary: dict[str, Any]
     seconds: float
     overlaps: list[list[float]] = field(default_factory=list)  # per domain: logged overlap s_t
+    platform: str = "unknown"  # where it ran, from run.json (device, else the torch build)
 
 
 def _read(path: Path) -> Any:
@@ -43,7 +44,17 @@ def load_cell(cell: Cell, cache: Path) -> CellResult | None:
         seconds += sum(float(m.get(k) or 0.0) for k in ("train_seconds", "eval_seconds", "basis_seconds"))
         overlaps.append([float(h["projection/overlap"]) for h in m.get("log_history", [])
                          if "projection/overlap" in h])
-    return CellResult(cell, _read(run_dir / "summary.json"), seconds, overlaps)
+    return CellResult(cell, _read(run_dir / "summary.json"), seconds, overlaps, _platform(run_dir))
+
+
+def _platform(run_dir: Path) -> str:
+    """run.json's ``device`` with the torch build; older runs recorded only the torch build."""
+    try:
+        run = _read(run_dir / "run.json")
+    except (OSError, ValueError):
+        return "unknown"
+    torch_version = (run.get("versions") or {}).get("torch", "?")
+    return f"{run['device']}, torch {torch_version}" if run.get("device") else f"torch {torch_version}"
 
 
 def load_cells(cells: Sequence[Cell], cache: Path) -> list[CellResult]:

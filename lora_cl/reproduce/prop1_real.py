@@ -63,7 +63,7 @@ def _measure(model: Any, optimizer: Any, bank: Any, batches: Sequence[dict[str, 
     names, params = optimizer.routed_named_params()
     group = optimizer.param_groups[0]
     beta2, eps, lr = group["betas"][1], group["eps"], float(group["lr"])
-    tracked = [(n, p, bank.projector(n, "in")[0]) for n, p in zip(names, params, strict=True)
+    tracked = [(n, p, bank.projector(n, "in", device=p.device)[0]) for n, p in zip(names, params, strict=True)
                if p.ndim >= 2 and bank.projector(n, "in") is not None]
     sums = {g: {"eta": 0.0, "v": 0.0, "dw": 0.0, "n": 0} for g in GROUPS}
     before: dict[str, torch.Tensor] = {}

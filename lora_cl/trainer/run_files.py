@@ -75,6 +75,15 @@ def versions() -> dict[str, str]:
     return out
 
 
+def device() -> str:
+    """Where the numbers were computed: the GPU's name, else the CPU and its core count."""
+    import os
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
+    return f"{platform.machine() or 'cpu'} CPU, {os.cpu_count()} cores"
+
+
 def git_commit() -> str | None:
     """The lora-cl checkout's commit (``-dirty`` with local changes), None outside a checkout."""
     root = Path(__file__).resolve().parents[2]

@@ -35,6 +35,7 @@ from lora_cl.trainer.checkpoints import (
 )
 from lora_cl.trainer.optimizer_factory import bank_of, make_optimizer
 from lora_cl.trainer.run_files import (
+    device,
     domain_dir,
     finished_domains,
     git_commit,
@@ -302,7 +303,7 @@ def _write_run_json(recipe: Any, choice: Any, spec: Any, run_dir: Path, data: Se
         "model": recipe.model.name, "seed": t.seed, "world_size": world,
         "global_batch": t.batch_size * t.grad_accum * world,
         "steps_per_domain": [recipe.steps_for(i) for i in range(len(recipe.domains))],
-        "primary": primary, "versions": versions(), "git_commit": git_commit(),
+        "primary": primary, "versions": versions(), "device": device(), "git_commit": git_commit(),
         "command": shlex.join(sys.argv), "started": now_iso(), "finished": None,
         "recipe": recipe.to_dict(),
     })

@@ -56,3 +56,30 @@ def test_cli_writes_json_and_png_and_exit_code(tmp_path):
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 1 and "NOT within" in proc.stdout
+
+
+@pytest.mark.parametrize("state_bits", [32, 8])
+def test_optimizer_probes_read_fp32_and_8bit_states_alike(state_bits):
+    """The callback's probes read v through RoutedAdamW.moments, so 8-bit states work too."""
+    if state_bits == 8:
+        pytest.importorskip("bitsandbytes")
+    from lora_cl import Projection, RoutedAdamW, SubspaceBank
+    from lora_cl.diagnostics import optimizer_probes
+
+    def probes(bits):
+        gen = torch.Generator().manual_seed(0)
+        p = (torch.randn(16, 512, generator=gen) * 0.1).requires_grad_()
+        bank = SubspaceBank()
+        bank.add("old", "a", torch.linalg.qr(torch.randn(512, 8, generator=gen))[0])
+        opt = RoutedAdamW([{"params": [p], "param_names": ["a"], "routing": "decoupled",
+                            "modifiers": [Projection(bank, 0.5)]}], lr=1e-3, state_bits=bits,
+                          min_8bit_size=4096)
+        for _ in range(5):
+            p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        return optimizer_probes(opt, bank)
+
+    ref, got = probes(32), probes(state_bits)
+    assert set(got) == {"probe/v_share_old", "probe/old_direction_lr"}
+    for key, value in ref.items():
+        assert got[key] == pytest.approx(value, rel=0.05)
