@@ -93,6 +93,66 @@ def requantize_(state: dict[str, Tensor], m: Tensor, v: Tensor) -> None:
     state["absmax1"], state["absmax2"] = qs1.absmax, qs2.absmax
 
 
+class Chunk8bit:
+    """Several 8-bit states dequantized together: one bitsandbytes call per moment, not per tensor.
+
+    Each state's codes are laid end to end, every tensor padded to whole blocks, so no block
+    straddles two tensors: the block scales, and so the codes, equal per-tensor quantization's
+    exactly (a tail block's zero padding leaves its absmax unchanged). ``m`` and ``v`` are fp32
+    views, one per state, into two flat buffers; :meth:`requantize_` writes the new codes and
+    scales back into the states' own tensors. On a GPU this turns ~4 launches per LoRA tensor
+    into 4 per chunk.
+    """
+
+    def __init__(self, states: Sequence[dict[str, Tensor]]) -> None:
+        bnb_f = _bnb_functional()
+        self.states = list(states)
+        device = self.states[0]["state1"].device
+        self.maps = dynamic_maps(device)
+        self.sizes = [st["state1"].numel() for st in self.states]
+        self.blocks = [math.ceil(n / BLOCKSIZE) for n in self.sizes]
+        self.offsets = [0]
+        for b in self.blocks:
+            self.offsets.append(self.offsets[-1] + b * BLOCKSIZE)
+        self.padded = [i for i, (n, b) in enumerate(zip(self.sizes, self.blocks, strict=True))
+                       if n != b * BLOCKSIZE]
+        flats = []
+        for (key, amax), code in zip((("state1", "absmax1"), ("state2", "absmax2")), self.maps, strict=True):
+            codes = self._laid_out([st[key].reshape(-1) for st in self.states], torch.uint8, device)
+            absmax = torch.cat([st[amax] for st in self.states])
+            flat = bnb_f.dequantize_blockwise(codes, absmax=absmax, code=code, blocksize=BLOCKSIZE)
+            for i in self.padded:  # zero padding: it must not raise a tail block's absmax later
+                flat[self.offsets[i] + self.sizes[i]:self.offsets[i + 1]].zero_()
+            flats.append(flat)
+        self.flat_m, self.flat_v = flats
+        shapes = [st["state1"].shape for st in self.states]
+        self.m = self._views(self.flat_m, shapes)
+        self.v = self._views(self.flat_v, shapes)
+
+    def _laid_out(self, parts: list[Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:
+        if not self.padded:
+            return torch.cat(parts)
+        out = torch.zeros(self.offsets[-1], dtype=dtype, device=device)
+        torch._foreach_copy_(self._views(out, [t.shape for t in parts]), parts)
+        return out
+
+    def _views(self, flat: Tensor, shapes: Sequence[torch.Size]) -> list[Tensor]:
+        return [flat[o:o + n].view(shape)
+                for o, n, shape in zip(self.offsets[:-1], self.sizes, shapes, strict=True)]
+
+    def requantize_(self) -> None:
+        """Quantize the (updated) fp32 buffers and copy the codes and scales into the states."""
+        bnb_f = _bnb_functional()
+        for (key, amax), flat, code in zip((("state1", "absmax1"), ("state2", "absmax2")),
+                                           (self.flat_m, self.flat_v), self.maps, strict=True):
+            codes, qstate = bnb_f.quantize_blockwise(flat, code=code, blocksize=BLOCKSIZE)
+            torch._foreach_copy_([st[key].view(-1) for st in self.states],
+                                 [codes[o:o + n] for o, n in zip(self.offsets[:-1], self.sizes, strict=True)])
+            starts = [o // BLOCKSIZE for o in self.offsets[:-1]]
+            torch._foreach_copy_([st[amax] for st in self.states],
+                                 [qstate.absmax[a:a + b] for a, b in zip(starts, self.blocks, strict=True)])
+
+
 def state_nbytes(states: Iterable[dict[str, Any]]) -> int:
     """Bytes held by the tensors of per-parameter optimizer states (codes, scales, moments, step)."""
     return sum(t.numel() * t.element_size()

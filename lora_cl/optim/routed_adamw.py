@@ -281,7 +281,12 @@ class RoutedAdamW(Optimizer):
         # bound the transient fp32 memory (8 B/element) while keeping the fused kernel's batching.
         small = [e for e in entries if q8.is_8bit(e["state"])]
         for chunk in q8.chunks(small, [e["param"].numel() for e in small]):
-            moments = [q8.dequantize(e["state"]) for e in chunk]
+            if len({e["param"].device for e in chunk}) == 1:  # one call per moment for the chunk
+                flat = q8.Chunk8bit([e["state"] for e in chunk])
+                run(chunk, flat.m, flat.v)
+                flat.requantize_()
+                continue
+            moments = [q8.dequantize(e["state"]) for e in chunk]  # (a model split over devices)
             run(chunk, [m for m, _ in moments], [v for _, v in moments])
             for e, (m, v) in zip(chunk, moments, strict=True):
                 q8.requantize_(e["state"], m, v)

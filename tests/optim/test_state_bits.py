@@ -261,3 +261,29 @@ def test_trainer_curve_with_8bit_states_is_within_noise_of_fp32(tiny_factory, tm
     assert drop > 0.15 and eight[0] - eight[-1] > 0.15  # both learn (measured ~0.25)
     for a, b in zip(full, eight, strict=True):  # measured |b - a| <= 0.02
         assert abs(b - a) <= 0.25 * drop
+
+
+def test_chunked_dequantize_and_requantize_equal_per_tensor_bitwise():
+    """Chunk8bit (one bitsandbytes call per moment for many tensors) == per-tensor calls, tail blocks too."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(16, 4096), (1000, 17), (64, 64), (4096, 16), (5000,)]  # 17000 and 5000: tail blocks
+    ours, ref = [], []
+    for shape in shapes:
+        state = q8.init_8bit(torch.empty(shape))
+        m, v = torch.randn(shape, generator=gen) * 1e-2, torch.rand(shape, generator=gen) * 1e-4
+        q8.requantize_(state, m, v)
+        ours.append({k: t.clone() for k, t in state.items()})
+        ref.append(state)
+    chunk = q8.Chunk8bit(ours)
+    for i, state in enumerate(ref):
+        m, v = q8.dequantize(state)
+        assert torch.equal(chunk.m[i], m) and torch.equal(chunk.v[i], v)
+        # the same arbitrary update on both sides, then back to codes
+        new_m, new_v = m * 0.9 + 1e-3 * torch.randn(m.shape, generator=gen), v * 0.999 + m.square()
+        chunk.m[i].copy_(new_m)
+        chunk.v[i].copy_(new_v)
+        q8.requantize_(state, new_m, new_v)
+    chunk.requantize_()
+    for a, b in zip(ours, ref, strict=True):
+        for key in q8.Q8_KEYS:
+            assert a[key].shape == b[key].shape and torch.equal(a[key], b[key]), key
