@@ -95,3 +95,25 @@ def test_mean_ci_and_paired_on_hand_computed_values():
     assert p.p_value == pytest.approx(1 - t / math.sqrt(2 + t * t), abs=1e-6)
     assert paired({0: 1.0, 1: 1.5}, {0: 0.0, 1: 0.0}).ci.excludes_zero() is False
     assert paired({0: 3.0, 1: 3.1, 2: 2.9}, {0: 0.0, 1: 0.0, 2: 0.0}).ci.excludes_zero()
+
+
+def test_parallel_script_splits_methods_over_workers_sharing_one_cache(tmp_path, lora_cl_cache):
+    """benchmarks/reproduce_parallel.sh: two workers, one method each, cells in one cache."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    cache, logs = tmp_path / "cache", tmp_path / "logs"
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    proc = subprocess.run(["bash", str(repo / "benchmarks" / "reproduce_parallel.sh"), "-w", "2", "-t", "600",
+                           "-p", "2", "-c", str(cache), "-l", str(logs), "-m", "vanilla,ogp-fixed", "--",
+                           "--quick", "--model", "tiny"], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "worker 0: vanilla" in proc.stdout and "worker 1: ogp-fixed" in proc.stdout
+    for method in ("vanilla", "ogp-fixed"):
+        summary = next(cache.glob(f"lm8/*/{method}-s0/summary.json"))
+        assert json.loads(summary.read_text())["complete"]
+    assert sorted(p.name for p in logs.glob("worker-*.log")) == ["worker-0.log", "worker-1.log"]
