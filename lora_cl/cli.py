@@ -91,9 +91,10 @@ def _input_errors() -> tuple[type[BaseException], ...]:
     from lora_cl.recipe import RecipeError
     from lora_cl.report import ReportError
     from lora_cl.trainer.stream import StreamError
+    from lora_cl.trainer.zero import ZeroRoutingError
 
     return (StreamError, RecipeError, MethodError, DomainDataError, UserDataError, UnknownNameError,
-            ModelLoadError, ReportError, FileNotFoundError)
+            ModelLoadError, ReportError, FileNotFoundError, ZeroRoutingError)
 
 
 def _load(args: argparse.Namespace):

@@ -51,6 +51,8 @@ CASES = [
     ("replay without buffer", "validate", _set("method", {"name": "replay", "replay_fraction": 0}),
      ["replay_fraction > 0"]),
     ("unknown method", "validate", _set("method", "ogpp"), ["unknown method", "ogp"]),
+    ("ZeRO-3 stream", "train", _set("training.deepspeed", str(REPO / "deepspeed_configs" / "zero3.json")),
+     ["ZeRO stage 3", "zero2.json"]),
 ]
 
 

@@ -123,9 +123,13 @@ def _check_deepspeed(path: str, ctx: _Ctx) -> None:
         raise ctx.error(key, f"{key}: DeepSpeed config {path} does not exist",
                         "point it at a JSON such as deepspeed_configs/zero2.json, or remove the key")
     try:
-        json.loads(Path(path).read_text(encoding="utf-8"))
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ctx.error(key, f"{key}: {path} is not valid JSON ({err})") from None
+    if isinstance(config, dict) and int((config.get("zero_optimization") or {}).get("stage", 0)) == 3:
+        raise ctx.error(key, f"{key}: {path} is ZeRO stage 3, under which the stream runner cannot "
+                        "evaluate on rank 0 alone nor carry its optimizer from domain to domain",
+                        "use deepspeed_configs/zero2.json (or a 4-bit base when the model does not fit)")
 
 
 # ---------------------------------------------------------------- the model, offline

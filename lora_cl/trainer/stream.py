@@ -47,6 +47,7 @@ from lora_cl.trainer.run_files import (
     write_json,
 )
 from lora_cl.trainer.trainers import StreamError, make_trainer
+from lora_cl.trainer.zero import check_stream_zero
 
 Log = Callable[[str], None]
 __all__ = ["StreamError", "is_main_process", "latest_checkpoint", "load_adapter", "load_peft_model",
@@ -66,6 +67,7 @@ def run_stream(recipe: Any, *, output_dir: str | os.PathLike[str] | None = None,
     log = (log or _stderr) if main else _silent
     out = Path(output_dir if output_dir is not None else recipe.output_dir)
     choices = recipe.methods()
+    check_stream_zero(recipe.training.deepspeed)
     data, _ = load_stream_data(recipe, log)
     runs: list[Path] = []
     for k, choice in enumerate(choices):

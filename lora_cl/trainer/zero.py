@@ -31,6 +31,35 @@ SUPPORTED = ("deepspeed_configs/zero2.json (ZeRO-2; ZeRO-1 works too), "
              "plain DDP (torchrun without training.deepspeed) or ZeRO stage 0 without bf16/fp16")
 
 
+def check_stream_zero(deepspeed_config: str | None) -> None:
+    """Refuse a stream (``run_stream`` / ``lora-cl train``) under ZeRO-3 before anything trains.
+
+    Under ZeRO-3 every parameter lives in partitions that all ranks gather together, and the
+    stream runner needs two things that stage cannot give: rank 0 evaluates every domain alone
+    (a ZeRO-3 forward needs every rank), and one optimizer crosses from each domain's engine to
+    the next (the first engine keeps its parameter groups as partitions; ZeRO-1/2 give them
+    back, see :func:`release_zero`). Both were seen to fail; a user's own single Trainer under
+    ZeRO-3 with the vanilla method trains (tested).
+    """
+    if not deepspeed_config:
+        return
+    import json
+    from pathlib import Path
+
+    try:
+        stage = int(json.loads(Path(deepspeed_config).read_text(encoding="utf-8"))
+                    .get("zero_optimization", {}).get("stage", 0))
+    except (OSError, ValueError):
+        return  # a missing or broken file is reported where the Trainer reads it
+    if stage == 3:
+        raise ZeroRoutingError(
+            f"lora-cl: the stream runner does not run under DeepSpeed ZeRO stage 3 ({deepspeed_config}): "
+            "rank 0 evaluates every domain alone and one optimizer crosses from domain to domain, "
+            "and ZeRO-3's partitioned parameters allow neither. Use "
+            f"{SUPPORTED}; for a base too large for one GPU prefer a 4-bit (QLoRA) base. See "
+            "docs/deepspeed.md")
+
+
 #: Per-tensor optimizer-state key of the fp32 master weights of low-precision (bf16/fp16) LoRA
 #: tensors between two ZeRO engines of a stream.
 MASTER = "lora_cl_fp32_master"
