@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The GPU checks, in one go, on a machine with CUDA and lora-cl's dependencies importable:
 #   bash benchmarks/gpu_checks.sh [OUTDIR]      (default docs/gpu)
+# 0. a smoke run of every method of the reproduction's parts 2 and 6 on the tiny model (quick
+# settings), so a device bug shows in seconds rather than after a grid's worth of device time,
 # 1. optimizer parity on the device (benchmarks/gpu_parity.py), 2. optimizer-step ratios on the
 # device (benchmarks/optimizer_step.py), 3. a Llama-2-7B-shaped model, bf16 and 4-bit, against the
 # memory planner and against peft + fused AdamW (benchmarks/gpu_7b.py). Each has its own time limit,
-# so one that hangs does not take the others' results with it.
+# so one that hangs does not take the others' results with it. SKIP_SMOKE=1 skips step 0.
 set -uo pipefail
 out=${1:-docs/gpu}
 py=${PYTHON:-python3}
@@ -19,6 +21,18 @@ for name in ("transformers", "peft", "trl", "bitsandbytes", "accelerate", "datas
         print(name, "not importable:", exc)
 PY
 status=0
+if [ -z "${SKIP_SMOKE:-}" ]; then
+  smoke=$(mktemp -d)
+  for part in 2 6; do
+    PYTHON=$py timeout 300 bash benchmarks/reproduce_parallel.sh -w 7 -t 280 -p $part -c "$smoke/cells" \
+        -l "$smoke/logs-$part" -- --quick --model tiny || status=1
+  done
+  done_cells=$(grep -l '"complete": true' "$smoke"/cells/*/*/*/summary.json 2>/dev/null | wc -l)
+  echo "smoke: $done_cells quick tiny cells complete (parts 2 and 6: 11 + 2 methods)"
+  for log in "$smoke"/logs-*/worker-*.log; do
+    grep -q Traceback "$log" && { echo "== $log"; grep -v -i warn "$log" | tail -6; }
+  done
+fi
 timeout 120 $py benchmarks/gpu_parity.py --out "$out/gpu_parity.md" --json "$out/gpu_parity.json" || status=1
 timeout 150 $py benchmarks/optimizer_step.py --device cuda --out "$out/optimizer_step_gpu.md" \
     --json "$out/optimizer_step_gpu.json" || status=1
