@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from lora_cl.reproduce.collect import platform_of
+
 
 def finished(cache: Path) -> dict[str, Path]:
     out = {}
@@ -23,12 +25,6 @@ def finished(cache: Path) -> dict[str, Path]:
         if json.loads(summary.read_text()).get("complete"):
             out[str(summary.parent.relative_to(cache))] = summary.parent
     return out
-
-
-def platform(run_dir: Path) -> str:
-    run = json.loads((run_dir / "run.json").read_text())
-    torch_version = run.get("versions", {}).get("torch", "?")
-    return f"{run['device']}, torch {torch_version}" if run.get("device") else f"torch {torch_version}"
 
 
 def loss(run_dir: Path) -> dict:
@@ -54,7 +50,7 @@ def main() -> int:
         fa, fb = la["final"], lb["final"]
         diff = max(abs(x - y) for x, y in zip(fa, fb, strict=True))
         avg = sum(fa) / len(fa) - sum(fb) / len(fb)
-        lines.append(f"| {key} | {platform(a[key])} | {platform(b[key])} | {la['forgetting']:.4f} | "
+        lines.append(f"| {key} | {platform_of(a[key])} | {platform_of(b[key])} | {la['forgetting']:.4f} | "
                      f"{lb['forgetting']:.4f} | {avg:.2g} | {diff:.2g} |")
     text = "\n".join(lines) + "\n"
     print(text)

@@ -44,10 +44,10 @@ def load_cell(cell: Cell, cache: Path) -> CellResult | None:
         seconds += sum(float(m.get(k) or 0.0) for k in ("train_seconds", "eval_seconds", "basis_seconds"))
         overlaps.append([float(h["projection/overlap"]) for h in m.get("log_history", [])
                          if "projection/overlap" in h])
-    return CellResult(cell, _read(run_dir / "summary.json"), seconds, overlaps, _platform(run_dir))
+    return CellResult(cell, _read(run_dir / "summary.json"), seconds, overlaps, platform_of(run_dir))
 
 
-def _platform(run_dir: Path) -> str:
+def platform_of(run_dir: Path) -> str:
     """run.json's ``device`` with the torch build; older runs recorded only the torch build."""
     try:
         run = _read(run_dir / "run.json")
