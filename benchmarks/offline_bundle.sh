@@ -21,6 +21,7 @@ py=${PYTHON:-$here/.venv/bin/python}
 if [ "$cmd" = build ]; then
   out=${2:?OUTDIR}; part_mb=${3:-38}; cuda=${4:-130}
   rm -rf "$out" && mkdir -p "$out/a/whl" "$out/a/site" "$out/b/site" "$out/tmp"
+  out=$(cd "$out" && pwd)  # absolute: the unzip steps below run from inside it
   pins=$($py - <<'PY'
 import importlib.metadata as md
 print(" ".join(f"{n}=={md.version(n)}" for n in

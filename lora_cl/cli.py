@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from lora_cl.paths import atomic_write_text
@@ -227,7 +228,18 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
                                 seeds=tuple(range(args.seeds)) if args.seeds else None)
     if not args.report:
         methods = args.methods.split(",") if args.methods else None
-        counts = run_grid(parts, args.cache, settings, methods=methods, progress=not args.no_progress)
+        run_settings = settings
+        if args.only_seeds:
+            try:
+                only = tuple(int(x) for x in args.only_seeds.split(","))
+            except ValueError:
+                only = ()
+            if not only or any(seed not in settings.seeds for seed in only):
+                print(f"lora-cl reproduce: error: --only-seeds takes seeds from {list(settings.seeds)} "
+                      f"(set by --seeds), e.g. --only-seeds 1,2; got {args.only_seeds!r}", file=sys.stderr)
+                return 2
+            run_settings = replace(settings, seeds=only)
+        counts = run_grid(parts, args.cache, run_settings, methods=methods, progress=not args.no_progress)
         print(f"lora-cl reproduce: {counts['trained']} cells trained, {counts['cached']} cached, "
               f"{counts['not_runnable']} not runnable here, {counts['prop1_written']} part 1 results written")
     path = write_report(args.cache, settings, args.docs)
@@ -313,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--methods", help="comma-separated grid methods to run (default: each part's all)")
     rp.add_argument("--steps", type=int, help="training steps per domain (overrides the settings)")
     rp.add_argument("--seeds", type=int, help="number of seeds 0..N-1 (overrides the settings)")
+    rp.add_argument("--only-seeds", metavar="SEEDS",
+                    help="train only these of the seeds, e.g. 2 or 1,2 (to split the grid over workers; "
+                         "the report still covers every seed)")
     rp.add_argument("--cache", default="benchmarks/reproduction/cells",
                     help="cell cache, committed so the grid finishes across sessions "
                          "(default benchmarks/reproduction/cells)")

@@ -1,0 +1,161 @@
+"""Run the reproduction grid's missing cells as a pool of worker processes sharing one cell cache.
+
+Each job is one (part, method, seed) cell, trained by its own ``lora-cl reproduce --only P
+--methods M --only-seeds S`` process, so every cell is the same as a serial run's (one process's
+work, same settings, same config hash). The pool suits a GPU, which has room for many SmolLM2-135M
+runs at once; on 2 CPU cores it brings nothing (measured: +6% for two workers).
+
+Jobs are ordered seed-major (every method's seed 0 before any seed 1, so a run cut short still
+covers every part), then longest first within a seed. Jobs still running at the deadline are
+stopped; a stopped cell is not marked complete and resumes or reruns next time.
+
+    python benchmarks/reproduce_pool.py --workers 12 --deadline 480 --parts 2,3,4,5,6 \\
+        --cache CACHE --logs LOGDIR [--quick] [--model tiny] [--seeds 3]
+
+Writes LOGDIR/job-<part>-<method>-s<seed>.log per job and LOGDIR/pool.json (each job's outcome
+and wall time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+
+def plan_jobs(parts: list[int], cache: Path, settings, methods: list[str] | None = None) -> list[dict]:
+    """The unfinished, runnable cells of ``parts`` as jobs, seed-major, longest first per seed."""
+    from lora_cl.reproduce.grid import estimate_run_seconds, part_cells, runnable
+
+    jobs, seen = [], set()
+    for seed in settings.seeds:
+        one = replace(settings, seeds=(seed,))
+        batch = []
+        for part in parts:
+            for cell in part_cells(part, one, tuple(methods) if methods else None):
+                run_dir = cell.run_dir(cache)
+                if run_dir in seen or cell.complete(cache) or runnable(cell.stream, settings):
+                    continue
+                seen.add(run_dir)
+                batch.append({"part": part, "method": cell.method.label, "seed": seed,
+                              "stream": cell.stream, "run_dir": str(run_dir),
+                              "estimate_s": estimate_run_seconds(cell.stream, settings)})
+        jobs += sorted(batch, key=lambda j: -j["estimate_s"])
+    return jobs
+
+
+def job_command(job: dict, args: argparse.Namespace) -> list[str]:
+    cmd = [sys.executable, "-m", "lora_cl.cli", "reproduce", "--only", str(job["part"]),
+           "--methods", job["method"], "--only-seeds", str(job["seed"]), "--cache", str(args.cache),
+           "--docs", str(Path(args.logs) / "docs"), "--no-progress"]
+    if args.quick:
+        cmd.append("--quick")
+    if args.model:
+        cmd += ["--model", args.model]
+    if args.seeds:
+        cmd += ["--seeds", str(args.seeds)]
+    return cmd
+
+
+def _stop(proc: subprocess.Popen, grace: float = 15.0) -> None:
+    """SIGTERM the job's process group, then SIGKILL what is left after ``grace`` seconds."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def run_pool(jobs: list[dict], args: argparse.Namespace) -> list[dict]:
+    logs = Path(args.logs)
+    logs.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(args.threads))
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    deadline = start + args.deadline
+    queue, running, done = list(jobs), [], []
+    while queue or running:
+        now = time.monotonic()
+        while queue and len(running) < args.workers and now < deadline:
+            job = queue.pop(0)
+            log = logs / f"job-{job['part']}-{job['method']}-s{job['seed']}.log"
+            handle = log.open("w")
+            proc = subprocess.Popen(job_command(job, args), stdout=handle, stderr=subprocess.STDOUT, env=env,
+                                    start_new_session=True)
+            running.append((job, proc, handle, now))
+            print(f"[{now - start:6.0f}s] start  part {job['part']} {job['method']} s{job['seed']}", flush=True)
+        for item in list(running):
+            job, proc, handle, began = item
+            code = proc.poll()
+            if code is None and time.monotonic() < deadline:
+                continue
+            outcome = "ok" if code == 0 else (f"exit {code}" if code is not None else "stopped at deadline")
+            if code is None:
+                _stop(proc)
+            handle.close()
+            running.remove(item)
+            took = time.monotonic() - began
+            done.append({**job, "outcome": outcome, "seconds": round(took, 1)})
+            print(f"[{time.monotonic() - start:6.0f}s] {outcome:>6}  part {job['part']} {job['method']} "
+                  f"s{job['seed']} ({took:.0f}s)", flush=True)
+        if not running and (not queue or time.monotonic() >= deadline):
+            break
+        time.sleep(1.0)
+    for job in queue:
+        done.append({**job, "outcome": "not started", "seconds": 0.0})
+    return done
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--parts", default="2,3,4,5,6", help="comma-separated grid parts (2-6)")
+    ap.add_argument("--methods", default=None, help="comma-separated methods (default: each part's all)")
+    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS per job (default 1)")
+    ap.add_argument("--deadline", type=float, default=600.0, help="seconds; running jobs are stopped then")
+    ap.add_argument("--cache", default="benchmarks/reproduction/cells")
+    ap.add_argument("--logs", default="reproduce-pool-logs")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--seeds", type=int, default=None)
+    ap.add_argument("--dry-run", action="store_true", help="print the jobs and stop")
+    args = ap.parse_args(argv)
+
+    from lora_cl.reproduce.grid import PARTS, default_settings
+
+    parts = [int(x) for x in args.parts.split(",")]
+    bad = [p for p in parts if p not in PARTS or not PARTS[p].streams]
+    if bad:
+        ap.error(f"--parts takes grid parts with streams ({[p for p in PARTS if PARTS[p].streams]}); got {bad}")
+    settings = default_settings(quick=args.quick, model=args.model,
+                                seeds=tuple(range(args.seeds)) if args.seeds else None)
+    jobs = plan_jobs(parts, Path(args.cache), settings, args.methods.split(",") if args.methods else None)
+    print(f"reproduce_pool: {len(jobs)} unfinished cells, {args.workers} workers, deadline {args.deadline:.0f}s",
+          flush=True)
+    if args.dry_run:
+        for job in jobs:
+            print(f"  part {job['part']} {job['stream']} {job['method']} s{job['seed']} "
+                  f"(~{job['estimate_s'] / 60:.0f} min on 2 CPU cores)")
+        return 0
+    done = run_pool(jobs, args)
+    Path(args.logs, "pool.json").write_text(json.dumps(done, indent=1), encoding="utf-8")
+    counts: dict[str, int] = {}
+    for job in done:
+        counts[job["outcome"]] = counts.get(job["outcome"], 0) + 1
+    print("reproduce_pool:", ", ".join(f"{n} {k}" for k, n in sorted(counts.items())), flush=True)
+    return 0 if all(j["outcome"] == "ok" for j in done) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
