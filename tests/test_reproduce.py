@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -117,3 +118,64 @@ def test_parallel_script_splits_methods_over_workers_sharing_one_cache(tmp_path,
         summary = next(cache.glob(f"lm8/*/{method}-s0/summary.json"))
         assert json.loads(summary.read_text())["complete"]
     assert sorted(p.name for p in logs.glob("worker-*.log")) == ["worker-0.log", "worker-1.log"]
+
+
+def _pool_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce_pool.py"
+    spec = importlib.util.spec_from_file_location("reproduce_pool", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pool_plans_seed_major_longest_first_and_skips_finished_cells(tmp_path):
+    pool = _pool_module()
+    settings = default_settings(quick=True, model="tiny", seeds=(0, 1))
+    jobs = pool.plan_jobs([2, 6], tmp_path, settings)
+    assert [j["seed"] for j in jobs] == sorted(j["seed"] for j in jobs)       # every seed 0 first
+    methods_s0 = [j["method"] for j in jobs if j["seed"] == 0]
+    # part 6's adam-nscl and ogp-fixed are part 2's cells: planned once
+    assert len(methods_s0) == len(set(methods_s0)) == 13
+    assert all(a["estimate_s"] >= b["estimate_s"] for a, b in zip(jobs, jobs[1:]) if a["seed"] == b["seed"])
+    done = part_cells(2, replace(settings, seeds=(1,)), ("vanilla",))[0].run_dir(tmp_path)
+    done.mkdir(parents=True)
+    (done / "summary.json").write_text(json.dumps({"complete": True}))
+    left = pool.plan_jobs([2, 6], tmp_path, settings)
+    assert len(left) == len(jobs) - 1 and not any(j["method"] == "vanilla" and j["seed"] == 1 for j in left)
+
+
+def test_pool_trains_one_process_per_cell_and_stops_at_the_deadline(tmp_path, lora_cl_cache, capsys):
+    pool = _pool_module()
+    cache, logs = tmp_path / "cache", tmp_path / "logs"
+    common = ["--parts", "2", "--methods", "vanilla", "--quick", "--model", "tiny", "--seeds", "2",
+              "--cache", str(cache)]
+    # a deadline that no cell can meet: the job is stopped, its cell left unfinished, rc 1
+    assert pool.main([*common, "--workers", "1", "--deadline", "1", "--logs", str(tmp_path / "cut")]) == 1
+    cut = json.loads((tmp_path / "cut" / "pool.json").read_text())
+    assert [j["outcome"] for j in cut] == ["stopped at deadline", "not started"]
+    assert not list(cache.glob("lm8/*/vanilla-s*/summary.json")) or not any(
+        json.loads(p.read_text()).get("complete") for p in cache.glob("lm8/*/vanilla-s*/summary.json"))
+    # two workers, one cell each (seeds 0 and 1 of vanilla), both complete
+    assert pool.main([*common, "--workers", "2", "--deadline", "600", "--logs", str(logs)]) == 0
+    done = json.loads((logs / "pool.json").read_text())
+    assert sorted((j["seed"], j["outcome"]) for j in done) == [(0, "ok"), (1, "ok")]
+    for seed in (0, 1):
+        summary = next(cache.glob(f"lm8/*/vanilla-s{seed}/summary.json"))
+        assert json.loads(summary.read_text())["complete"]
+        run = json.loads((summary.parent / "run.json").read_text())
+        assert f"--only-seeds {seed}" in run["command"]        # one process per cell
+    capsys.readouterr()
+    assert pool.main([*common, "--dry-run"]) == 0
+    assert "0 unfinished cells" in capsys.readouterr().out
+
+
+def test_only_seeds_outside_the_seed_range_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["reproduce", "--quick", "--model", "tiny", "--only", "2", "--only-seeds", "3",
+              "--cache", str(tmp_path), "--docs", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--only-seeds takes seeds from [0]" in err and "--seeds" in err
