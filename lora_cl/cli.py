@@ -176,6 +176,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
+    from lora_cl.dsconfig import read_zero
     from lora_cl.plan import PlanInputs, plan_memory
     from lora_cl.recipe import model_config
 
@@ -183,11 +184,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     recipe = _load(args)
     m, t = recipe.model, recipe.training
     stage, offload = 0, False
-    if t.deepspeed:
-        zero = json.loads(Path(t.deepspeed).read_text(encoding="utf-8")).get("zero_optimization", {})
-        stage = int(zero.get("stage", 0))
-        offload = any(zero.get(k, {}).get("device", "none") != "none"
-                      for k in ("offload_optimizer", "offload_param"))
+    if t.deepspeed:  # the recipe checks already read it: exists, valid JSON
+        zero = read_zero(t.deepspeed)
+        stage, offload = zero.stage, zero.offload
     dtype = "bfloat16" if t.bf16 else "float16" if t.fp16 else m.dtype
     basis_rank = recipe.method.spec().basis_rank or 32
     inputs = PlanInputs(lora_r=recipe.lora.r, lora_targets=tuple(recipe.lora.target_modules),

@@ -259,3 +259,22 @@ def test_fused_tiles_are_trls():
     from lora_cl.plan import FUSED_TOKEN_TILE, FUSED_VOCAB_TILE
 
     assert (FUSED_TOKEN_TILE, FUSED_VOCAB_TILE) == (TOKEN_CHUNK_SIZE, _CHUNKED_LOGPROB_CHUNK_SIZE)
+
+
+def test_read_zero_reads_stage_and_offload_from_a_path_or_a_dict(tmp_path):
+    from lora_cl.dsconfig import ZeroSettings, read_zero
+
+    configs = Path(__file__).resolve().parents[1] / "deepspeed_configs"
+    assert read_zero(configs / "zero2.json") == ZeroSettings(stage=2, offload=False)
+    assert read_zero(configs / "zero2_offload.json") == ZeroSettings(stage=2, offload=True)
+    assert read_zero(configs / "zero3_offload.json") == ZeroSettings(stage=3, offload=True)
+    assert read_zero({}) == ZeroSettings(stage=0, offload=False)
+    none = {"zero_optimization": {"stage": 1, "offload_optimizer": {"device": "none"}}}
+    assert read_zero(none) == ZeroSettings(stage=1, offload=False)
+    assert read_zero({"zero_optimization": {"stage": 2, "offload_param": None}}) == ZeroSettings(2, False)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError):
+        read_zero(bad)
+    with pytest.raises(OSError):
+        read_zero(tmp_path / "missing.json")

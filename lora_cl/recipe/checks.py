@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lora_cl.dsconfig import read_zero
 from lora_cl.methods import MethodError, resolve_method
 from lora_cl.recipe.schema import (
     DTYPES,
@@ -126,7 +127,7 @@ def _check_deepspeed(path: str, ctx: _Ctx) -> None:
         config = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ctx.error(key, f"{key}: {path} is not valid JSON ({err})") from None
-    if isinstance(config, dict) and int((config.get("zero_optimization") or {}).get("stage", 0)) == 3:
+    if isinstance(config, dict) and read_zero(config).stage == 3:
         raise ctx.error(key, f"{key}: {path} is ZeRO stage 3, under which the stream runner cannot "
                         "evaluate on rank 0 alone nor carry its optimizer from domain to domain",
                         "use deepspeed_configs/zero2.json (or a 4-bit base when the model does not fit)")

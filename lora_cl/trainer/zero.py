@@ -43,12 +43,10 @@ def check_stream_zero(deepspeed_config: str | None) -> None:
     """
     if not deepspeed_config:
         return
-    import json
-    from pathlib import Path
+    from lora_cl.dsconfig import read_zero
 
     try:
-        stage = int(json.loads(Path(deepspeed_config).read_text(encoding="utf-8"))
-                    .get("zero_optimization", {}).get("stage", 0))
+        stage = read_zero(deepspeed_config).stage
     except (OSError, ValueError):
         return  # a missing or broken file is reported where the Trainer reads it
     if stage == 3:

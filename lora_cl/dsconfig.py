@@ -1,0 +1,36 @@
+"""Reading a DeepSpeed JSON config: its ZeRO stage and whether it offloads.
+
+One reader for the three places that need it: the recipe checks (``lora-cl validate``), the
+stream runner's ZeRO-3 refusal and ``lora-cl plan``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+OFFLOAD_KEYS = ("offload_optimizer", "offload_param")
+
+
+@dataclass(frozen=True)
+class ZeroSettings:
+    """What lora-cl reads of ``zero_optimization``: the stage (0 without the section) and whether
+    optimizer states or parameters are offloaded (any ``device`` other than ``none``)."""
+
+    stage: int
+    offload: bool
+
+
+def read_zero(config: str | Path | dict[str, Any]) -> ZeroSettings:
+    """The ZeRO settings of a DeepSpeed config given as a path or an already parsed dict.
+
+    A missing file raises ``OSError`` and broken JSON ``json.JSONDecodeError`` (a ``ValueError``):
+    each caller reports those in its own words.
+    """
+    if not isinstance(config, dict):
+        config = json.loads(Path(config).read_text(encoding="utf-8"))
+    zero = (config.get("zero_optimization") or {}) if isinstance(config, dict) else {}
+    offload = any(((zero.get(key) or {}).get("device") or "none") != "none" for key in OFFLOAD_KEYS)
+    return ZeroSettings(stage=int(zero.get("stage", 0)), offload=offload)
