@@ -179,3 +179,36 @@ def test_only_seeds_outside_the_seed_range_is_refused(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "--only-seeds takes seeds from [0]" in err and "--seeds" in err
+
+
+def test_qa_part_reports_both_bwt_conventions_and_the_per_task_r_matrix(tmp_path):
+    """Part 5's section from finished Q/A cells: BWT (TRACE, GEM) columns, the R matrix's diagonal
+    and last row per method (mean over seeds, hand-checked) and a heatmap."""
+    from lora_cl.reproduce.collect import mean_matrix
+    from lora_cl.reproduce.doc import Report
+
+    settings = default_settings()
+    cells = [c for c in part_cells(5, replace(settings, seeds=(0, 1))) if c.method.label == "vanilla"]
+    T = 8
+    for cell in cells:
+        run_dir = cell.run_dir(tmp_path)
+        run_dir.mkdir(parents=True)
+        k = cell.seed
+        R = [[round(0.1 * ((i + j + k) % 10), 2) for j in range(T)] for i in range(T)]
+        em = {"op": 0.3 + k / 10, "forgetting": 0.2, "bwt_trace": -0.1 - k / 10, "bwt_gem": -0.05 - k / 10}
+        (run_dir / "summary.json").write_text(json.dumps(
+            {"complete": True, "T": T, "metrics": {"exact_match": em, "loss": {"forgetting": 0.5}}}))
+        (run_dir / "matrix.json").write_text(json.dumps({"metrics": {"exact_match": {"R": R}}}))
+    report = Report(tmp_path, settings, tmp_path / "docs")
+    mean, n = mean_matrix(report.results, "qa8", "vanilla", "exact_match")
+    assert n == 2 and mean[0][0] == pytest.approx((0.0 + 0.1) / 2)
+    assert mean[7][7] == pytest.approx((0.4 + 0.5) / 2)
+    text = report.stream_part(5)
+    assert "BWT (EM, TRACE)" in text and "BWT (EM, GEM)" in text
+    assert "-0.15 [" in text and "-0.1 [" in text                  # mean BWT over the two seeds
+    # R_k[i][j] = 0.1 ((i + j + k) mod 10); diagonal and last row averaged over k = 0, 1 by hand
+    assert ("| vanilla | just learnt (R[j][j]) | 2 | 0.05 | 0.25 | 0.45 | 0.65 | 0.85 | 0.05 | 0.25 | 0.45 |"
+            in text)
+    assert ("| vanilla | after the last task (R[T][j]) | 2 | 0.75 | 0.85 | 0.45 | 0.05 | 0.15 | 0.25 | "
+            "0.35 | 0.45 |" in text)
+    assert (tmp_path / "docs" / "reproduction" / "part5-qa8-R.png").is_file()

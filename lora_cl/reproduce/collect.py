@@ -27,6 +27,7 @@ class CellResult:
     seconds: float
     overlaps: list[list[float]] = field(default_factory=list)  # per domain: logged overlap s_t
     platform: str = "unknown"  # where it ran, from run.json (device, else the torch build)
+    matrices: dict[str, list[list[float]]] = field(default_factory=dict)  # metric -> R (matrix.json)
 
 
 def _read(path: Path) -> Any:
@@ -44,7 +45,12 @@ def load_cell(cell: Cell, cache: Path) -> CellResult | None:
         seconds += sum(float(m.get(k) or 0.0) for k in ("train_seconds", "eval_seconds", "basis_seconds"))
         overlaps.append([float(h["projection/overlap"]) for h in m.get("log_history", [])
                          if "projection/overlap" in h])
-    return CellResult(cell, _read(run_dir / "summary.json"), seconds, overlaps, platform_of(run_dir))
+    try:
+        matrices = {k: v["R"] for k, v in _read(run_dir / "matrix.json")["metrics"].items() if "R" in v}
+    except (OSError, ValueError, KeyError, TypeError):
+        matrices = {}
+    return CellResult(cell, _read(run_dir / "summary.json"), seconds, overlaps, platform_of(run_dir),
+                      matrices)
 
 
 def platform_of(run_dir: Path) -> str:
@@ -101,6 +107,8 @@ LM_COLUMNS: list[tuple[str, Extractor]] = [
 QA_COLUMNS: list[tuple[str, Extractor]] = [
     ("forgetting (EM)", lambda s: summary_value(s, "exact_match", "forgetting")),
     ("OP (EM)", lambda s: summary_value(s, "exact_match", "op")),
+    ("BWT (EM, TRACE)", lambda s: summary_value(s, "exact_match", "bwt_trace")),
+    ("BWT (EM, GEM)", lambda s: summary_value(s, "exact_match", "bwt_gem")),
     ("forgetting (nats)", lambda s: summary_value(s, "loss", "forgetting")),
     ("adapt@5 logs (train loss)", lambda s: plasticity_value(s, "adapt_at_5_logs")),
 ]
@@ -124,3 +132,16 @@ def method_stats(results: Sequence[CellResult], stream: str, extract: Extractor)
 
 def forgetting_nats(summary: dict[str, Any]) -> float | None:
     return summary_value(summary, "loss", "forgetting")
+
+
+def mean_matrix(results: Sequence[CellResult], stream: str, method: str,
+                metric: str) -> tuple[list[list[float]], int] | None:
+    """Element-wise mean over seeds of ``method``'s R matrix of ``metric`` on ``stream``: R[i][j]
+    is the score on domain j after training domain i. None when no finished cell has it."""
+    mats = [r.matrices[metric] for r in results
+            if r.cell.stream == stream and r.cell.method.label == method and metric in r.matrices]
+    if not mats:
+        return None
+    rows, cols = len(mats[0]), len(mats[0][0])
+    mean = [[sum(float(m[i][j]) for m in mats) / len(mats) for j in range(cols)] for i in range(rows)]
+    return mean, len(mats)

@@ -81,3 +81,21 @@ def overlap_hist(samples: dict[str, list[float]], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def r_matrices(mats: dict[str, list[list[float]]], domains: Sequence[str], path: Path, title: str) -> None:
+    """One heatmap per method: R[i][j] = score on task j (column) after training task i (row)."""
+    plt = _plt()
+    names = list(mats)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4.2), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        im = ax.imshow(mats[name], vmin=0.0, vmax=1.0, cmap="viridis")
+        ax.set_title(name, fontsize=10)
+        ax.set_xticks(range(len(domains)), domains, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(len(mats[name])), [f"after {d}" for d in domains[: len(mats[name])]],
+                      fontsize=7)
+    fig.colorbar(im, ax=list(axes[0]), shrink=0.8)
+    fig.suptitle(title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
