@@ -28,7 +28,7 @@ if [ -z "${SKIP_SMOKE:-}" ]; then
         -l "$smoke/logs-$part" -- --quick --model tiny || status=1
   done
   done_cells=$(grep -l '"complete": true' "$smoke"/cells/*/*/*/summary.json 2>/dev/null | wc -l)
-  echo "smoke: $done_cells quick tiny cells complete (parts 2 and 6: 11 + 2 methods)"
+  echo "smoke: $done_cells quick tiny cells complete (parts 2 and 6: 11 + 3 methods)"
   for log in "$smoke"/logs-*/worker-*.log; do
     grep -q Traceback "$log" && { echo "== $log"; grep -v -i warn "$log" | tail -6; }
   done

@@ -138,7 +138,7 @@ def test_pool_plans_seed_major_longest_first_and_skips_finished_cells(tmp_path):
     assert [j["seed"] for j in jobs] == sorted(j["seed"] for j in jobs)       # every seed 0 first
     methods_s0 = [j["method"] for j in jobs if j["seed"] == 0]
     # part 6's adam-nscl and ogp-fixed are part 2's cells: planned once
-    assert len(methods_s0) == len(set(methods_s0)) == 13
+    assert len(methods_s0) == len(set(methods_s0)) == 14                      # 11 + 3 of part 6 alone
     assert all(a["estimate_s"] >= b["estimate_s"] for a, b in zip(jobs, jobs[1:]) if a["seed"] == b["seed"])
     done = part_cells(2, replace(settings, seeds=(1,)), ("vanilla",))[0].run_dir(tmp_path)
     done.mkdir(parents=True)
@@ -212,3 +212,35 @@ def test_qa_part_reports_both_bwt_conventions_and_the_per_task_r_matrix(tmp_path
     assert ("| vanilla | after the last task (R[T][j]) | 2 | 0.75 | 0.85 | 0.45 | 0.05 | 0.15 | 0.25 | "
             "0.35 | 0.45 |" in text)
     assert (tmp_path / "docs" / "reproduction" / "part5-qa8-R.png").is_file()
+
+
+def test_part6_relates_forgetting_to_the_logged_old_direction_lr(tmp_path):
+    """R_eta per cell = mean logged probe/old_direction_lr over ogp-fixed's (same seed); the table,
+    Pearson's r (log R_eta vs forgetting, checked by hand) and the scatter plot."""
+    from lora_cl.reproduce.collect import pearson
+    from lora_cl.reproduce.doc import Report
+    from lora_cl.reproduce.grid import METHODS, recipe_dict
+
+    settings = default_settings()
+    assert recipe_dict("lm8", METHODS["ogp-fixed-v_scaled"], 0, settings, tmp_path)["training"]["lr"] == (
+        2 * settings.lr)
+    eta = {"ogp-fixed": 1.0, "adam-nscl": 3.0, "adam-nscl-lr-matched": 1.5}
+    forget = {"ogp-fixed": 0.10, "adam-nscl": 0.14, "adam-nscl-lr-matched": 0.12}
+    for cell in part_cells(6, replace(settings, seeds=(0, 1))):
+        if cell.method.label not in eta:
+            continue
+        run_dir = cell.run_dir(tmp_path)
+        (run_dir / "domains" / "01-kjv").mkdir(parents=True)
+        scale = 1e-3 * (1 + cell.seed)              # seeds differ in absolute LR, not in the ratio
+        logs = [{"probe/old_direction_lr": scale * eta[cell.method.label] * f} for f in (0.5, 1.5)]
+        (run_dir / "domains" / "01-kjv" / "metrics.json").write_text(json.dumps({"log_history": logs}))
+        loss = {"forgetting": forget[cell.method.label] + cell.seed / 100}
+        (run_dir / "summary.json").write_text(json.dumps({"complete": True, "metrics": {"loss": loss}}))
+    text = Report(tmp_path, settings, tmp_path / "docs")._eta_section(6, "lm8")
+    assert "| adam-nscl | 2 | 3 [3, 3] | 0.145 [" in text and "| ogp-fixed | 2 | 1 [1, 1] |" in text
+    xs = [math.log(eta[m]) for m in ("adam-nscl", "adam-nscl-lr-matched", "ogp-fixed") for _ in (0, 1)]
+    ys = [forget[m] + s / 100 for m in ("adam-nscl", "adam-nscl-lr-matched", "ogp-fixed") for s in (0, 1)]
+    r = pearson(xs, ys)
+    assert 0.8 < r < 1 and f"over 6 cells: {r:.3f}" in text
+    assert (tmp_path / "docs" / "reproduction" / "part6-lm8-eta.png").is_file()
+    assert pearson([1, 2], [3, 4]) is None and pearson([1, 1, 1], [1, 2, 3]) is None

@@ -28,6 +28,11 @@ class CellResult:
     overlaps: list[list[float]] = field(default_factory=list)  # per domain: logged overlap s_t
     platform: str = "unknown"  # where it ran, from run.json (device, else the torch build)
     matrices: dict[str, list[list[float]]] = field(default_factory=dict)  # metric -> R (matrix.json)
+    eta_old: list[float] = field(default_factory=list)  # logged probe/old_direction_lr (domains 2..T)
+
+
+#: The callback's probe of Adam's effective learning rate along the old subspaces (mean over tensors)
+ETA_KEY = "probe/old_direction_lr"
 
 
 def _read(path: Path) -> Any:
@@ -39,18 +44,19 @@ def load_cell(cell: Cell, cache: Path) -> CellResult | None:
     if not cell.complete(cache):
         return None
     run_dir = cell.run_dir(cache)
-    seconds, overlaps = 0.0, []
+    seconds, overlaps, eta_old = 0.0, [], []
     for mpath in sorted((run_dir / "domains").glob("*/metrics.json")):
         m = _read(mpath)
         seconds += sum(float(m.get(k) or 0.0) for k in ("train_seconds", "eval_seconds", "basis_seconds"))
-        overlaps.append([float(h["projection/overlap"]) for h in m.get("log_history", [])
-                         if "projection/overlap" in h])
+        history = m.get("log_history", [])
+        overlaps.append([float(h["projection/overlap"]) for h in history if "projection/overlap" in h])
+        eta_old += [float(h[ETA_KEY]) for h in history if ETA_KEY in h]
     try:
         matrices = {k: v["R"] for k, v in _read(run_dir / "matrix.json")["metrics"].items() if "R" in v}
     except (OSError, ValueError, KeyError, TypeError):
         matrices = {}
     return CellResult(cell, _read(run_dir / "summary.json"), seconds, overlaps, platform_of(run_dir),
-                      matrices)
+                      matrices, eta_old)
 
 
 def platform_of(run_dir: Path) -> str:
@@ -145,3 +151,29 @@ def mean_matrix(results: Sequence[CellResult], stream: str, method: str,
     rows, cols = len(mats[0]), len(mats[0][0])
     mean = [[sum(float(m[i][j]) for m in mats) / len(mats) for j in range(cols)] for i in range(rows)]
     return mean, len(mats)
+
+
+def eta_vs_forgetting(results: Sequence[CellResult], stream: str, methods: Sequence[str],
+                      reference: str = "ogp-fixed") -> list[tuple[str, int, float, float]]:
+    """(method, seed, R_eta, forgetting in nats) per finished cell with probes: R_eta is the cell's
+    mean logged old-direction effective LR over the same seed's ``reference`` cell's."""
+    eta = {(r.cell.method.label, r.cell.seed): sum(r.eta_old) / len(r.eta_old)
+           for r in results if r.cell.stream == stream and r.eta_old}
+    forget = by_method(results, stream, forgetting_nats)
+    rows = []
+    for (m, seed), value in sorted(eta.items()):
+        ref = eta.get((reference, seed))
+        if m in methods and ref and seed in forget.get(m, {}):
+            rows.append((m, seed, value / ref, forget[m][seed]))
+    return rows
+
+
+def pearson(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    """Pearson's r (None for fewer than 3 points or no spread)."""
+    n = len(xs)
+    if n < 3:
+        return None
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
+    sxx, syy = sum((x - mx) ** 2 for x in xs), sum((y - my) ** 2 for y in ys)
+    return None if sxx == 0 or syy == 0 else sxy / math.sqrt(sxx * syy)

@@ -7,6 +7,7 @@ then summarised (mean, 95% t-interval over seeds, paired differences) and writte
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,12 @@ from lora_cl.reproduce.collect import (
     QA_COLUMNS,
     CellResult,
     by_method,
+    eta_vs_forgetting,
     forgetting_nats,
     load_cells,
     mean_matrix,
     method_stats,
+    pearson,
 )
 from lora_cl.reproduce.grid import (
     PARTS,
@@ -238,7 +241,7 @@ class Report:
             table, stats = self._method_table(p, stream)
             out += [table, ""]
             best = C.best_shared(self.results, stream)
-            base_pairs = list(pairs) + ([(best, "ogp")] if best else [])
+            base_pairs = list(pairs) + ([(best, "ogp")] if best and "ogp" in PARTS[p].methods else [])
             out.append(self._paired_rows(stream, base_pairs))
             fig = self.figs / f"part{p}-{stream}.png"
             first = {h: stats[h] for h in list(stats)[:3] if stats[h]}
@@ -291,9 +294,34 @@ class Report:
 
     def part6(self) -> str:
         text = self.stream_part(6, [("adam-nscl", "ogp-fixed"), ("adam-nscl", "adam-nscl-lr-matched"),
-                                    ("adam-nscl", "ogp-fixed-v_only")])
+                                    ("adam-nscl", "ogp-fixed-v_only"), ("ogp-fixed-v_scaled", "ogp-fixed")])
         c = C.lr_matching_claim(self.results)
-        return text + f"\nEffective-LR matching: {c.measured} — {c.verdict}.\n"
+        return (text + f"\nEffective-LR matching: {c.measured} — {c.verdict}.\n\n"
+                + self._eta_section(6, "lm8"))
+
+    def _eta_section(self, p: int, stream: str) -> str:
+        """Does forgetting track R_eta? Per method the logged old-direction effective LR relative to
+        ogp-fixed's (same seed) beside forgetting, Pearson's r over cells, and a scatter plot."""
+        head = ("**Does forgetting track R_eta?** The callback logs Adam's effective learning rate "
+                "along the old subspaces (`probe/old_direction_lr`, lr / sqrt(v_hat) averaged over "
+                "the protected directions) during domains 2..T. R_eta is a cell's mean of it over "
+                "ogp-fixed's on the same seed (decoupled routing = 1). `ogp-fixed-v_scaled` feeds v "
+                "with (1 - alpha)^2 g^2, run as ogp-fixed at lr / (1 - alpha).\n\n")
+        rows = eta_vs_forgetting(self.results, stream, PARTS[p].methods)
+        if not rows:
+            return head + "not measured yet: no part 6 cells with probes.\n"
+        table = []
+        for m in dict.fromkeys(r[0] for r in rows):
+            mine = [r for r in rows if r[0] == m]
+            table.append([m, str(len(mine)), _ci(mean_ci([r[2] for r in mine])),
+                          _ci(mean_ci([r[3] for r in mine]))])
+        r = pearson([math.log(x[2]) for x in rows], [x[3] for x in rows])
+        fig = self.figs / f"part{p}-{stream}-eta.png"
+        plots.eta_scatter(rows, fig, f"part {p}: forgetting vs R_eta ({stream})")
+        corr = ("too few cells for a correlation" if r is None else
+                f"Pearson r between log R_eta and forgetting over {len(rows)} cells: {r:.3f}")
+        return (head + _table(["method", "cells", "R_eta", "forgetting (nats)"], table)
+                + f"\n\n{corr}.\n\n![part {p} forgetting vs R_eta](reproduction/{fig.name})\n")
 
     def part7(self) -> str:
         rows = [[c.claim, c.paper, c.measured, c.verdict]
