@@ -244,3 +244,22 @@ def test_part6_relates_forgetting_to_the_logged_old_direction_lr(tmp_path):
     assert 0.8 < r < 1 and f"over 6 cells: {r:.3f}" in text
     assert (tmp_path / "docs" / "reproduction" / "part6-lm8-eta.png").is_file()
     assert pearson([1, 2], [3, 4]) is None and pearson([1, 1, 1], [1, 2, 3]) is None
+
+
+@pytest.mark.parametrize(("high", "verdict"), [(0.9, "has measurably higher overlap"),
+                                               (0.5, "measurably *lower* overlap"),
+                                               (0.7, "not measurably higher")])
+def test_part3_says_whether_the_high_overlap_stream_has_higher_overlap(tmp_path, high, verdict):
+    from lora_cl.reproduce.doc import Report
+
+    settings = default_settings()
+    for part, level in ((2, 0.7), (3, high)):
+        for cell in part_cells(part, replace(settings, seeds=(0, 1)), ("adam-nscl",)):
+            run_dir = cell.run_dir(tmp_path)
+            for d, name in enumerate(("00-a", "01-b")):
+                (run_dir / "domains" / name).mkdir(parents=True)
+                logs = [{"projection/overlap": level + 0.01 * cell.seed + 0.001 * k} for k in range(3)] * d
+                (run_dir / "domains" / name / "metrics.json").write_text(json.dumps({"log_history": logs}))
+            (run_dir / "summary.json").write_text(json.dumps({"complete": True}))
+    text = Report(tmp_path, settings, tmp_path / "docs").part3_overlap()
+    assert "(2 cells)" in text and verdict in text
