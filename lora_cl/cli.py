@@ -46,10 +46,17 @@ def _cmd_diagnose_prop1(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_list(args: argparse.Namespace) -> int:
-    from lora_cl.data import DEFAULT_QA_STREAM_8, DEFAULT_STREAM_8, QA_TASKS, TEXT_DOMAINS
+    from lora_cl.data import (
+        DEFAULT_QA_STREAM_8,
+        DEFAULT_STREAM_8,
+        KJV_SECTION_DOMAINS,
+        QA_TASKS,
+        TEXT_DOMAINS,
+    )
 
     print("text domains (debian:<name>):", " ".join(TEXT_DOMAINS))
     print("  default 8-domain stream:", " ".join(DEFAULT_STREAM_8))
+    print("  King James Bible sections (one source, high overlap):", " ".join(KJV_SECTION_DOMAINS))
     print("Q/A tasks (qa:<name>):", " ".join(QA_TASKS))
     print("  default 8-task stream:", " ".join(DEFAULT_QA_STREAM_8))
     return 0

@@ -14,6 +14,7 @@ from lora_cl.data.qa_tasks import DEFAULT_QA_STREAM_8, QA_TASKS, build_qa_task, 
 from lora_cl.data.resolve import Source, UnknownNameError, resolve_source
 from lora_cl.data.text_domains import (
     DEFAULT_STREAM_8,
+    KJV_SECTION_DOMAINS,
     TEXT_DOMAINS,
     build_text_domain,
     load_text_domain,
@@ -23,6 +24,7 @@ from lora_cl.data.user_data import UserDataError, load_user_data
 __all__ = [
     "DEFAULT_QA_STREAM_8",
     "DEFAULT_STREAM_8",
+    "KJV_SECTION_DOMAINS",
     "PINNED_VERSIONS",
     "QA_TASKS",
     "TEXT_DOMAINS",

@@ -82,8 +82,15 @@ _DOMAINS = (
     TextDomain("c_headers", ("libc6-dev", "linux-libc-dev"), code.c_headers),
     TextDomain("perl_code", ("perl-modules-5.36",), code.perl_code),
 )
-DOMAINS: dict[str, TextDomain] = {d.name: d for d in _DOMAINS}
-TEXT_DOMAINS: list[str] = list(DOMAINS)
+#: The 16 text domains of the library (``lora-cl data``, the 16-domain stream).
+TEXT_DOMAINS: list[str] = [d.name for d in _DOMAINS]
+#: Eight sections of the King James Bible (:data:`~lora_cl.data.text_sources.KJV_SECTIONS`): one
+#: source and style, for a stream of highly overlapping domains.
+KJV_SECTION_DOMAINS: list[str] = list(prose.KJV_SECTIONS)
+DOMAINS: dict[str, TextDomain] = {d.name: d for d in _DOMAINS} | {
+    name: TextDomain(name, ("bible-kjv", "bible-kjv-text", "libreadline8"), prose.kjv_section(name))
+    for name in KJV_SECTION_DOMAINS
+}
 DEFAULT_STREAM_8: list[str] = [
     "austen",
     "kjv",

@@ -11,7 +11,7 @@ import gzip
 import os
 import re
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from lora_cl.data.debian import Package
@@ -63,6 +63,44 @@ def austen(pkgs: Packages) -> list[str]:
 
 def kjv(pkgs: Packages) -> list[str]:
     """The King James Bible via the packaged ``bible`` binary, one document per chapter."""
+    return [text for _, text in kjv_chapters(pkgs)]
+
+
+#: Contiguous runs of books of the King James Bible (first and last book as the ``bible`` binary
+#: abbreviates them), each over 240,000 characters: eight domains of one source, one translation
+#: and one style, for a stream whose domains share most of their vocabulary (the reproduction's
+#: high-overlap stream).
+KJV_SECTIONS: dict[str, tuple[str, str]] = {
+    "kjv_genesis_exodus": ("Ge", "Exo"),
+    "kjv_leviticus_deuteronomy": ("Lev", "Deu"),
+    "kjv_joshua_2samuel": ("Josh", "2Sm"),
+    "kjv_kings_esther": ("1Ki", "Est"),
+    "kjv_job_song": ("Job", "SSol"),
+    "kjv_prophets": ("Isa", "Mal"),
+    "kjv_gospels_acts": ("Mat", "Acts"),
+    "kjv_epistles_revelation": ("Rom", "Rev"),
+}
+
+
+def kjv_section(name: str) -> Callable[[Packages], list[str]]:
+    """A reader of the chapters of :data:`KJV_SECTIONS` ``[name]``, from its first book to its last."""
+    first, last = KJV_SECTIONS[name]
+
+    def read(pkgs: Packages) -> list[str]:
+        chapters = kjv_chapters(pkgs)
+        books = list(dict.fromkeys(book for book, _ in chapters))
+        if first not in books or last not in books:
+            raise RuntimeError(f"kjv_section {name!r}: books {first!r}..{last!r} not in the bible's output "
+                               f"(books seen: {books[:5]}...)")
+        keep = set(books[books.index(first): books.index(last) + 1])
+        return [text for book, text in chapters if book in keep]
+
+    read.__name__ = f"kjv_section_{name}"
+    return read
+
+
+def kjv_chapters(pkgs: Packages) -> list[tuple[str, str]]:
+    """(book, chapter text) for every chapter of the King James Bible, in order."""
     binary = pkgs["bible-kjv"].root / "usr/bin/bible"
     data_dir = pkgs["bible-kjv-text"].root / "usr/lib"
     # libreadline8 is unpacked beside it, so the binary runs where it is not installed.
@@ -82,15 +120,15 @@ def kjv(pkgs: Packages) -> list[str]:
     )
     if result.returncode != 0 or not result.stdout:
         raise RuntimeError(f"{binary} failed ({result.returncode}): {result.stderr.strip()}")
-    verse = re.compile(r"^(\d?[A-Za-z]+\d+):\d+ (.*)$")
-    chapters: dict[str, list[str]] = {}
+    verse = re.compile(r"^(\d?[A-Za-z]+)(\d+):\d+ (.*)$")
+    chapters: dict[tuple[str, str], list[str]] = {}
     for line in result.stdout.splitlines():
         match = verse.match(line)
         if match:
-            chapters.setdefault(match.group(1), []).append(match.group(2))
+            chapters.setdefault((match.group(1), match.group(2)), []).append(match.group(3))
         elif line.strip() and chapters:
             next(reversed(chapters.values())).append(line.strip())
-    return ["\n".join(lines) for lines in chapters.values()]
+    return [(book, "\n".join(lines)) for (book, _), lines in chapters.items()]
 
 
 def _b64(text: str) -> int:

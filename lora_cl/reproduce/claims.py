@@ -137,7 +137,7 @@ def all_claims(results: Sequence[CellResult], synthetic: dict[str, Any] | None,
                real: Sequence[dict[str, Any]]) -> list[Claim]:
     """Every row of part 7's table."""
     claims = prop1_claims(synthetic, real)
-    for stream in ("lm8", "lm8-overlap"):
+    for stream in ("lm8", "lm8-kjv"):
         tag = f" [{stream}]"
         for base in ("adam-nscl", "gpm"):
             claims.append(_direction(results, stream, "vanilla", base,

@@ -29,6 +29,7 @@ from lora_cl.reproduce.collect import (
 )
 from lora_cl.reproduce.grid import (
     PARTS,
+    STREAM_NOTES,
     STREAMS,
     EVAL_SECONDS_4x128,
     Settings,
@@ -227,6 +228,8 @@ class Report:
         for stream in PARTS[p].streams:
             names = [d.get("name") or d["source"].partition(":")[2] for d in stream_sources(stream, s)]
             out.append(f"Stream `{stream}` ({len(names)} domains): {', '.join(names)}.")
+            if stream in STREAM_NOTES:
+                out.append(f"\n{STREAM_NOTES[stream]}")
         if why:
             out.append(f"\nnot runnable with these settings: {why}.")
         if done == 0:
@@ -276,7 +279,7 @@ class Report:
     def part3_overlap(self) -> str:
         samples: dict[str, list[float]] = {}
         rows = []
-        for stream in ("lm8", "lm8-overlap"):
+        for stream in ("lm8", "lm8-kjv"):
             xs = [x for r in self.results if r.cell.stream == stream
                   for dom in r.overlaps[1:] for x in dom]
             samples[stream] = xs
@@ -297,10 +300,10 @@ class Report:
         per-cell mean overlaps (logged values within a run are correlated; cells are not)."""
         per_cell = {stream: mean_ci([sum(xs) / len(xs) for r in self.results if r.cell.stream == stream
                                      if (xs := [x for dom in r.overlaps[1:] for x in dom])])
-                    for stream in ("lm8", "lm8-overlap")}
-        nat, high = per_cell["lm8"], per_cell["lm8-overlap"]
+                    for stream in ("lm8", "lm8-kjv")}
+        nat, high = per_cell["lm8"], per_cell["lm8-kjv"]
         words = (f"Per-cell mean overlap, mean [95% CI] over cells: lm8 {_ci(nat)} ({nat.n} cells), "
-                 f"lm8-overlap {_ci(high)} ({high.n} cells). ")
+                 f"lm8-kjv {_ci(high)} ({high.n} cells). ")
         if nat.lo is None or high.lo is None:
             return words + ("Whether the stream built for high overlap has it needs >= 2 projection "
                             "cells on each stream.")

@@ -135,3 +135,23 @@ def test_second_call_is_a_cache_hit_without_apt(built: Built, monkeypatch: pytes
     again_qa = {name: build_qa_task(name) for name in DEFAULT_QA_STREAM_8}
     assert time.perf_counter() - start < 2.0
     assert (again_text, again_qa) == (text, qa)
+
+
+def test_kjv_sections_are_disjoint_runs_of_books(built: Built, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The high-overlap stream's eight domains: one source, full slices, no chapter in two sections."""
+    from lora_cl.data import KJV_SECTION_DOMAINS
+
+    monkeypatch.setenv("LORA_CL_CACHE", str(built[0]))
+    texts = {}
+    for name in KJV_SECTION_DOMAINS:
+        meta = build_text_domain(name)
+        assert meta["splits"]["train"]["chars"] == 200_000 and meta["splits"]["eval"]["chars"] == 40_000
+        texts[name] = load_text_domain(name, "train") + "\n\n" + load_text_domain(name, "eval")
+    assert "Pharaoh" in texts["kjv_genesis_exodus"] and "Jesus" in texts["kjv_gospels_acts"]
+    assert not any("Jesus" in texts[n] for n in KJV_SECTION_DOMAINS[:6])        # the Old Testament
+    seen: dict[str, str] = {}
+    for name, text in texts.items():
+        for para in paragraphs(text):
+            if len(para) >= 200:  # whole chapters (short refrains may repeat across books)
+                assert seen.setdefault(para, name) == name, f"{para[:60]!r} in {seen[para]} and {name}"
+    assert "kjv_prophets" not in TEXT_DOMAINS and len(TEXT_DOMAINS) == 16
