@@ -125,17 +125,23 @@ def hand_routed_adam(p0, grads, modify, routing, lr, b1, b2, eps, wd):
     return p
 
 
-@pytest.mark.parametrize("routing", ROUTINGS)
-@pytest.mark.parametrize("impl", ["reference", "fused"])
-def test_each_routing_against_hand_written_projection(routing, impl):
+def _projection_case(d_in: int = 24, k: int = 5, steps: int = 25):
+    """Seeded: an orthonormal basis U (d_in x k) in a bank under "w", a 6 x d_in parameter and
+    ``steps`` gradients for it."""
     torch.manual_seed(0)
-    d_in, k, alpha = 24, 5, 0.7
     U, _ = torch.linalg.qr(torch.randn(d_in, k))
     bank = SubspaceBank()
     bank.add("old", "w", U)
     p = torch.randn(6, d_in, requires_grad=True)
+    return U, bank, p, [torch.randn(6, d_in) for _ in range(steps)]
+
+
+@pytest.mark.parametrize("routing", ROUTINGS)
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_each_routing_against_hand_written_projection(routing, impl):
+    alpha = 0.7
+    U, bank, p, grads = _projection_case()
     p0 = p.detach().clone()
-    grads = [torch.randn(6, d_in) for _ in range(25)]
     opt = RoutedAdamW([{"params": [p], "param_names": ["w"]}], lr=1e-2, weight_decay=0.05,
                       routing=routing, impl=impl,
                       modifiers=[Projection(bank, FixedStrength(alpha), weighted=False)])
@@ -270,14 +276,9 @@ def test_bad_arguments_have_clear_errors():
 def test_v_on_scaled_raw_gradient_is_decoupled_routing_at_a_larger_lr(impl):
     """The reproduction's ``ogp-fixed-v_scaled`` (m on g~, v on (1-alpha)^2 g^2) runs as decoupled
     routing at lr / (1-alpha): the hand-written intervention and that run agree (eps aside)."""
-    torch.manual_seed(0)
-    d_in, k, alpha, lr, eps = 24, 5, 0.5, 1e-2, 1e-8
-    U, _ = torch.linalg.qr(torch.randn(d_in, k))
-    bank = SubspaceBank()
-    bank.add("old", "w", U)
-    p = torch.randn(6, d_in, requires_grad=True)
+    alpha, lr, eps = 0.5, 1e-2, 1e-8
+    U, bank, p, grads = _projection_case()
     p0 = p.detach().double()
-    grads = [torch.randn(6, d_in) for _ in range(25)]
     opt = RoutedAdamW([{"params": [p], "param_names": ["w"]}], lr=lr / (1 - alpha), routing="decoupled",
                       impl=impl, eps=eps, modifiers=[Projection(bank, FixedStrength(alpha), weighted=False)])
     for g in grads:
