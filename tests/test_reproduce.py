@@ -211,7 +211,8 @@ def test_qa_part_reports_both_bwt_conventions_and_the_per_task_r_matrix(tmp_path
             in text)
     assert ("| vanilla | after the last task (R[T][j]) | 2 | 0.75 | 0.85 | 0.45 | 0.05 | 0.15 | 0.25 | "
             "0.35 | 0.45 |" in text)
-    assert (tmp_path / "docs" / "reproduction" / "part5-qa8-R.png").is_file()
+    assert (tmp_path / "docs" / "reproduction" / "part5-qa8-R-exact_match.png").is_file()
+    assert "held-out loss" not in text              # these cells hold no loss matrix
 
 
 def test_part6_relates_forgetting_to_the_logged_old_direction_lr(tmp_path):

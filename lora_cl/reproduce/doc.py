@@ -255,26 +255,30 @@ class Report:
                 out.append(self._r_matrix_section(p, stream))
         return "\n".join(out)
 
-    def _r_matrix_section(self, p: int, stream: str, metric: str = "exact_match") -> str:
-        """Per-task R matrices of a Q/A stream: the final row and the diagonal per method (table),
-        every entry (heatmaps), each the mean over the method's finished seeds."""
+    def _r_matrix_section(self, p: int, stream: str) -> str:
+        """Per-task R matrices of a Q/A stream, exact match and held-out loss: the diagonal and the
+        last row per method (table), every entry (heatmaps), each the mean over finished seeds."""
         names = [d.get("name") or d["source"].partition(":")[2]
                  for d in stream_sources(stream, self.settings)]
-        mats = {m: got for m in PARTS[p].methods if (got := mean_matrix(self.results, stream, m, metric))}
-        if not mats:
-            return ""
-        rows = []
-        for m, (R, n) in mats.items():
-            rows.append([m, "just learnt (R[j][j])", str(n), *(f"{R[i][i]:.2f}" for i in range(len(R)))])
-            rows.append([m, "after the last task (R[T][j])", str(n), *(f"{x:.2f}" for x in R[-1])])
-        fig = self.figs / f"part{p}-{stream}-R.png"
-        plots.r_matrices({m: R for m, (R, _) in mats.items()}, names, fig,
-                         f"part {p}: {stream}, {metric} R matrix (row: after task i; column: task j)")
-        return ("Per-task R matrix of exact match (R[i][j]: task j after training task i; mean over "
-                "the finished seeds). The whole matrices are in the heatmaps; each cell's "
-                "`matrix_*.csv` holds them per seed.\n\n"
-                + _table(["method", "row", "seeds", *names], rows)
-                + f"\n\n![part {p} R matrices](reproduction/{fig.name})\n")
+        out = []
+        for metric, label, digits in (("exact_match", "exact match", 2), ("loss", "held-out loss (nats)", 3)):
+            mats = {m: got for m in PARTS[p].methods if (got := mean_matrix(self.results, stream, m, metric))}
+            if not mats:
+                continue
+            rows = []
+            for m, (R, n) in mats.items():
+                rows.append([m, "just learnt (R[j][j])", str(n),
+                             *(f"{R[i][i]:.{digits}f}" for i in range(len(R)))])
+                rows.append([m, "after the last task (R[T][j])", str(n), *(f"{x:.{digits}f}" for x in R[-1])])
+            fig = self.figs / f"part{p}-{stream}-R-{metric}.png"
+            plots.r_matrices({m: R for m, (R, _) in mats.items()}, names, fig,
+                             f"part {p}: {stream}, {label} (row: after task i; column: task j)",
+                             unit_range=metric == "exact_match")
+            out += [f"Per-task R matrix of {label} (R[i][j]: task j after training task i; mean over "
+                    "the finished seeds; each cell's `matrix_*.csv` holds them per seed):", "",
+                    _table(["method", "row", "seeds", *names], rows), "",
+                    f"![part {p} R matrices, {label}](reproduction/{fig.name})", ""]
+        return "\n".join(out)
 
     def part3_overlap(self) -> str:
         samples: dict[str, list[float]] = {}

@@ -83,13 +83,17 @@ def overlap_hist(samples: dict[str, list[float]], path: Path) -> None:
     plt.close(fig)
 
 
-def r_matrices(mats: dict[str, list[list[float]]], domains: Sequence[str], path: Path, title: str) -> None:
-    """One heatmap per method: R[i][j] = score on task j (column) after training task i (row)."""
+def r_matrices(mats: dict[str, list[list[float]]], domains: Sequence[str], path: Path, title: str,
+               unit_range: bool = True) -> None:
+    """One heatmap per method: R[i][j] = score on task j (column) after training task i (row);
+    a [0, 1] colour scale for rates, one shared scale over the methods otherwise."""
     plt = _plt()
     names = list(mats)
+    values = [x for R in mats.values() for row in R for x in row]
+    vmin, vmax = (0.0, 1.0) if unit_range else (min(values), max(values))
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4.2), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
-        im = ax.imshow(mats[name], vmin=0.0, vmax=1.0, cmap="viridis")
+        im = ax.imshow(mats[name], vmin=vmin, vmax=vmax, cmap="viridis")
         ax.set_title(name, fontsize=10)
         ax.set_xticks(range(len(domains)), domains, rotation=60, ha="right", fontsize=7)
         ax.set_yticks(range(len(mats[name])), [f"after {d}" for d in domains[: len(mats[name])]],
