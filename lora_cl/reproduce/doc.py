@@ -306,8 +306,11 @@ class Report:
                                      if (xs := [x for dom in r.overlaps[1:] for x in dom])])
                     for stream in ("lm8", "lm8-kjv")}
         nat, high = per_cell["lm8"], per_cell["lm8-kjv"]
-        words = (f"Per-cell mean overlap, mean [95% CI] over cells: lm8 {_ci(nat)} ({nat.n} cells), "
-                 f"lm8-kjv {_ci(high)} ({high.n} cells). ")
+        def cells(n: int) -> str:
+            return f"{n} cell{'' if n == 1 else 's'}"
+
+        words = (f"Per-cell mean overlap, mean [95% CI] over cells: lm8 {_ci(nat)} ({cells(nat.n)}), "
+                 f"lm8-kjv {_ci(high)} ({cells(high.n)}). ")
         if nat.lo is None or high.lo is None:
             return words + ("Whether the stream built for high overlap has it needs >= 2 projection "
                             "cells on each stream.")
