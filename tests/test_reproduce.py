@@ -207,9 +207,9 @@ def test_qa_part_reports_both_bwt_conventions_and_the_per_task_r_matrix(tmp_path
     assert "BWT (EM, TRACE)" in text and "BWT (EM, GEM)" in text
     assert "-0.15 [" in text and "-0.1 [" in text                  # mean BWT over the two seeds
     # R_k[i][j] = 0.1 ((i + j + k) mod 10); diagonal and last row averaged over k = 0, 1 by hand
-    assert ("| vanilla | just learnt (R[j][j]) | 2 | 0.05 | 0.25 | 0.45 | 0.65 | 0.85 | 0.05 | 0.25 | 0.45 |"
-            in text)
-    assert ("| vanilla | after the last task (R[T][j]) | 2 | 0.75 | 0.85 | 0.45 | 0.05 | 0.15 | 0.25 | "
+    assert ("| vanilla | just learnt (`R[j][j]`) | 2 | 0.05 | 0.25 | 0.45 | 0.65 | 0.85 | 0.05 | 0.25 | "
+            "0.45 |" in text)
+    assert ("| vanilla | after the last task (`R[T][j]`) | 2 | 0.75 | 0.85 | 0.45 | 0.05 | 0.15 | 0.25 | "
             "0.35 | 0.45 |" in text)
     assert (tmp_path / "docs" / "reproduction" / "part5-qa8-R-exact_match.png").is_file()
     assert "held-out loss" not in text              # these cells hold no loss matrix

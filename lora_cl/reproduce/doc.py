@@ -267,14 +267,15 @@ class Report:
                 continue
             rows = []
             for m, (R, n) in mats.items():
-                rows.append([m, "just learnt (R[j][j])", str(n),
+                rows.append([m, "just learnt (`R[j][j]`)", str(n),
                              *(f"{R[i][i]:.{digits}f}" for i in range(len(R)))])
-                rows.append([m, "after the last task (R[T][j])", str(n), *(f"{x:.{digits}f}" for x in R[-1])])
+                rows.append([m, "after the last task (`R[T][j]`)", str(n),
+                             *(f"{x:.{digits}f}" for x in R[-1])])
             fig = self.figs / f"part{p}-{stream}-R-{metric}.png"
             plots.r_matrices({m: R for m, (R, _) in mats.items()}, names, fig,
                              f"part {p}: {stream}, {label} (row: after task i; column: task j)",
                              unit_range=metric == "exact_match")
-            out += [f"Per-task R matrix of {label} (R[i][j]: task j after training task i; mean over "
+            out += [f"Per-task R matrix of {label} (`R[i][j]`: task j after training task i; mean over "
                     "the finished seeds; each cell's `matrix_*.csv` holds them per seed):", "",
                     _table(["method", "row", "seeds", *names], rows), "",
                     f"![part {p} R matrices, {label}](reproduction/{fig.name})", ""]
