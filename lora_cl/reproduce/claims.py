@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lora_cl.reproduce.collect import CellResult, by_method, forgetting_nats
-from lora_cl.reproduce.grid import SHARED_BASELINES
+from lora_cl.reproduce.grid import OVERLAP_STREAMS, SHARED_BASELINES
 from lora_cl.reproduce.stats import paired
 
 PROP1_TOLERANCE = 0.08        # the paper: "matches measurement within 8%"
@@ -140,7 +140,7 @@ def all_claims(results: Sequence[CellResult], synthetic: dict[str, Any] | None,
                real: Sequence[dict[str, Any]]) -> list[Claim]:
     """Every row of part 7's table."""
     claims = prop1_claims(synthetic, real)
-    for stream in ("lm8", "lm8-kjv"):
+    for stream in OVERLAP_STREAMS:
         tag = f" [{stream}]"
         for base in ("adam-nscl", "gpm"):
             claims.append(_direction(results, stream, "vanilla", base,

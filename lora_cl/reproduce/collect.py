@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,10 +171,9 @@ def eta_vs_forgetting(results: Sequence[CellResult], stream: str, methods: Seque
 
 def pearson(xs: Sequence[float], ys: Sequence[float]) -> float | None:
     """Pearson's r (None for fewer than 3 points or no spread)."""
-    n = len(xs)
-    if n < 3:
+    if len(xs) < 3:
         return None
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
-    sxx, syy = sum((x - mx) ** 2 for x in xs), sum((y - my) ** 2 for y in ys)
-    return None if sxx == 0 or syy == 0 else sxy / math.sqrt(sxx * syy)
+    try:
+        return statistics.correlation(xs, ys)
+    except statistics.StatisticsError:  # a constant input
+        return None

@@ -28,6 +28,7 @@ from lora_cl.reproduce.collect import (
     pearson,
 )
 from lora_cl.reproduce.grid import (
+    OVERLAP_STREAMS,
     PARTS,
     STREAM_NOTES,
     STREAMS,
@@ -226,7 +227,7 @@ class Report:
         out = [self._title(p), f"Command: `{command(s, self.cache, '--only', str(p), docs=self.docs)}`", ""]
         done, total, why = self._status(p)
         for stream in PARTS[p].streams:
-            names = [d.get("name") or d["source"].partition(":")[2] for d in stream_sources(stream, s)]
+            names = self._domain_names(stream)
             out.append(f"Stream `{stream}` ({len(names)} domains): {', '.join(names)}.")
             if stream in STREAM_NOTES:
                 out.append(f"\n{STREAM_NOTES[stream]}")
@@ -255,11 +256,13 @@ class Report:
                 out.append(self._r_matrix_section(p, stream))
         return "\n".join(out)
 
+    def _domain_names(self, stream: str) -> list[str]:
+        return [d.get("name") or d["source"].partition(":")[2] for d in stream_sources(stream, self.settings)]
+
     def _r_matrix_section(self, p: int, stream: str) -> str:
         """Per-task R matrices of a Q/A stream, exact match and held-out loss: the diagonal and the
         last row per method (table), every entry (heatmaps), each the mean over finished seeds."""
-        names = [d.get("name") or d["source"].partition(":")[2]
-                 for d in stream_sources(stream, self.settings)]
+        names = self._domain_names(stream)
         out = []
         for metric, label, digits in (("exact_match", "exact match", 2), ("loss", "held-out loss (nats)", 3)):
             mats = {m: got for m in PARTS[p].methods if (got := mean_matrix(self.results, stream, m, metric))}
@@ -282,12 +285,13 @@ class Report:
         return "\n".join(out)
 
     def part3_overlap(self) -> str:
-        samples: dict[str, list[float]] = {}
+        # per stream, per finished cell: the overlaps logged during domains 2..T
+        per_cell = {stream: [xs for r in self.results if r.cell.stream == stream
+                             if (xs := [x for dom in r.overlaps[1:] for x in dom])]
+                    for stream in OVERLAP_STREAMS}
+        samples = {stream: [x for xs in cells for x in xs] for stream, cells in per_cell.items()}
         rows = []
-        for stream in ("lm8", "lm8-kjv"):
-            xs = [x for r in self.results if r.cell.stream == stream
-                  for dom in r.overlaps[1:] for x in dom]
-            samples[stream] = xs
+        for stream, xs in samples.items():
             if xs:
                 q = sorted(xs)
                 rows.append([stream, str(len(xs)), f"{sum(xs) / len(xs):.3f}", f"{q[len(q) // 10]:.3f}",
@@ -298,31 +302,7 @@ class Report:
         return ("Overlap s_t = ||G U||^2 / ||G||^2 logged during training of domains 2..T by every "
                 "projection method (`projection/overlap`), per stream:\n\n"
                 + _table(["stream", "logged values", "mean", "p10", "median", "p90"], rows)
-                + "\n\n" + self._overlap_verdict() + "\n\n![overlap](reproduction/overlap.png)\n")
-
-    def _overlap_verdict(self) -> str:
-        """Is the stream built for high overlap measurably higher than the natural one? Compared on
-        per-cell mean overlaps (logged values within a run are correlated; cells are not)."""
-        per_cell = {stream: mean_ci([sum(xs) / len(xs) for r in self.results if r.cell.stream == stream
-                                     if (xs := [x for dom in r.overlaps[1:] for x in dom])])
-                    for stream in ("lm8", "lm8-kjv")}
-        nat, high = per_cell["lm8"], per_cell["lm8-kjv"]
-        def cells(n: int) -> str:
-            return f"{n} cell{'' if n == 1 else 's'}"
-
-        words = (f"Per-cell mean overlap, mean [95% CI] over cells: lm8 {_ci(nat)} ({cells(nat.n)}), "
-                 f"lm8-kjv {_ci(high)} ({cells(high.n)}). ")
-        if nat.lo is None or high.lo is None:
-            return words + ("Whether the stream built for high overlap has it needs >= 2 projection "
-                            "cells on each stream.")
-        if high.lo > nat.hi:
-            return words + "The stream built for high overlap has measurably higher overlap."
-        if high.hi < nat.lo:
-            return words + ("The stream built for high overlap has measurably *lower* overlap than the "
-                            "natural stream: part 3 does not test a higher-overlap regime.")
-        return words + ("The intervals overlap: the stream built for high overlap is not measurably "
-                        "higher in overlap than the natural stream, so part 3 does not test a "
-                        "higher-overlap regime.")
+                + "\n\n" + _overlap_verdict(per_cell) + "\n\n![overlap](reproduction/overlap.png)\n")
 
     def part6(self) -> str:
         text = self.stream_part(6, [("adam-nscl", "ogp-fixed"), ("adam-nscl", "adam-nscl-lr-matched"),
@@ -379,3 +359,27 @@ def write_report(cache: str | Path, settings: Settings, docs: str | Path = "docs
     path = Path(docs) / "reproduction.md"
     atomic_write_text(path, report.render())
     return path
+
+
+def _overlap_verdict(per_cell: dict[str, list[list[float]]]) -> str:
+    """Is the stream built for high overlap measurably higher than the natural one? Compared on
+    per-cell mean overlaps (logged values within a run are correlated; cells are not)."""
+    natural, built = OVERLAP_STREAMS
+    nat, high = (mean_ci([sum(xs) / len(xs) for xs in per_cell[stream]]) for stream in OVERLAP_STREAMS)
+
+    def cells(n: int) -> str:
+        return f"{n} cell{'' if n == 1 else 's'}"
+
+    words = (f"Per-cell mean overlap, mean [95% CI] over cells: {natural} {_ci(nat)} ({cells(nat.n)}), "
+             f"{built} {_ci(high)} ({cells(high.n)}). ")
+    if nat.lo is None or high.lo is None:
+        return words + ("Whether the stream built for high overlap has it needs >= 2 projection "
+                        "cells on each stream.")
+    if high.lo > nat.hi:
+        return words + "The stream built for high overlap has measurably higher overlap."
+    if high.hi < nat.lo:
+        return words + ("The stream built for high overlap has measurably *lower* overlap than the "
+                        "natural stream: part 3 does not test a higher-overlap regime.")
+    return words + ("The intervals overlap: the stream built for high overlap is not measurably "
+                    "higher in overlap than the natural stream, so part 3 does not test a "
+                    "higher-overlap regime.")

@@ -44,6 +44,9 @@ STREAMS: dict[str, tuple[tuple[str, ...], str]] = {
 }
 
 
+#: Part 3's comparison: (the natural stream, the stream built for high overlap).
+OVERLAP_STREAMS = ("lm8", "lm8-kjv")
+
 #: One line per stream for the report, where its name does not say what it is.
 STREAM_NOTES: dict[str, str] = {
     "lm8-kjv": ("Eight contiguous runs of books of the King James Bible: one source, one translation "
@@ -125,7 +128,7 @@ METHODS: dict[str, MethodRun] = {m.label: m for m in (
     M("adam-nscl-lr-matched", "adam-nscl", {}, lr_scale=0.5),
     # m on g~, v on (1 - alpha)^2 g^2 (alpha = 0.5): sqrt of that v is (1 - alpha) sqrt(v_raw), so
     # the step is decoupled routing's at lr / (1 - alpha) (eps becomes eps / (1 - alpha)); the
-    # equivalence is tested in tests/test_reproduce.py
+    # equivalence is tested in tests/optim/test_routed_adamw.py
     M("ogp-fixed-v_scaled", "ogp-fixed", {}, lr_scale=2.0),
 )}
 #: Shared-routing baselines (modified gradient in both moments) for "best shared baseline".
