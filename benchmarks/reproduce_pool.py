@@ -13,7 +13,8 @@ stopped; a stopped cell is not marked complete and resumes or reruns next time.
         --cache CACHE --logs LOGDIR [--quick] [--model tiny] [--seeds 3]
 
 Writes LOGDIR/job-<part>-<method>-s<seed>.log per job and LOGDIR/pool.json (each job's outcome
-and wall time).
+and wall time). Jobs skip the report (``--no-report``); write it once afterwards with
+``lora-cl reproduce --report --cache CACHE``.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def plan_jobs(parts: list[int], cache: Path, settings, methods: list[str] | None
 def job_command(job: dict, args: argparse.Namespace) -> list[str]:
     cmd = [sys.executable, "-m", "lora_cl.cli", "reproduce", "--only", str(job["part"]),
            "--methods", job["method"], "--only-seeds", str(job["seed"]), "--cache", str(args.cache),
-           "--docs", str(Path(args.logs) / "docs"), "--no-progress"]
+           "--no-progress", "--no-report"]  # one report at the end (lora-cl reproduce --report), not per cell
     if args.quick:
         cmd.append("--quick")
     if args.model:

@@ -248,6 +248,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         counts = run_grid(parts, args.cache, run_settings, methods=methods, progress=not args.no_progress)
         print(f"lora-cl reproduce: {counts['trained']} cells trained, {counts['cached']} cached, "
               f"{counts['not_runnable']} not runnable here, {counts['prop1_written']} part 1 results written")
+    if args.no_report:
+        return 0
     path = write_report(args.cache, settings, args.docs)
     print(f"wrote {path}")
     return 0
@@ -339,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default benchmarks/reproduction/cells)")
     rp.add_argument("--docs", default="docs", help="where reproduction.md goes (default docs)")
     rp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    rp.add_argument("--no-report", action="store_true",
+                    help="train the cells only; leave the report to a later --report run (for workers)")
     rp.set_defaults(func=_cmd_reproduce)
     return parser
 

@@ -161,6 +161,7 @@ def test_pool_trains_one_process_per_cell_and_stops_at_the_deadline(tmp_path, lo
     # two workers, one cell each (seeds 0 and 1 of vanilla), both complete
     assert pool.main([*common, "--workers", "2", "--deadline", "600", "--logs", str(logs)]) == 0
     done = json.loads((logs / "pool.json").read_text())
+    assert not list(tmp_path.rglob("reproduction.md"))          # workers leave the report to --report
     assert sorted((j["seed"], j["outcome"]) for j in done) == [(0, "ok"), (1, "ok")]
     for seed in (0, 1):
         summary = next(cache.glob(f"lm8/*/vanilla-s{seed}/summary.json"))
