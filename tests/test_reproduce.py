@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import replace
 
 import pytest
@@ -43,6 +44,9 @@ def test_quick_grid_runs_parts_1_and_2_then_skips_finished_cells(tmp_path, lora_
     assert (docs / "reproduction" / "part2-lm8.png").is_file()
     assert "partial: 2 of 11 cells finished" in text      # the other 9 part-2 methods
     assert "not run yet (0 of 4 cells)" in text            # e.g. part 4
+    # the compute table counts what is finished: both part 1 results, 2 of part 2's 11 cells
+    assert "| 1 | prop1 | 2 | 2 |" in text and "| 2 | lm8 | 11 | 2 |" in text
+    assert "from earlier parts) | 0 |" in text             # part 6 shares adam-nscl, ogp-fixed
     assert "lora-cl reproduce --only 2 --quick --model tiny" in text
     run = json.loads((cells[0].run_dir(cache) / "run.json").read_text())
     assert run["device"].endswith("cores") or "CUDA" in run["device"]
@@ -64,6 +68,9 @@ def test_report_only_on_an_empty_cache_says_what_is_missing(tmp_path):
     _reproduce("--report", "--cache", str(tmp_path / "none"), "--docs", str(tmp_path))
     text = (tmp_path / "reproduction.md").read_text()
     assert "not run yet (0 of 11 cells)" in text and "not run yet (0 of 2 cells)" in text
+    rows = re.findall(r"^\| (\d) \| [\w-]+ \| [^|]+ \| (\d+) \| ([^|]+) \| ([^|]+) \|$", text, re.M)
+    assert [r[0] for r in rows] == ["1", "2", "3", "4", "5", "6"]
+    assert all(done == "0" and est_all == est_left for _, done, est_all, est_left in rows)  # nothing run
     assert "not testable here" in text
 
 
@@ -265,3 +272,34 @@ def test_part3_says_whether_the_high_overlap_stream_has_higher_overlap(tmp_path,
             (run_dir / "summary.json").write_text(json.dumps({"complete": True}))
     text = Report(tmp_path, settings, tmp_path / "docs").part3_overlap()
     assert "(2 cells)" in text and verdict in text
+
+
+def test_part2_shows_the_replay_buffer_loss_beside_the_held_out_loss_of_earlier_domains(tmp_path):
+    """The replay table: buffer size and loss at the last log (mean over seeds), the final held-out
+    loss of domains 1..T-1 and the base model's, hand-computed; vanilla is the reference row."""
+    from lora_cl.reproduce.doc import Report
+
+    settings = default_settings()
+    T = 3
+    for cell in part_cells(2, replace(settings, seeds=(0, 1)), ("vanilla", "replay-shared")):
+        run_dir = cell.run_dir(tmp_path)
+        k, replay = cell.seed, cell.method.label == "replay-shared"
+        for d in range(T):
+            (run_dir / "domains" / f"0{d}-x").mkdir(parents=True)
+            logs = [{"loss": 3.0}]
+            if replay and d:       # the buffer grows by 2 examples a domain; its loss falls
+                logs = [{"loss": 3.0, "cl/replay_loss": 2.0 - d / 2 - k / 10, "cl/replay_examples": 2.0 * d},
+                        {"train_loss": 3.0, "cl/replay_loss": 0.0, "cl/replay_examples": 2.0 * d + 2}]
+            (run_dir / "domains" / f"0{d}-x" / "metrics.json").write_text(json.dumps({"log_history": logs}))
+        last = [5.0 + k, 4.0, 9.9] if replay else [3.5, 3.0, 9.9]
+        R = [[0.0] * T, [0.0] * T, last]
+        (run_dir / "matrix.json").write_text(json.dumps(
+            {"metrics": {"loss": {"R": R, "base": [3.7, 3.3, 9.0]}}}))
+        (run_dir / "summary.json").write_text(json.dumps(
+            {"complete": True, "T": T, "metrics": {"loss": {"forgetting": 0.5}}}))
+    text = Report(tmp_path, settings, tmp_path / "docs").stream_part(2)
+    assert "Replay buffer (0.5% of each earlier domain's training examples, mixed at rho = 0.5)" in text
+    # buffer loss: 2 - 2/2 - k/10 = 1.0, 0.9; held-out: (5 + k + 4) / 2 = 4.5, 5.0; base (3.7 + 3.3) / 2
+    assert "| replay-shared | 2 | 4 | 0.95 [" in text and "| 4.75 [" in text
+    assert "| vanilla | 2 | – | – | 3.25 [3.25, 3.25] | 3.5 |" in text
+    assert "Replay buffer" not in Report(tmp_path, settings, tmp_path / "docs").stream_part(6)

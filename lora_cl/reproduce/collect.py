@@ -30,10 +30,14 @@ class CellResult:
     platform: str = "unknown"  # where it ran, from run.json (device, else the torch build)
     matrices: dict[str, list[list[float]]] = field(default_factory=dict)  # metric -> R (matrix.json)
     eta_old: list[float] = field(default_factory=list)  # logged probe/old_direction_lr (domains 2..T)
+    replay: tuple[float, int] | None = None  # last training log's (cl/replay_loss, cl/replay_examples)
+    base_loss: list[float] = field(default_factory=list)  # the base model's held-out loss per domain
 
 
 #: The callback's probe of Adam's effective learning rate along the old subspaces (mean over tensors)
 ETA_KEY = "probe/old_direction_lr"
+#: The callback's loss on the replay batch (the buffer of earlier domains' examples) at each log
+REPLAY_LOSS_KEY = "cl/replay_loss"
 
 
 def _read(path: Path) -> Any:
@@ -45,19 +49,24 @@ def load_cell(cell: Cell, cache: Path) -> CellResult | None:
     if not cell.complete(cache):
         return None
     run_dir = cell.run_dir(cache)
-    seconds, overlaps, eta_old = 0.0, [], []
+    seconds, overlaps, eta_old, replay = 0.0, [], [], None
     for mpath in sorted((run_dir / "domains").glob("*/metrics.json")):
         m = _read(mpath)
         seconds += sum(float(m.get(k) or 0.0) for k in ("train_seconds", "eval_seconds", "basis_seconds"))
         history = m.get("log_history", [])
         overlaps.append([float(h["projection/overlap"]) for h in history if "projection/overlap" in h])
         eta_old += [float(h[ETA_KEY]) for h in history if ETA_KEY in h]
+        # the last training log (the end-of-domain summary already counts this domain's examples)
+        replay = next(((float(h[REPLAY_LOSS_KEY]), int(h.get("cl/replay_examples", 0)))
+                       for h in reversed(history) if REPLAY_LOSS_KEY in h and "loss" in h), replay)
     try:
-        matrices = {k: v["R"] for k, v in _read(run_dir / "matrix.json")["metrics"].items() if "R" in v}
+        metrics = _read(run_dir / "matrix.json")["metrics"]
+        matrices = {k: v["R"] for k, v in metrics.items() if "R" in v}
+        base_loss = [float(x) for x in (metrics.get("loss") or {}).get("base") or []]
     except (OSError, ValueError, KeyError, TypeError):
-        matrices = {}
+        matrices, base_loss = {}, []
     return CellResult(cell, _read(run_dir / "summary.json"), seconds, overlaps, platform_of(run_dir),
-                      matrices, eta_old)
+                      matrices, eta_old, replay, base_loss)
 
 
 def platform_of(run_dir: Path) -> str:
@@ -177,3 +186,44 @@ def pearson(xs: Sequence[float], ys: Sequence[float]) -> float | None:
         return statistics.correlation(xs, ys)
     except statistics.StatisticsError:  # a constant input
         return None
+
+
+@dataclass
+class ReplayEvidence:
+    """Per method on a stream: the replay buffer's loss at the end against the held-out loss of the
+    same earlier domains (a buffer far below held-out has been memorised)."""
+
+    cells: int
+    examples: list[int]  # buffer size at the end, per cell
+    buffer_loss: MeanCI | None  # last logged loss on the replay batch
+    held_out: MeanCI  # final held-out loss, mean over domains 1..T-1
+    base: MeanCI  # the base model's held-out loss on the same domains
+
+
+def replay_evidence(results: Sequence[CellResult], stream: str,
+                    methods: Sequence[str]) -> dict[str, ReplayEvidence]:
+    """Replay methods' buffer vs held-out loss on ``stream``, with vanilla as the reference row
+    (only ``methods``; empty when none of them replays)."""
+    rows: dict[str, list[CellResult]] = {}
+    for r in results:
+        if r.cell.stream != stream or r.cell.method.label not in methods:
+            continue
+        if r.replay is not None or r.cell.method.label == "vanilla":
+            if "loss" in r.matrices and r.matrices["loss"]:
+                rows.setdefault(r.cell.method.label, []).append(r)
+    if not any(label != "vanilla" for label in rows):
+        return {}
+    out = {}
+    for label, cells in rows.items():
+        held, base, buffer, examples = [], [], [], []
+        for r in cells:
+            last = r.matrices["loss"][-1]
+            held.append(sum(last[:-1]) / max(len(last) - 1, 1))
+            b = r.base_loss[:-1]
+            base.append(sum(b) / len(b) if b else float("nan"))
+            if r.replay is not None:
+                buffer.append(r.replay[0])
+                examples.append(r.replay[1])
+        out[label] = ReplayEvidence(len(cells), examples, mean_ci(buffer) if buffer else None,
+                                    mean_ci(held), mean_ci(base))
+    return out

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lora_cl.methods import resolve_method
 from lora_cl.paths import atomic_write_text
 from lora_cl.reproduce import claims as C
 from lora_cl.reproduce import plots
@@ -26,8 +27,10 @@ from lora_cl.reproduce.collect import (
     mean_matrix,
     method_stats,
     pearson,
+    replay_evidence,
 )
 from lora_cl.reproduce.grid import (
+    METHODS,
     OVERLAP_STREAMS,
     PARTS,
     STREAM_NOTES,
@@ -107,16 +110,26 @@ class Report:
         s = self.settings
         used = sum(r.seconds for r in self.results)
         used += sum(float(d.get("train_seconds", 0)) for d in [self.synthetic, *self.real] if d)
-        est_rows = [["1", "prop1", f"{1 + len(s.seeds)}", _hours(len(s.seeds) * estimate_prop1_seconds(s))]]
-        total_est = len(s.seeds) * estimate_prop1_seconds(s)
+        done = {r.cell.run_dir(self.cache) for r in self.results}
+        prop1_done = (self.synthetic is not None) + len(self.real)
+        prop1_run = estimate_prop1_seconds(s)
+        total_est = len(s.seeds) * prop1_run
+        left_est = (len(s.seeds) - len(self.real)) * prop1_run
+        est_rows = [["1", "prop1", f"{1 + len(s.seeds)}", f"{prop1_done}", _hours(total_est),
+                     _hours(left_est)]]
         seen: set[Path] = set()
         for p, cells in self.cells.items():
             new = [c for c in cells if c.run_dir(self.cache) not in seen]
             seen.update(c.run_dir(self.cache) for c in cells)
+            left = [c for c in new if c.run_dir(self.cache) not in done]
             secs = sum(estimate_run_seconds(c.stream, s) for c in new)
+            left_secs = sum(estimate_run_seconds(c.stream, s) for c in left)
             total_est += secs
-            est_rows.append([str(p), ", ".join(PARTS[p].streams), f"{len(cells)} ({len(new)} new)",
-                             _hours(secs)])
+            left_est += left_secs
+            shared = len(cells) - len(new)
+            est_rows.append([str(p), ", ".join(PARTS[p].streams),
+                             f"{len(cells)}" + (f" ({shared} from earlier parts)" if shared else ""),
+                             f"{len(new) - len(left)}", _hours(secs), _hours(left_secs)])
         one8 = estimate_run_seconds("lm8", s)
         return "\n".join([
             "# Reproduction on real data: decoupled moment routing and Proposition 1", "",
@@ -138,8 +151,10 @@ class Report:
             f"Estimated compute on 2 CPU cores ({STEP_SECONDS_4x128:g} s per 4x128 training step, "
             f"{EVAL_SECONDS_4x128:g} s per 4x128 eval forward, measured; generation cost assumed): "
             f"one 8-domain run ~{_hours(one8)}; "
-            f"the whole grid ~{_hours(total_est)}.", "",
-            _table(["part", "stream", "cells", "estimate"], est_rows), "",
+            f"the whole grid ~{_hours(total_est)}, of which ~{_hours(left_est)} is not finished yet.",
+            "",
+            _table(["part", "stream", "cells", "finished", "estimate (all)", "estimate (not finished)"],
+                   est_rows), "",
         ])
 
     def _platforms(self) -> str:
@@ -247,6 +262,7 @@ class Report:
             best = C.best_shared(self.results, stream)
             base_pairs = list(pairs) + ([(best, "ogp")] if best and "ogp" in PARTS[p].methods else [])
             out.append(self._paired_rows(stream, base_pairs))
+            out.append(self._replay_section(p, stream))
             fig = self.figs / f"part{p}-{stream}.png"
             first = {h: stats[h] for h in list(stats)[:3] if stats[h]}
             if first:
@@ -255,6 +271,24 @@ class Report:
             if STREAMS[stream][1] == "sft":
                 out.append(self._r_matrix_section(p, stream))
         return "\n".join(out)
+
+    def _replay_section(self, p: int, stream: str) -> str:
+        """Why replay forgets: its buffer's loss at the end against the held-out loss of the same
+        earlier domains, beside vanilla's and the base model's (all read from the cells)."""
+        ev = replay_evidence(self.results, stream, PARTS[p].methods)
+        if not ev:
+            return ""
+        spec = resolve_method(METHODS[next(k for k in ev if k != "vanilla")].preset)
+        rows = [[label, str(e.cells), ", ".join(map(str, sorted(set(e.examples)))) or "–",
+                 _ci(e.buffer_loss), _ci(e.held_out), f"{e.base.mean:.4g}"] for label, e in ev.items()]
+        return (f"Replay buffer ({spec.replay_fraction:.1%} of each earlier domain's training examples, "
+                f"mixed at rho = {spec.rho:g}): the loss on the replay batch at the last training log "
+                "against the final held-out loss of the same earlier domains (domains 1..T-1), beside "
+                "vanilla's and the base model's (the same on every seed). A buffer loss far below the "
+                "held-out loss means the few buffered examples were memorised rather than the domains "
+                "kept.\n\n"
+                + _table(["method", "cells", "buffer (examples)", "buffer loss (nats)",
+                          "held-out loss, earlier domains", "base model, same domains"], rows) + "\n")
 
     def _domain_names(self, stream: str) -> list[str]:
         return [d.get("name") or d["source"].partition(":")[2] for d in stream_sources(stream, self.settings)]
