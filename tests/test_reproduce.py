@@ -253,6 +253,10 @@ def test_part6_relates_forgetting_to_the_logged_old_direction_lr(tmp_path):
     assert 0.8 < r < 1 and f"over 6 cells: {r:.3f}" in text
     assert (tmp_path / "docs" / "reproduction" / "part6-lm8-eta.png").is_file()
     assert pearson([1, 2], [3, 4]) is None and pearson([1, 1, 1], [1, 2, 3]) is None
+    legend = Report(tmp_path, settings, tmp_path / "docs")._moments_legend(6)   # from the routing table
+    assert "| ogp-fixed-v_only | v_only | `g` | `g~^2` | lr |" in legend
+    assert "| adam-nscl-lr-matched | shared | `g~` | `g~^2` | lr x 0.5 |" in legend
+    assert "| ogp-fixed-v_scaled | decoupled | `g~` | `g^2` | lr x 2 (= v on (1 - alpha)^2 g^2" in legend
 
 
 @pytest.mark.parametrize(("high", "verdict"), [(0.9, "has measurably higher overlap"),

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_cl.methods import resolve_method
+from lora_cl.optim.routed_adamw import ROUTINGS
 from lora_cl.paths import atomic_write_text
 from lora_cl.reproduce import claims as C
 from lora_cl.reproduce import plots
@@ -338,12 +339,28 @@ class Report:
                 + _table(["stream", "logged values", "mean", "p10", "median", "p90"], rows)
                 + "\n\n" + _overlap_verdict(per_cell) + "\n\n![overlap](reproduction/overlap.png)\n")
 
+    def _moments_legend(self, p: int) -> str:
+        """What each method of part ``p`` feeds Adam's two moments, from its routing and lr factor."""
+        grad = {"raw": "g", "mod": "g~"}
+        rows = []
+        for label in PARTS[p].methods:
+            run = METHODS[label]
+            spec = resolve_method(run.preset, run.overrides)
+            m_in, v_in = ROUTINGS[spec.routing]
+            m, v = grad[m_in], grad[v_in] + "^2"
+            lr = "lr" if run.lr_scale == 1 else f"lr x {run.lr_scale:g}"
+            if label == "ogp-fixed-v_scaled":  # the equivalence tested in test_routed_adamw.py
+                lr += f" (= v on (1 - alpha)^2 g^2 at lr, alpha = {spec.alpha:g})"
+            rows.append([label, spec.routing, f"`{m}`", f"`{v}`", lr])
+        return ("What each method feeds Adam's moments (g: the raw gradient, g~: the projected one):\n\n"
+                + _table(["method", "routing", "m fed", "v fed", "learning rate"], rows) + "\n")
+
     def part6(self) -> str:
         text = self.stream_part(6, [("adam-nscl", "ogp-fixed"), ("adam-nscl", "adam-nscl-lr-matched"),
                                     ("adam-nscl", "ogp-fixed-v_only"), ("ogp-fixed-v_scaled", "ogp-fixed")])
         c = C.lr_matching_claim(self.results)
-        return (text + f"\nEffective-LR matching: {c.measured} — {c.verdict}.\n\n"
-                + self._eta_section(6, "lm8"))
+        return (text + "\n" + self._moments_legend(6)
+                + f"\nEffective-LR matching: {c.measured} — {c.verdict}.\n\n" + self._eta_section(6, "lm8"))
 
     def _eta_section(self, p: int, stream: str) -> str:
         """Does forgetting track R_eta? Per method the logged old-direction effective LR relative to
