@@ -307,3 +307,30 @@ def test_part2_shows_the_replay_buffer_loss_beside_the_held_out_loss_of_earlier_
     assert "| replay-shared | 2 | 4 | 0.95 [" in text and "| 4.75 [" in text
     assert "| vanilla | 2 | – | – | 3.25 [3.25, 3.25] | 3.5 |" in text
     assert "Replay buffer" not in Report(tmp_path, settings, tmp_path / "docs").stream_part(6)
+
+
+@pytest.mark.parametrize(("matched", "verdict"), [
+    ({0: 0.136, 1: 0.138}, "reproduced"),        # gap 0.145 - 0.135; closes (0.145 - 0.137) / 0.01 = 80%
+    ({0: 0.040, 1: 0.050}, "it overshoots"),     # closes 1000%
+    ({0: 0.139, 1: 0.149}, "closed share outside 80% +- 20%"),   # closes 10%
+])
+def test_lr_matching_claim_on_hand_built_cells(matched, verdict):
+    """The share of the adam-nscl - ogp-fixed gap that lr matching closes, over paired seeds; an
+    overshoot names the final train losses (the lower LR learns less everywhere)."""
+    from lora_cl.reproduce.claims import lr_matching_claim
+    from lora_cl.reproduce.collect import CellResult
+    from lora_cl.reproduce.grid import METHODS, Cell
+
+    forget = {"adam-nscl": {0: 0.140, 1: 0.150}, "ogp-fixed": {0: 0.130, 1: 0.140},
+              "adam-nscl-lr-matched": matched}
+    train = {"adam-nscl": 3.1, "ogp-fixed": 3.1, "adam-nscl-lr-matched": 3.3}
+    results = [CellResult(Cell("lm8", METHODS[m], seed, "x"),
+                          {"metrics": {"loss": {"forgetting": f}},
+                           "plasticity": {"final_train_loss": [train[m], train[m]]}}, 1.0)
+               for m, by_seed in forget.items() for seed, f in by_seed.items()]
+    claim = lr_matching_claim(results)
+    assert claim.measured.startswith("gap 0.01 nats") and "(2 seeds)" in claim.measured
+    assert verdict in claim.verdict and (verdict != "reproduced" or claim.verdict == "reproduced")
+    assert ("final train loss 3.3 vs adam-nscl's 3.1" in claim.verdict) == (verdict == "it overshoots")
+    one_seed = [r for r in results if r.cell.seed == 0]
+    assert "needs >= 2 paired seeds" in lr_matching_claim(one_seed).verdict
