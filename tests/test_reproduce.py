@@ -251,6 +251,8 @@ def test_part6_relates_forgetting_to_the_logged_old_direction_lr(tmp_path):
     ys = [forget[m] + s / 100 for m in ("adam-nscl", "adam-nscl-lr-matched", "ogp-fixed") for s in (0, 1)]
     r = pearson(xs, ys)
     assert 0.8 < r < 1 and f"over 6 cells: {r:.3f}" in text
+    same_lr = pearson(xs[:2] + xs[4:], ys[:2] + ys[4:])       # without adam-nscl-lr-matched
+    assert f"(routing alone differs): r = {same_lr:.3f} over 4 cells" in text
     assert (tmp_path / "docs" / "reproduction" / "part6-lm8-eta.png").is_file()
     assert pearson([1, 2], [3, 4]) is None and pearson([1, 1, 1], [1, 2, 3]) is None
     legend = Report(tmp_path, settings, tmp_path / "docs")._moments_legend(6)   # from the routing table

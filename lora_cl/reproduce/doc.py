@@ -381,8 +381,14 @@ class Report:
         r = pearson([math.log(x[2]) for x in rows], [x[3] for x in rows])
         fig = self.figs / f"part{p}-{stream}-eta.png"
         plots.eta_scatter(rows, fig, f"part {p}: forgetting vs R_eta ({stream})")
+        same_lr = [x for x in rows if METHODS[x[0]].lr_scale == 1]
+        r_same = pearson([math.log(x[2]) for x in same_lr], [x[3] for x in same_lr])
         corr = ("too few cells for a correlation" if r is None else
-                f"Pearson r between log R_eta and forgetting over {len(rows)} cells: {r:.3f}")
+                f"Pearson r between log R_eta and forgetting over {len(rows)} cells: {r:.3f}. "
+                "Methods with an lr factor scale the step along every direction, not only the old "
+                "ones, so part of this correlation is the overall step size. Over the cells at the "
+                "grid's lr only (routing alone differs): "
+                + ("too few cells" if r_same is None else f"r = {r_same:.3f} over {len(same_lr)} cells"))
         return (head + _table(["method", "cells", "R_eta", "forgetting (nats)"], table)
                 + f"\n\n{corr}.\n\n![part {p} forgetting vs R_eta](reproduction/{fig.name})\n")
 
