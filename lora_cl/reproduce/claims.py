@@ -10,10 +10,16 @@ here* when the cells are missing or the setting is out of reach (a 7B model, TRA
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from lora_cl.reproduce.collect import CellResult, by_method, forgetting_nats, plasticity_value
+from lora_cl.reproduce.collect import (
+    CellResult,
+    by_method,
+    forgetting_nats,
+    plasticity_value,
+    replay_evidence,
+)
 from lora_cl.reproduce.grid import OVERLAP_STREAMS, SHARED_BASELINES
 from lora_cl.reproduce.stats import paired
 
@@ -56,6 +62,21 @@ def _direction(results: Sequence[CellResult], stream: str, worse: str, better: s
     else:
         verdict = "not reproduced: the difference is not significant (CI includes 0)"
     return Claim(text, paper, measured, verdict)
+
+
+def _replay_caveat(results: Sequence[CellResult], stream: str, claim: Claim) -> Claim:
+    """A reproduced "ogp beats replay" says so when the replay baseline itself ends worse than
+    vanilla on the earlier domains (its buffer memorised, not the domains kept)."""
+    ev = replay_evidence(results, stream, ("vanilla", "replay-shared"))
+    replay, vanilla = ev.get("replay-shared"), ev.get("vanilla")
+    if claim.verdict != "reproduced" or replay is None or vanilla is None:
+        return claim
+    if replay.held_out.mean <= vanilla.held_out.mean:
+        return claim
+    return replace(claim, verdict=(
+        f"reproduced, against a weak baseline: replay-shared ends with a held-out loss of "
+        f"{replay.held_out.mean:.4g} nats on the earlier domains, vanilla {vanilla.held_out.mean:.4g} "
+        "(its few buffered examples are memorised; see the replay table)"))
 
 
 def best_shared(results: Sequence[CellResult], stream: str) -> str | None:
@@ -167,12 +188,13 @@ def all_claims(results: Sequence[CellResult], synthetic: dict[str, Any] | None,
         claims.append(_direction(results, stream, best or "best shared baseline", "ogp",
                                  f"Adaptive decoupled (ogp) forgets less than the best shared baseline "
                                  f"({best or '?'})" + tag, "9.4 vs 12.5"))
-        claims.append(_direction(results, stream, "replay-shared", "ogp",
-                                 "ogp forgets less than 0.5% replay" + tag, "9.4 vs 11.6"))
+        claims.append(_replay_caveat(results, stream, _direction(
+            results, stream, "replay-shared", "ogp", "ogp forgets less than 0.5% replay" + tag,
+            "9.4 vs 11.6")))
     claims.append(_direction(results, "lm16", best_shared(results, "lm16") or "adam-nscl", "ogp",
                              "16 domains: ogp beats the best shared projection", "by 4.5-4.8 units"))
-    claims.append(_direction(results, "lm16", "replay-shared", "ogp",
-                             "16 domains: ogp beats 0.5% replay", "by 2.6 units"))
+    claims.append(_replay_caveat(results, "lm16", _direction(
+        results, "lm16", "replay-shared", "ogp", "16 domains: ogp beats 0.5% replay", "by 2.6 units")))
     claims.append(lr_matching_claim(results))
     claims.append(Claim("7B LoRA (Llama-2-7B-chat on TRACE): +2.2 units over the best matched-budget "
                         "baseline", "+2.2", "–",
