@@ -139,8 +139,10 @@ def lr_matching_claim(results: Sequence[CellResult], stream: str = "lm8") -> Cla
         return Claim(text, paper, f"{len(seeds)} paired seed(s)", "not testable here: needs >= 2 paired "
                      "seeds of adam-nscl, ogp-fixed and adam-nscl-lr-matched for a CI")
 
-    def mean(m: str) -> float:
-        return sum(vals[m][s] for s in seeds) / len(seeds)
+    def mean(m: str, table: dict[str, dict[int, float]] = vals) -> float | None:
+        """``m``'s mean over the paired seeds (None when one of them has no value)."""
+        got = [table[m][s] for s in seeds if s in table.get(m, {})]
+        return sum(got) / len(got) if len(got) == len(seeds) else None
 
     gap = mean("adam-nscl") - mean("ogp-fixed")
     closed = mean("adam-nscl") - mean("adam-nscl-lr-matched")
@@ -159,12 +161,7 @@ def lr_matching_claim(results: Sequence[CellResult], stream: str = "lm8") -> Cla
         verdict = f"not reproduced: closed share outside {LR_MATCH_CLAIM:.0%} +- {LR_MATCH_TOLERANCE:.0%}"
         if share > LR_MATCH_CLAIM + LR_MATCH_TOLERANCE:
             train = by_method(results, stream, lambda s: plasticity_value(s, "final_train_loss"))
-
-            def mean_train(m: str) -> float | None:
-                got = [train[m][s] for s in seeds if s in train.get(m, {})]
-                return sum(got) / len(got) if len(got) == len(seeds) else None
-
-            ours, theirs = mean_train("adam-nscl-lr-matched"), mean_train("adam-nscl")
+            ours, theirs = mean("adam-nscl-lr-matched", train), mean("adam-nscl", train)
             verdict += (" (it overshoots: the lower LR acts on every direction, so it also learns less"
                         + (f"; final train loss {ours:.4g} vs adam-nscl's {theirs:.4g}"
                            if ours is not None and theirs is not None else "") + ")")

@@ -197,7 +197,7 @@ class ReplayEvidence:
     examples: list[int]  # buffer size at the end, per cell
     buffer_loss: MeanCI | None  # last logged loss on the replay batch
     held_out: MeanCI  # final held-out loss, mean over domains 1..T-1
-    base: MeanCI  # the base model's held-out loss on the same domains
+    base: float  # the base model's held-out loss on the same domains (the same on every seed)
 
 
 def replay_evidence(results: Sequence[CellResult], stream: str,
@@ -219,11 +219,10 @@ def replay_evidence(results: Sequence[CellResult], stream: str,
         for r in cells:
             last = r.matrices["loss"][-1]
             held.append(sum(last[:-1]) / max(len(last) - 1, 1))
-            b = r.base_loss[:-1]
-            base.append(sum(b) / len(b) if b else float("nan"))
+            base += r.base_loss[:-1]
             if r.replay is not None:
                 buffer.append(r.replay[0])
                 examples.append(r.replay[1])
         out[label] = ReplayEvidence(len(cells), examples, mean_ci(buffer) if buffer else None,
-                                    mean_ci(held), mean_ci(base))
+                                    mean_ci(held), sum(base) / len(base) if base else float("nan"))
     return out

@@ -281,7 +281,7 @@ class Report:
             return ""
         spec = resolve_method(METHODS[next(k for k in ev if k != "vanilla")].preset)
         rows = [[label, str(e.cells), ", ".join(map(str, sorted(set(e.examples)))) or "–",
-                 _ci(e.buffer_loss), _ci(e.held_out), f"{e.base.mean:.4g}"] for label, e in ev.items()]
+                 _ci(e.buffer_loss), _ci(e.held_out), f"{e.base:.4g}"] for label, e in ev.items()]
         return (f"Replay buffer ({spec.replay_fraction:.1%} of each earlier domain's training examples, "
                 f"mixed at rho = {spec.rho:g}): the loss on the replay batch at the last training log "
                 "against the final held-out loss of the same earlier domains (domains 1..T-1), beside "
