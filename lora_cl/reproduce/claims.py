@@ -188,7 +188,7 @@ def all_claims(results: Sequence[CellResult], synthetic: dict[str, Any] | None,
         claims.append(_replay_caveat(results, stream, _direction(
             results, stream, "replay-shared", "ogp", "ogp forgets less than 0.5% replay" + tag,
             "9.4 vs 11.6")))
-    claims.append(_direction(results, "lm16", best_shared(results, "lm16") or "adam-nscl", "ogp",
+    claims.append(_direction(results, "lm16", best_shared(results, "lm16") or "gpm", "ogp",
                              "16 domains: ogp beats the best shared projection", "by 4.5-4.8 units"))
     claims.append(_replay_caveat(results, "lm16", _direction(
         results, "lm16", "replay-shared", "ogp", "16 domains: ogp beats 0.5% replay", "by 2.6 units")))

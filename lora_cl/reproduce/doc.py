@@ -247,6 +247,8 @@ class Report:
             out.append(f"Stream `{stream}` ({len(names)} domains): {', '.join(names)}.")
             if stream in STREAM_NOTES:
                 out.append(f"\n{STREAM_NOTES[stream]}")
+        if PARTS[p].note:
+            out.append(f"\nMethods: {', '.join(PARTS[p].methods)}; {PARTS[p].note}")
         if why:
             out.append(f"\nnot runnable with these settings: {why}.")
         if done == 0:
