@@ -45,6 +45,7 @@ def test_quick_grid_runs_parts_1_and_2_then_skips_finished_cells(tmp_path, lora_
     assert "partial: 2 of 11 cells finished" in text      # the other 9 part-2 methods
     assert "not run yet (0 of 4 cells)" in text            # e.g. part 4
     assert "Methods: vanilla, gpm, ogp, replay-shared; gpm is the shared-projection baseline" in text
+    assert "(part 2 has no finished shared method on lm8 yet)" in text  # the reason is read from cells
     # the compute table counts what is finished: both part 1 results, 2 of part 2's 11 cells
     assert "| 1 | prop1 | 2 | 2 |" in text and "| 2 | lm8 | 11 | 2 |" in text
     assert "from earlier parts) | 0 |" in text             # part 6 shares adam-nscl, ogp-fixed

@@ -247,8 +247,9 @@ class Report:
             out.append(f"Stream `{stream}` ({len(names)} domains): {', '.join(names)}.")
             if stream in STREAM_NOTES:
                 out.append(f"\n{STREAM_NOTES[stream]}")
-        if PARTS[p].note:
-            out.append(f"\nMethods: {', '.join(PARTS[p].methods)}; {PARTS[p].note}")
+        reasons = [r for r in (self._baseline_reason(PARTS[p].shared_baseline), PARTS[p].note) if r]
+        if reasons:
+            out.append(f"\nMethods: {', '.join(PARTS[p].methods)}; {'; '.join(reasons)}.")
         if why:
             out.append(f"\nnot runnable with these settings: {why}.")
         if done == 0:
@@ -274,6 +275,21 @@ class Report:
             if STREAMS[stream][1] == "sft":
                 out.append(self._r_matrix_section(p, stream))
         return "\n".join(out)
+
+    def _baseline_reason(self, method: str) -> str:
+        """Why ``method`` is a part's shared-projection baseline, read from part 2's cells ("" for
+        no method)."""
+        if not method:
+            return ""
+        stream = PARTS[2].streams[0]
+        best = C.best_shared(self.results, stream)
+        head = f"{method} is the shared-projection baseline"
+        if best is None:
+            return head + f" (part 2 has no finished shared method on {stream} yet)"
+        if best != method:
+            return head + f", but {best} now forgets least of the shared methods in part 2"
+        seeds = len(by_method(self.results, stream, forgetting_nats)[method])
+        return head + f" because it forgot least of the shared methods in part 2 ({seeds} seeds)"
 
     def _replay_section(self, p: int, stream: str) -> str:
         """Why replay forgets: its buffer's loss at the end against the held-out loss of the same
