@@ -191,6 +191,29 @@ def test_only_seeds_outside_the_seed_range_is_refused(tmp_path, capsys):
     assert "--only-seeds takes seeds from [0]" in err and "--seeds" in err
 
 
+def test_methods_not_in_the_chosen_parts_are_refused_with_the_valid_names(tmp_path, capsys):
+    """A method of another part (adam-nscl is not a part-4 method) must not train 0 cells and exit 0."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["reproduce", "--quick", "--model", "tiny", "--only", "4", "--methods", "gpm,adam-nscl",
+              "--cache", str(tmp_path), "--docs", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--methods adam-nscl is not a method of part(s) 4" in err
+    assert "part 4: vanilla, gpm, ogp, replay-shared" in err
+    assert not list(tmp_path.iterdir())                       # nothing trained, nothing written
+    with pytest.raises(SystemExit) as exit_info:
+        main(["reproduce", "--quick", "--model", "tiny", "--only", "1", "--methods", "ogp",
+              "--cache", str(tmp_path), "--docs", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "these parts train no cells" in capsys.readouterr().err
+    pool = _pool_module()                                     # the pool refuses the same names
+    with pytest.raises(SystemExit) as exit_info:
+        pool.main(["--parts", "4", "--methods", "adam-nscl", "--quick", "--model", "tiny",
+                   "--cache", str(tmp_path), "--dry-run"])
+    assert exit_info.value.code == 2
+    assert "part 4: vanilla, gpm, ogp, replay-shared" in capsys.readouterr().err
+
+
 def test_qa_part_reports_both_bwt_conventions_and_the_per_task_r_matrix(tmp_path):
     """Part 5's section from finished Q/A cells: BWT (TRACE, GEM) columns, the R matrix's diagonal
     and last row per method (mean over seeds, hand-checked) and a heatmap."""

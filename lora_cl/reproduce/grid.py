@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -245,6 +246,19 @@ class Cell:
             return bool(json.loads(path.read_text(encoding="utf-8")).get("complete"))
         except (OSError, ValueError):
             return False
+
+
+def methods_error(parts: Sequence[int], methods: Sequence[str]) -> str | None:
+    """Why ``methods`` cannot run in ``parts`` (a name no chosen part has, or none given), else None."""
+    offered = {m for p in parts for m in PARTS[p].methods}
+    unknown = [m for m in methods if m not in offered]
+    if methods and not unknown:
+        return None
+    listing = "; ".join(f"part {p}: {', '.join(PARTS[p].methods)}" for p in parts if PARTS[p].methods)
+    named = ", ".join(unknown) if unknown else "(empty)"
+    return (f"--methods {named} {'is not a method' if len(unknown) <= 1 else 'are not methods'} of part(s) "
+            f"{','.join(map(str, parts))}; the methods there are "
+            f"{listing or 'none (these parts train no cells)'}")
 
 
 def part_cells(part: int, settings: Settings, methods: tuple[str, ...] | None = None) -> list[Cell]:
