@@ -182,30 +182,27 @@ def test_pool_trains_one_process_per_cell_and_stops_at_the_deadline(tmp_path, lo
     assert "0 unfinished cells" in capsys.readouterr().out
 
 
-def test_only_seeds_outside_the_seed_range_is_refused(tmp_path, capsys):
+def _refused(tmp_path, capsys, *args: str) -> str:
+    """Run a quick tiny ``lora-cl reproduce`` with ``args``, assert it exits 2, return its stderr."""
     with pytest.raises(SystemExit) as exit_info:
-        main(["reproduce", "--quick", "--model", "tiny", "--only", "2", "--only-seeds", "3",
+        main(["reproduce", "--quick", "--model", "tiny", *args,
               "--cache", str(tmp_path), "--docs", str(tmp_path)])
     assert exit_info.value.code == 2
-    err = capsys.readouterr().err
+    return capsys.readouterr().err
+
+
+def test_only_seeds_outside_the_seed_range_is_refused(tmp_path, capsys):
+    err = _refused(tmp_path, capsys, "--only", "2", "--only-seeds", "3")
     assert "--only-seeds takes seeds from [0]" in err and "--seeds" in err
 
 
 def test_methods_not_in_the_chosen_parts_are_refused_with_the_valid_names(tmp_path, capsys):
     """A method of another part (adam-nscl is not a part-4 method) must not train 0 cells and exit 0."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(["reproduce", "--quick", "--model", "tiny", "--only", "4", "--methods", "gpm,adam-nscl",
-              "--cache", str(tmp_path), "--docs", str(tmp_path)])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
+    err = _refused(tmp_path, capsys, "--only", "4", "--methods", "gpm,adam-nscl")
     assert "--methods adam-nscl is not a method of part(s) 4" in err
     assert "part 4: vanilla, gpm, ogp, replay-shared" in err
     assert not list(tmp_path.iterdir())                       # nothing trained, nothing written
-    with pytest.raises(SystemExit) as exit_info:
-        main(["reproduce", "--quick", "--model", "tiny", "--only", "1", "--methods", "ogp",
-              "--cache", str(tmp_path), "--docs", str(tmp_path)])
-    assert exit_info.value.code == 2
-    assert "these parts train no cells" in capsys.readouterr().err
+    assert "these parts train no cells" in _refused(tmp_path, capsys, "--only", "1", "--methods", "ogp")
     pool = _pool_module()                                     # the pool refuses the same names
     with pytest.raises(SystemExit) as exit_info:
         pool.main(["--parts", "4", "--methods", "adam-nscl", "--quick", "--model", "tiny",
