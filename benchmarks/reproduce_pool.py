@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="print the jobs and stop")
     args = ap.parse_args(argv)
 
-    from lora_cl.reproduce.grid import PARTS, default_settings, methods_error
+    from lora_cl.reproduce.grid import PARTS, chosen_methods, default_settings
 
     parts = [int(x) for x in args.parts.split(",")]
     bad = [p for p in parts if p not in PARTS or not PARTS[p].streams]
@@ -143,12 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--parts takes grid parts with streams ({with_streams}); got {bad}")
     settings = default_settings(quick=args.quick, model=args.model,
                                 seeds=tuple(range(args.seeds)) if args.seeds else None)
-    methods = None
-    if args.methods is not None:
-        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        problem = methods_error(parts, methods)
-        if problem:
-            ap.error(problem)
+    try:
+        methods = chosen_methods(parts, args.methods)
+    except ValueError as err:
+        ap.error(str(err))
     jobs = plan_jobs(parts, Path(args.cache), settings, methods)
     print(f"reproduce_pool: {len(jobs)} unfinished cells, {args.workers} workers, "
           f"deadline {args.deadline:.0f}s", flush=True)

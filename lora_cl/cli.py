@@ -221,7 +221,7 @@ def _prop1_table(results: dict) -> str:
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from lora_cl.reproduce import PARTS, default_settings, run_grid, write_report
-    from lora_cl.reproduce.grid import methods_error
+    from lora_cl.reproduce.grid import chosen_methods
 
     try:
         parts = sorted({int(x) for x in args.only.split(",")}) if args.only else sorted(PARTS)
@@ -234,13 +234,11 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     settings = default_settings(quick=args.quick, model=args.model, steps=args.steps,
                                 seeds=tuple(range(args.seeds)) if args.seeds else None)
     if not args.report:
-        methods = None
-        if args.methods is not None:
-            methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-            problem = methods_error(parts, methods)
-            if problem:
-                print(f"lora-cl reproduce: error: {problem}", file=sys.stderr)
-                return 2
+        try:
+            methods = chosen_methods(parts, args.methods)
+        except ValueError as err:
+            print(f"lora-cl reproduce: error: {err}", file=sys.stderr)
+            return 2
         run_settings = settings
         if args.only_seeds:
             try:

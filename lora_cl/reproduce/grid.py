@@ -248,17 +248,21 @@ class Cell:
             return False
 
 
-def methods_error(parts: Sequence[int], methods: Sequence[str]) -> str | None:
-    """Why ``methods`` cannot run in ``parts`` (a name no chosen part has, or none given), else None."""
+def chosen_methods(parts: Sequence[int], text: str | None) -> list[str] | None:
+    """``--methods`` as a list (None: each part's all); ValueError naming each chosen part's methods
+    when a name is in none of ``parts`` or none is given."""
+    if text is None:
+        return None
+    methods = [m.strip() for m in text.split(",") if m.strip()]
     offered = {m for p in parts for m in PARTS[p].methods}
     unknown = [m for m in methods if m not in offered]
     if methods and not unknown:
-        return None
+        return methods
     listing = "; ".join(f"part {p}: {', '.join(PARTS[p].methods)}" for p in parts if PARTS[p].methods)
     named = ", ".join(unknown) if unknown else "(empty)"
-    return (f"--methods {named} {'is not a method' if len(unknown) <= 1 else 'are not methods'} of part(s) "
-            f"{','.join(map(str, parts))}; the methods there are "
-            f"{listing or 'none (these parts train no cells)'}")
+    raise ValueError(f"--methods {named} {'is not a method' if len(unknown) <= 1 else 'are not methods'} "
+                     f"of part(s) {','.join(map(str, parts))}; the methods there are "
+                     f"{listing or 'none (these parts train no cells)'}")
 
 
 def part_cells(part: int, settings: Settings, methods: tuple[str, ...] | None = None) -> list[Cell]:
