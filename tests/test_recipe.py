@@ -79,7 +79,8 @@ ERRORS = [
      "target_modules", "lora.target_modules must be a list of strings, got 'q_proj'"),
     ("missing-data-file", "  - data/c.txt", "  - data/missing.txt", (), {"check_sources": True},
      "missing.txt", "domains[2].source: data path {tmp}/data/missing.txt does not exist; create it (a "
-     "recipe's header says how) or fix the path; relative paths resolve against the recipe's folder"),
+     "recipe's header says how) or fix the path; relative paths resolve against the recipe's folder; "
+     "`lora-cl validate --no-data` checks the rest before the data exists"),
     ("empty-domains", "  - data/a.txt\n  - data/b.txt\n  - data/c.txt\n", "", (), None, "domains:",
      "domains is empty; list the stream, e.g. domains: [debian:kjv, qa:capitals, data/mine.jsonl]"),
     ("unknown-builtin-source", "  - data/b.txt", "  - debian:kvj", (), None, "debian:kvj",

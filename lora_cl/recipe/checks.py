@@ -100,9 +100,10 @@ def check_recipe(recipe: Recipe, *, check_sources: bool = True, check_model: boo
             for key, path in ((f"domains[{i}].source", dom.source),
                               (f"domains[{i}].eval_source", dom.eval_source)):
                 if path is not None and not is_builtin(path) and not Path(path).exists():
-                    raise ctx.error(key, f"{key}: data path {path} does not exist",
-                                    "create it (a recipe's header says how) or fix the path; relative paths "
-                                    "resolve against the recipe's folder")
+                    fix = ("create it (a recipe's header says how) or fix the path; relative paths "
+                           "resolve against the recipe's folder; `lora-cl validate --no-data` checks "
+                           "the rest before the data exists")
+                    raise ctx.error(key, f"{key}: data path {path} does not exist", fix)
         if recipe.training.deepspeed is not None:
             _check_deepspeed(recipe.training.deepspeed, ctx)
     else:
