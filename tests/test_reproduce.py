@@ -384,3 +384,27 @@ def test_ogp_beats_replay_claim_names_a_replay_baseline_worse_than_vanilla(repla
         assert "vanilla 3.31 (its few buffered examples are memorised" in row.verdict
     else:
         assert row.verdict == "reproduced"
+
+
+def test_both_factor_and_qa_claims_read_their_own_cells():
+    """Part 7 tests ogp against shared projection with both LoRA factors projected (lm8), and on
+    the Q/A stream against that stream's best shared baseline (the nearest test of the 7B claim)."""
+    from lora_cl.reproduce.claims import all_claims
+    from lora_cl.reproduce.collect import CellResult
+    from lora_cl.reproduce.grid import METHODS, Cell
+
+    forget = {("lm8", "adam-nscl-both"): 0.11, ("lm8", "ogp-both"): 0.10,
+              ("qa8", "gpm"): 0.30, ("qa8", "adam-nscl"): 0.20, ("qa8", "ogp"): 0.25}
+    results = [CellResult(Cell(stream, METHODS[m], seed, "x"),
+                          {"metrics": {"loss": {"forgetting": f + seed / 1000}}}, 1.0)
+               for (stream, m), f in forget.items() for seed in (0, 1, 2)]
+    rows = {c.claim: c for c in all_claims(results, None, [])}
+    both = rows["Adaptive decoupled (ogp) forgets less than shared projection (adam-nscl), both LoRA "
+                "factors projected [lm8]"]
+    assert both.measured.startswith("adam-nscl-both - ogp-both = 0.01 nats") and both.verdict == "reproduced"
+    qa = next(c for name, c in rows.items() if name.endswith("[qa8]"))
+    assert "best shared baseline (adam-nscl)" in qa.claim      # adam-nscl forgets least of gpm, adam-nscl
+    assert qa.measured.startswith("adam-nscl - ogp = -0.05 nats")
+    assert qa.verdict == "not reproduced: the opposite holds (ogp forgets more)"
+    one_seed = [r for r in results if r.cell.seed == 0]
+    assert "needs >= 2 paired seeds" in {c.claim: c for c in all_claims(one_seed, None, [])}[qa.claim].verdict

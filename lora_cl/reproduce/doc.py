@@ -419,7 +419,7 @@ class Report:
     def render(self) -> str:
         lm_pairs = [("vanilla", "ogp"), ("adam-nscl", "ogp-fixed"), ("ewc-shared", "ewc-decoupled"),
                     ("replay-shared", "replay-decoupled"), ("adam-nscl", "adam-nscl-both"),
-                    ("ogp", "ogp-both")]
+                    ("ogp", "ogp-both"), ("adam-nscl-both", "ogp-both")]
         return "\n".join([
             self.header(), self.part1(), self.stream_part(2, lm_pairs),
             self.stream_part(3, [("vanilla", "ogp"), ("adam-nscl", "ogp-fixed")]), self.part3_overlap(),
