@@ -99,7 +99,7 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> MeanCI:
 class Paired:
     """Per-seed differences a - b, their mean CI and the paired t-test p-value."""
 
-    seeds: list[int]
+    seeds: list[Any]  # the pairing keys: seeds, or (method, seed) when streams are compared
     diffs: list[float]
     ci: MeanCI
     p_value: float | None
@@ -109,8 +109,9 @@ class Paired:
                 "p_value": self.p_value}
 
 
-def paired(a: dict[int, float], b: dict[int, float], level: float = 0.95) -> Paired:
-    """Compare two methods on the seeds both finished: d_k = a_k - b_k."""
+def paired(a: dict[Any, float], b: dict[Any, float], level: float = 0.95) -> Paired:
+    """Compare two methods on the seeds both finished: d_k = a_k - b_k (any sortable pairing key
+    works the same way, e.g. (method, seed) to compare two streams cell by cell)."""
     seeds = sorted(set(a) & set(b))
     diffs = [a[s] - b[s] for s in seeds]
     ci = mean_ci(diffs, level)
