@@ -86,6 +86,14 @@ def best_shared(results: Sequence[CellResult], stream: str) -> str | None:
     return min(means, key=means.__getitem__) if means else None
 
 
+def _ogp_vs_best_shared(results: Sequence[CellResult], stream: str, text: str, paper: str) -> Claim:
+    """ogp against ``stream``'s best shared baseline, named in ``text`` at ``{best}`` ("?" when no
+    shared cell has finished)."""
+    best = best_shared(results, stream)
+    return _direction(results, stream, best or "best shared baseline", "ogp",
+                      text.format(best=best or "?"), paper)
+
+
 def prop1_claims(synthetic: dict[str, Any] | None, real: Sequence[dict[str, Any]]) -> list[Claim]:
     out = []
     text = "Prop. 1: with shared routing the old-direction effective LR is inflated by 1/(1-alpha)"
@@ -181,21 +189,17 @@ def all_claims(results: Sequence[CellResult], synthetic: dict[str, Any] | None,
         claims.append(_direction(results, stream, "ogp-fixed", "vanilla",
                                  "Fixed-strength decoupling forgets MORE than vanilla" + tag,
                                  "14.1 vs 13.2"))
-        best = best_shared(results, stream)
-        claims.append(_direction(results, stream, best or "best shared baseline", "ogp",
-                                 f"Adaptive decoupled (ogp) forgets less than the best shared baseline "
-                                 f"({best or '?'})" + tag, "9.4 vs 12.5"))
+        claims.append(_ogp_vs_best_shared(results, stream, "Adaptive decoupled (ogp) forgets less than the "
+                                          "best shared baseline ({best})" + tag, "9.4 vs 12.5"))
         claims.append(_replay_caveat(results, stream, _direction(
             results, stream, "replay-shared", "ogp", "ogp forgets less than 0.5% replay" + tag,
             "9.4 vs 11.6")))
     claims.append(_direction(results, "lm8", "adam-nscl-both", "ogp-both",
                              "Adaptive decoupled (ogp) forgets less than shared projection (adam-nscl), "
                              "both LoRA factors projected [lm8]", "9.4 vs 12.5"))
-    best = best_shared(results, "qa8")
-    claims.append(_direction(results, "qa8", best or "best shared baseline", "ogp",
-                             f"Q/A instruction stream, the nearest test of the 7B TRACE claim: ogp forgets "
-                             f"less than the best shared baseline ({best or '?'}) [qa8]",
-                             "+2.2 units (7B, TRACE)"))
+    claims.append(_ogp_vs_best_shared(results, "qa8", "Q/A instruction stream, the nearest test of the 7B "
+                                      "TRACE claim: ogp forgets less than the best shared baseline ({best}) "
+                                      "[qa8]", "+2.2 units (7B, TRACE)"))
     claims.append(_direction(results, "lm16", best_shared(results, "lm16") or "gpm", "ogp",
                              "16 domains: ogp beats the best shared projection", "by 4.5-4.8 units"))
     claims.append(_replay_caveat(results, "lm16", _direction(
