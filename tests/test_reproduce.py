@@ -420,3 +420,30 @@ def test_both_factor_and_qa_claims_read_their_own_cells():
     assert qa.verdict == "not reproduced: the opposite holds (ogp forgets more)"
     one_seed = [r for r in results if r.cell.seed == 0]
     assert "needs >= 2 paired seeds" in {c.claim: c for c in all_claims(one_seed, None, [])}[qa.claim].verdict
+
+
+def test_untestable_claims_name_the_command_that_trains_the_missing_cells():
+    """A claim short of paired seeds names the `lora-cl reproduce` call for the next seed (only the
+    methods lacking it), and the 16-domain projection row never takes replay as a projection."""
+    from lora_cl.reproduce.claims import all_claims
+    from lora_cl.reproduce.collect import CellResult
+    from lora_cl.reproduce.grid import METHODS, Cell
+
+    forget = {("lm8-kjv", "gpm"): {0: 0.1, 1: 0.1}, ("lm8-kjv", "ogp"): {0: 0.2},
+              ("lm16", "replay-shared"): {0: 0.05}, ("lm16", "ogp"): {0: 0.3, 1: 0.3}}
+    results = [CellResult(Cell(stream, METHODS[m], seed, "x"),
+                          {"metrics": {"loss": {"forgetting": f}}}, 1.0)
+               for (stream, m), by_seed in forget.items() for seed, f in by_seed.items()]
+    rows = {c.claim: c for c in all_claims(results, None, [])}
+    kjv = rows["Adaptive decoupled (ogp) forgets less than the best shared baseline (gpm) [lm8-kjv]"]
+    assert kjv.measured == "gpm - ogp = -0.1 nats (1 paired seed)"
+    assert kjv.verdict == ("not testable here: needs >= 2 paired seeds for a CI "
+                           "(train them: `lora-cl reproduce --only 3 --methods ogp --only-seeds 1`)")
+    nscl = rows["Shared-routing projection (adam-nscl) forgets less than vanilla Adam [lm8-kjv]"]
+    assert nscl.verdict.endswith("(train them: `lora-cl reproduce --only 3 --methods vanilla,adam-nscl "
+                                 "--only-seeds 0`)")
+    proj = rows["16 domains: ogp beats the best shared projection"]
+    assert proj.verdict == ("not testable here: no finished cells of gpm on lm16 yet "
+                            "(train them: `lora-cl reproduce --only 4 --methods gpm --only-seeds 0`)")
+    qa = next(c for name, c in rows.items() if name.endswith("[qa8]"))
+    assert "train them" not in qa.verdict           # no shared cell yet: no baseline to name
