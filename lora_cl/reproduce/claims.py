@@ -224,7 +224,8 @@ def all_claims(results: Sequence[CellResult], synthetic: dict[str, Any] | None,
     claims.append(_ogp_vs_best_shared(results, "qa8", "Q/A instruction stream, the nearest test of the 7B "
                                       "TRACE claim: ogp forgets less than the best shared baseline ({best}) "
                                       "[qa8]", "+2.2 units (7B, TRACE)"))
-    claims.append(_direction(results, "lm16", best_shared(results, "lm16", SHARED_PROJECTIONS) or "gpm", "ogp",
+    projection = best_shared(results, "lm16", SHARED_PROJECTIONS) or "gpm"
+    claims.append(_direction(results, "lm16", projection, "ogp",
                              "16 domains: ogp beats the best shared projection", "by 4.5-4.8 units"))
     claims.append(_replay_caveat(results, "lm16", _direction(
         results, "lm16", "replay-shared", "ogp", "16 domains: ogp beats 0.5% replay", "by 2.6 units")))
