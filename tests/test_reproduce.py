@@ -74,6 +74,9 @@ def test_report_only_on_an_empty_cache_says_what_is_missing(tmp_path):
     assert [r[0] for r in rows] == ["1", "2", "3", "4", "5", "6"]
     assert all(done == "0" and est_all == est_left for _, done, est_all, est_left in rows)  # nothing run
     assert "not testable here" in text
+    # the hint trains the cells this report reads: its settings, cache and docs folder, not the defaults
+    assert (f"(train them: `lora-cl reproduce --only 2 --methods vanilla,adam-nscl --only-seeds 0 --quick "
+            f"--model tiny --cache {tmp_path / 'none'} --docs {tmp_path}`)") in text
 
 
 def test_config_hash_ignores_method_and_seed_but_not_lr():

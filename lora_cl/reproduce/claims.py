@@ -9,8 +9,9 @@ here* when the cells are missing or the setting is out of reach (a 7B model, TRA
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 from lora_cl.reproduce.collect import (
@@ -40,39 +41,49 @@ def _fmt(x: float | None, d: int = 4) -> str:
     return "–" if x is None else f"{x:.{d}g}"
 
 
-def train_command(stream: str, methods: Sequence[str], seed: int) -> str:
-    """The ``lora-cl reproduce`` command that trains ``methods``' cells of ``seed`` on ``stream``
-    ("" when no part trains all of them there)."""
+Command = Callable[..., str]
+"""Renders ``lora-cl reproduce`` with extra arguments; the report passes one that adds its own
+settings, cache and docs folder (``doc.command``), so a hint trains the cells the report reads."""
+
+
+def reproduce_command(*extra: str) -> str:
+    """``lora-cl reproduce`` with ``extra`` on the default settings and cache."""
+    return " ".join(("lora-cl", "reproduce", *extra))
+
+
+def train_args(stream: str, methods: Sequence[str], seed: int) -> tuple[str, ...]:
+    """The ``lora-cl reproduce`` arguments that train ``methods``' cells of ``seed`` on ``stream``
+    (empty when no part trains all of them there)."""
     part = next((p.number for p in PARTS.values()
                  if stream in p.streams and methods and all(m in p.methods for m in methods)), None)
     if part is None:
-        return ""
-    return f"lora-cl reproduce --only {part} --methods {','.join(methods)} --only-seeds {seed}"
+        return ()
+    return ("--only", str(part), "--methods", ",".join(methods), "--only-seeds", str(seed))
 
 
-def _untestable(stream: str, have: dict[str, set[int]], reason: str) -> str:
+def _untestable(stream: str, have: dict[str, set[int]], reason: str, command: Command) -> str:
     """``reason`` plus the command that trains the cells for the next paired seed."""
     paired_seeds = set.intersection(*have.values())
     seed = next(s for s in range(len(paired_seeds) + 1) if s not in paired_seeds)
-    cmd = train_command(stream, [m for m, seeds in have.items() if seed not in seeds], seed)
-    return f"not testable here: {reason}" + (f" (train them: `{cmd}`)" if cmd else "")
+    args = train_args(stream, [m for m, seeds in have.items() if seed not in seeds], seed)
+    return f"not testable here: {reason}" + (f" (train them: `{command(*args)}`)" if args else "")
 
 
 def _direction(results: Sequence[CellResult], stream: str, worse: str, better: str,
-               text: str, paper: str) -> Claim:
+               text: str, paper: str, command: Command = reproduce_command) -> Claim:
     """Claim: ``better`` forgets less than ``worse`` on ``stream`` (paired over seeds)."""
     vals = by_method(results, stream, forgetting_nats)
     have = {m: set(vals.get(m, {})) for m in (worse, better)}
     if worse not in vals or better not in vals:
         missing = [m for m in (worse, better) if m not in vals]
         return Claim(text, paper, "–", _untestable(
-            stream, have, f"no finished cells of {', '.join(missing)} on {stream} yet"))
+            stream, have, f"no finished cells of {', '.join(missing)} on {stream} yet", command))
     p = paired(vals[worse], vals[better])
     ci = p.ci
     if ci.n < 2:
         seeds = f"{ci.n} paired seed" + ("" if ci.n == 1 else "s")
         return Claim(text, paper, f"{worse} - {better} = {_fmt(ci.mean)} nats ({seeds})",
-                     _untestable(stream, have, "needs >= 2 paired seeds for a CI"))
+                     _untestable(stream, have, "needs >= 2 paired seeds for a CI", command))
     measured = (f"{worse} - {better} = {ci.mean:.4g} nats, 95% CI [{ci.lo:.4g}, {ci.hi:.4g}], "
                 f"p = {p.p_value:.3g}, {ci.n} seeds")
     if ci.lo > 0:
@@ -110,12 +121,13 @@ def best_shared(results: Sequence[CellResult], stream: str,
     return min(means, key=means.__getitem__) if means else None
 
 
-def _ogp_vs_best_shared(results: Sequence[CellResult], stream: str, text: str, paper: str) -> Claim:
+def _ogp_vs_best_shared(results: Sequence[CellResult], stream: str, text: str, paper: str,
+                        command: Command) -> Claim:
     """ogp against ``stream``'s best shared baseline, named in ``text`` at ``{best}`` ("?" when no
     shared cell has finished)."""
     best = best_shared(results, stream)
     return _direction(results, stream, best or "best shared baseline", "ogp",
-                      text.format(best=best or "?"), paper)
+                      text.format(best=best or "?"), paper, command)
 
 
 def prop1_claims(synthetic: dict[str, Any] | None, real: Sequence[dict[str, Any]]) -> list[Claim]:
@@ -201,33 +213,35 @@ def lr_matching_claim(results: Sequence[CellResult], stream: str = "lm8") -> Cla
 
 
 def all_claims(results: Sequence[CellResult], synthetic: dict[str, Any] | None,
-               real: Sequence[dict[str, Any]]) -> list[Claim]:
-    """Every row of part 7's table."""
+               real: Sequence[dict[str, Any]], command: Command = reproduce_command) -> list[Claim]:
+    """Every row of part 7's table; ``command`` renders the call that trains missing cells."""
+    direction = partial(_direction, command=command)
+    ogp_vs_best_shared = partial(_ogp_vs_best_shared, command=command)
     claims = prop1_claims(synthetic, real)
     for stream in OVERLAP_STREAMS:
         tag = f" [{stream}]"
         for base in ("adam-nscl", "gpm"):
-            claims.append(_direction(results, stream, "vanilla", base,
-                                     f"Shared-routing projection ({base}) forgets less than vanilla Adam"
-                                     + tag, "12.5-12.8 vs 13.2 forgetting units (256M model)"))
-        claims.append(_direction(results, stream, "ogp-fixed", "vanilla",
-                                 "Fixed-strength decoupling forgets MORE than vanilla" + tag,
-                                 "14.1 vs 13.2"))
-        claims.append(_ogp_vs_best_shared(results, stream, "Adaptive decoupled (ogp) forgets less than the "
-                                          "best shared baseline ({best})" + tag, "9.4 vs 12.5"))
-        claims.append(_replay_caveat(results, stream, _direction(
+            claims.append(direction(results, stream, "vanilla", base,
+                                    f"Shared-routing projection ({base}) forgets less than vanilla Adam"
+                                    + tag, "12.5-12.8 vs 13.2 forgetting units (256M model)"))
+        claims.append(direction(results, stream, "ogp-fixed", "vanilla",
+                                "Fixed-strength decoupling forgets MORE than vanilla" + tag,
+                                "14.1 vs 13.2"))
+        claims.append(ogp_vs_best_shared(results, stream, "Adaptive decoupled (ogp) forgets less than the "
+                                         "best shared baseline ({best})" + tag, "9.4 vs 12.5"))
+        claims.append(_replay_caveat(results, stream, direction(
             results, stream, "replay-shared", "ogp", "ogp forgets less than 0.5% replay" + tag,
             "9.4 vs 11.6")))
-    claims.append(_direction(results, "lm8", "adam-nscl-both", "ogp-both",
-                             "Adaptive decoupled (ogp) forgets less than shared projection (adam-nscl), "
-                             "both LoRA factors projected [lm8]", "9.4 vs 12.5"))
-    claims.append(_ogp_vs_best_shared(results, "qa8", "Q/A instruction stream, the nearest test of the 7B "
-                                      "TRACE claim: ogp forgets less than the best shared baseline ({best}) "
-                                      "[qa8]", "+2.2 units (7B, TRACE)"))
+    claims.append(direction(results, "lm8", "adam-nscl-both", "ogp-both",
+                            "Adaptive decoupled (ogp) forgets less than shared projection (adam-nscl), "
+                            "both LoRA factors projected [lm8]", "9.4 vs 12.5"))
+    claims.append(ogp_vs_best_shared(results, "qa8", "Q/A instruction stream, the nearest test of the 7B "
+                                     "TRACE claim: ogp forgets less than the best shared baseline ({best}) "
+                                     "[qa8]", "+2.2 units (7B, TRACE)"))
     projection = best_shared(results, "lm16", SHARED_PROJECTIONS) or "gpm"
-    claims.append(_direction(results, "lm16", projection, "ogp",
-                             "16 domains: ogp beats the best shared projection", "by 4.5-4.8 units"))
-    claims.append(_replay_caveat(results, "lm16", _direction(
+    claims.append(direction(results, "lm16", projection, "ogp",
+                            "16 domains: ogp beats the best shared projection", "by 4.5-4.8 units"))
+    claims.append(_replay_caveat(results, "lm16", direction(
         results, "lm16", "replay-shared", "ogp", "16 domains: ogp beats 0.5% replay", "by 2.6 units")))
     claims.append(lr_matching_claim(results))
     claims.append(Claim("7B LoRA (Llama-2-7B-chat on TRACE): +2.2 units over the best matched-budget "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -412,7 +413,8 @@ class Report:
 
     def part7(self) -> str:
         rows = [[c.claim, c.paper, c.measured, c.verdict]
-                for c in C.all_claims(self.results, self.synthetic, self.real)]
+                for c in C.all_claims(self.results, self.synthetic, self.real,
+                                      partial(command, self.settings, self.cache, docs=self.docs))]
         return "\n".join([self._title(7), "Verdict rules: " + C.__doc__.split("\n\n")[1].replace("\n", " "),
                           "", _table(["claim", "paper v1", "measured here", "verdict"], rows), ""])
 
