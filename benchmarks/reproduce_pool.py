@@ -6,7 +6,8 @@ work, same settings, same config hash). The pool suits a GPU, which has room for
 runs at once; on 2 CPU cores it brings nothing (measured: +6% for two workers).
 
 Jobs are ordered seed-major (every method's seed 0 before any seed 1, so a run cut short still
-covers every part), then longest first within a seed. Jobs still running at the deadline are
+covers every part), then longest first within a seed; ``--order longest`` puts the longest cells
+first over all seeds instead. Jobs still running at the deadline are
 stopped; a stopped cell is not marked complete and resumes or reruns next time.
 
     python benchmarks/reproduce_pool.py --workers 12 --deadline 480 --parts 2,3,4,5,6 \\
@@ -30,8 +31,13 @@ from dataclasses import replace
 from pathlib import Path
 
 
-def plan_jobs(parts: list[int], cache: Path, settings, methods: list[str] | None = None) -> list[dict]:
-    """The unfinished, runnable cells of ``parts`` as jobs, seed-major, longest first per seed."""
+def plan_jobs(parts: list[int], cache: Path, settings, methods: list[str] | None = None,
+              order: str = "seed") -> list[dict]:
+    """The unfinished, runnable cells of ``parts`` as jobs.
+
+    ``order="seed"``: seed-major, longest first per seed (a pool cut short still covers every
+    part). ``order="longest"``: longest first over all seeds, lower seed first on ties (the
+    shortest makespan when the deadline is expected to hold the whole set)."""
     from lora_cl.reproduce.grid import estimate_run_seconds, part_cells, runnable
 
     jobs, seen = [], set()
@@ -48,6 +54,10 @@ def plan_jobs(parts: list[int], cache: Path, settings, methods: list[str] | None
                               "stream": cell.stream, "run_dir": str(run_dir),
                               "estimate_s": estimate_run_seconds(cell.stream, settings)})
         jobs += sorted(batch, key=lambda j: -j["estimate_s"])
+    if order == "longest":
+        jobs.sort(key=lambda j: -j["estimate_s"])  # stable: seed order kept on ties
+    elif order != "seed":
+        raise ValueError(f"order must be 'seed' or 'longest', got {order!r}")
     return jobs
 
 
@@ -131,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--model", default=None)
     ap.add_argument("--seeds", type=int, default=None)
+    ap.add_argument("--order", choices=("seed", "longest"), default="seed",
+                    help="seed: every seed 0 cell first (default); longest: longest cell first over all "
+                         "seeds (shortest makespan when the deadline should hold every cell)")
     ap.add_argument("--dry-run", action="store_true", help="print the jobs and stop")
     args = ap.parse_args(argv)
 
@@ -147,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         methods = chosen_methods(parts, args.methods)
     except ValueError as err:
         ap.error(str(err))
-    jobs = plan_jobs(parts, Path(args.cache), settings, methods)
+    jobs = plan_jobs(parts, Path(args.cache), settings, methods, args.order)
     print(f"reproduce_pool: {len(jobs)} unfinished cells, {args.workers} workers, "
           f"deadline {args.deadline:.0f}s", flush=True)
     if args.dry_run:

@@ -157,6 +157,16 @@ def test_pool_plans_seed_major_longest_first_and_skips_finished_cells(tmp_path):
     (done / "summary.json").write_text(json.dumps({"complete": True}))
     left = pool.plan_jobs([2, 6], tmp_path, settings)
     assert len(left) == len(jobs) - 1 and not any(j["method"] == "vanilla" and j["seed"] == 1 for j in left)
+    # longest first over all seeds: part 5's Q/A cells (generation in the eval) before part 2's
+    real = default_settings(quick=True, seeds=(0, 1))  # planning only: nothing is loaded
+    by_seed = pool.plan_jobs([2, 5], tmp_path, real)
+    longest = pool.plan_jobs([2, 5], tmp_path, real, order="longest")
+    assert sorted(map(str, longest)) == sorted(map(str, by_seed)) and longest != by_seed
+    assert all(a["estimate_s"] >= b["estimate_s"] for a, b in zip(longest, longest[1:]))
+    assert longest[0]["estimate_s"] > longest[-1]["estimate_s"] and longest[0]["seed"] == 0
+    assert [j["part"] for j in longest[:2]] == [5, 5] and [j["seed"] for j in longest[:2]] == [0, 0]
+    with pytest.raises(ValueError, match="order must be"):
+        pool.plan_jobs([2], tmp_path, settings, order="random")
 
 
 def test_pool_trains_one_process_per_cell_and_stops_at_the_deadline(tmp_path, lora_cl_cache, capsys):
