@@ -14,7 +14,10 @@ stopped; a stopped cell is not marked complete and resumes or reruns next time.
         --cache CACHE --logs LOGDIR [--quick] [--model tiny] [--seeds 3]
 
 Writes LOGDIR/job-<part>-<method>-s<seed>.log per job and LOGDIR/pool.json (each job's outcome
-and wall time). Jobs skip the report (``--no-report``); write it once afterwards with
+and wall time). ``--pack FILE.tar.gz`` then packs the finished cells' JSON and CSV (what the
+repository commits; paths relative to CACHE) into one small archive: a cell stopped at the
+deadline keeps its checkpoints and adapters, which are too large to bring back from a device.
+Jobs skip the report (``--no-report``); write it once afterwards with
 ``lora-cl reproduce --report --cache CACHE``.
 """
 
@@ -129,6 +132,34 @@ def run_pool(jobs: list[dict], args: argparse.Namespace) -> list[dict]:
     return done
 
 
+def pack_cells(jobs: list[dict], cache: Path, dest: Path) -> list[str]:
+    """Pack the JSON/CSV files of the jobs' finished cells (``summary.json`` complete) into the
+    gzip tarball ``dest``, paths relative to ``cache``; returns the packed cells' paths."""
+    import tarfile
+
+    cache = Path(cache)
+    packed, seen = [], set()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".tmp")
+    with tarfile.open(tmp, "w:gz") as tar:
+        for job in jobs:
+            run_dir = Path(job["run_dir"])
+            summary = run_dir / "summary.json"
+            if run_dir in seen or not summary.is_file():
+                continue
+            seen.add(run_dir)
+            if not json.loads(summary.read_text(encoding="utf-8")).get("complete"):
+                continue
+            for path in sorted(run_dir.rglob("*")):
+                rel = path.relative_to(run_dir)
+                if path.is_file() and path.suffix in (".json", ".csv") and not (
+                        {"checkpoints", "adapter", "plots"} & set(rel.parts)):
+                    tar.add(path, arcname=str(path.relative_to(cache)))
+            packed.append(str(run_dir.relative_to(cache)))
+    tmp.replace(dest)
+    return packed
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--parts", default="2,3,4,5,6", help="comma-separated grid parts (2-6)")
@@ -144,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--order", choices=("seed", "longest"), default="seed",
                     help="seed: every seed 0 cell first (default); longest: longest cell first over all "
                          "seeds (shortest makespan when the deadline should hold every cell)")
+    ap.add_argument("--pack", metavar="FILE", default=None,
+                    help="afterwards, pack the finished cells' JSON/CSV into this .tar.gz (paths relative "
+                         "to --cache; unpack into benchmarks/reproduction/cells)")
     ap.add_argument("--dry-run", action="store_true", help="print the jobs and stop")
     args = ap.parse_args(argv)
 
@@ -174,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     for job in done:
         counts[job["outcome"]] = counts.get(job["outcome"], 0) + 1
     print("reproduce_pool:", ", ".join(f"{n} {k}" for k, n in sorted(counts.items())), flush=True)
+    if args.pack:
+        packed = pack_cells(done, Path(args.cache), Path(args.pack))
+        print(f"reproduce_pool: packed {len(packed)} finished cells into {args.pack}", flush=True)
     return 0 if all(j["outcome"] == "ok" for j in done) else 1
 
 

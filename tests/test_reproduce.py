@@ -175,13 +175,20 @@ def test_pool_trains_one_process_per_cell_and_stops_at_the_deadline(tmp_path, lo
     common = ["--parts", "2", "--methods", "vanilla", "--quick", "--model", "tiny", "--seeds", "2",
               "--cache", str(cache)]
     # a deadline that no cell can meet: the job is stopped, its cell left unfinished, rc 1
-    assert pool.main([*common, "--workers", "1", "--deadline", "1", "--logs", str(tmp_path / "cut")]) == 1
+    assert pool.main([*common, "--workers", "1", "--deadline", "1", "--logs", str(tmp_path / "cut"),
+                      "--pack", str(tmp_path / "cut.tar.gz")]) == 1
+    import tarfile
+
+    with tarfile.open(tmp_path / "cut.tar.gz") as tar:
+        assert tar.getnames() == []                              # nothing finished: nothing packed
     cut = json.loads((tmp_path / "cut" / "pool.json").read_text())
     assert [j["outcome"] for j in cut] == ["stopped at deadline", "not started"]
     assert not list(cache.glob("lm8/*/vanilla-s*/summary.json")) or not any(
         json.loads(p.read_text()).get("complete") for p in cache.glob("lm8/*/vanilla-s*/summary.json"))
-    # two workers, one cell each (seeds 0 and 1 of vanilla), both complete
-    assert pool.main([*common, "--workers", "2", "--deadline", "600", "--logs", str(logs)]) == 0
+    # two workers, one cell each (seeds 0 and 1 of vanilla), both complete and packed
+    packed = tmp_path / "out" / "cells.tar.gz"
+    assert pool.main([*common, "--workers", "2", "--deadline", "600", "--logs", str(logs),
+                      "--pack", str(packed)]) == 0
     done = json.loads((logs / "pool.json").read_text())
     assert not list(tmp_path.rglob("reproduction.md"))          # workers leave the report to --report
     assert sorted((j["seed"], j["outcome"]) for j in done) == [(0, "ok"), (1, "ok")]
@@ -190,6 +197,12 @@ def test_pool_trains_one_process_per_cell_and_stops_at_the_deadline(tmp_path, lo
         assert json.loads(summary.read_text())["complete"]
         run = json.loads((summary.parent / "run.json").read_text())
         assert f"--only-seeds {seed}" in run["command"]        # one process per cell
+    with tarfile.open(packed) as tar:
+        names = tar.getnames()
+    assert {n.split("/")[-2] for n in names if n.endswith("/summary.json")} == {"vanilla-s0", "vanilla-s1"}
+    assert all(n.startswith("lm8/") and n.endswith((".json", ".csv")) for n in names)
+    on_disk = {str(p.relative_to(cache)) for p in cache.rglob("*") if p.is_file() and "vanilla-s" in str(p)}
+    assert set(names) == on_disk                                # a finished cell: pruned to JSON/CSV
     capsys.readouterr()
     assert pool.main([*common, "--dry-run"]) == 0
     assert "0 unfinished cells" in capsys.readouterr().out
