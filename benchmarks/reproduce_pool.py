@@ -11,7 +11,7 @@ first over all seeds instead. Jobs still running at the deadline are
 stopped; a stopped cell is not marked complete and resumes or reruns next time.
 
     python benchmarks/reproduce_pool.py --workers 12 --deadline 480 --parts 2,3,4,5,6 \\
-        --cache CACHE --logs LOGDIR [--quick] [--model tiny] [--seeds 3]
+        --cache CACHE --logs LOGDIR [--quick] [--model tiny] [--seeds 3] [--steps N] [--seq-len N]
 
 Writes LOGDIR/job-<part>-<method>-s<seed>.log per job and LOGDIR/pool.json (each job's outcome
 and wall time). ``--pack FILE.tar.gz`` then packs the finished cells' JSON and CSV (what the
@@ -72,8 +72,9 @@ def job_command(job: dict, args: argparse.Namespace) -> list[str]:
         cmd.append("--quick")
     if args.model:
         cmd += ["--model", args.model]
-    if args.seeds:
-        cmd += ["--seeds", str(args.seeds)]
+    for flag, value in (("--steps", args.steps), ("--seq-len", args.seq_len), ("--seeds", args.seeds)):
+        if value:
+            cmd += [flag, str(value)]
     return cmd
 
 
@@ -172,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--model", default=None)
     ap.add_argument("--seeds", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None, help="steps per domain (lora-cl reproduce --steps)")
+    ap.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (reproduce --seq-len)")
     ap.add_argument("--order", choices=("seed", "longest"), default="seed",
                     help="seed: every seed 0 cell first (default); longest: longest cell first over all "
                          "seeds (shortest makespan when the deadline should hold every cell)")
@@ -188,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         with_streams = [p for p in PARTS if PARTS[p].streams]
         ap.error(f"--parts takes grid parts with streams ({with_streams}); got {bad}")
-    settings = default_settings(quick=args.quick, model=args.model,
+    settings = default_settings(quick=args.quick, model=args.model, steps=args.steps, seq_len=args.seq_len,
                                 seeds=tuple(range(args.seeds)) if args.seeds else None)
     try:
         methods = chosen_methods(parts, args.methods)

@@ -219,6 +219,17 @@ def _prop1_table(results: dict) -> str:
     return "\n".join(rows)
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from lora_cl.reproduce import PARTS, default_settings, run_grid, write_report
     from lora_cl.reproduce.grid import chosen_methods
@@ -231,7 +242,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         print(f"lora-cl reproduce: error: --only takes part numbers from {sorted(PARTS)}, "
               f"e.g. --only 1,2; got {args.only!r}", file=sys.stderr)
         return 2
-    settings = default_settings(quick=args.quick, model=args.model, steps=args.steps,
+    settings = default_settings(quick=args.quick, model=args.model, steps=args.steps, seq_len=args.seq_len,
                                 seeds=tuple(range(args.seeds)) if args.seeds else None)
     if not args.report:
         try:
@@ -336,8 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--report", action="store_true", help="only regenerate the report from the cache")
     rp.add_argument("--model", help="base model (default smollm2-135m; 'tiny' uses the tiny text files)")
     rp.add_argument("--methods", help="comma-separated grid methods to run (default: each part's all)")
-    rp.add_argument("--steps", type=int, help="training steps per domain (overrides the settings)")
-    rp.add_argument("--seeds", type=int, help="number of seeds 0..N-1 (overrides the settings)")
+    rp.add_argument("--steps", type=_positive_int, help="training steps per domain (overrides the settings)")
+    rp.add_argument("--seq-len", type=_positive_int,
+                    help="tokens per training sequence (default 128; overrides the settings, e.g. 512 for "
+                         "a larger grid on a GPU; its cells get their own config hash)")
+    rp.add_argument("--seeds", type=_positive_int, help="number of seeds 0..N-1 (overrides the settings)")
     rp.add_argument("--only-seeds", metavar="SEEDS",
                     help="train only these of the seeds, e.g. 2 or 1,2 (to split the grid over workers; "
                          "the report still covers every seed)")

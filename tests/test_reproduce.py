@@ -473,3 +473,34 @@ def test_untestable_claims_name_the_command_that_trains_the_missing_cells():
                             "(train them: `lora-cl reproduce --only 4 --methods gpm --only-seeds 0`)")
     qa = next(c for name, c in rows.items() if name.endswith("[qa8]"))
     assert "train them" not in qa.verdict           # no shared cell yet: no baseline to name
+
+
+def test_seq_len_override_gets_its_own_cells_command_and_pool_flags(tmp_path, capsys):
+    """A larger grid (--steps/--seq-len) is a separate cache key, named in the page's commands and
+    passed on by the pool to every worker; nonsense values are refused before anything runs."""
+    import argparse
+    from pathlib import Path
+
+    from lora_cl.reproduce.doc import DEFAULT_CACHE, command
+
+    base = default_settings()
+    large = default_settings(steps=200, seq_len=512)
+    ogp = part_cells(2, base, ("ogp",))[0].method
+    assert config_hash("lm8", ogp, large) != config_hash("lm8", ogp, base)
+    assert part_cells(2, large)[0].run_dir(tmp_path) != part_cells(2, base)[0].run_dir(tmp_path)
+    expected = "lora-cl reproduce --report --steps 200 --seq-len 512"
+    assert command(large, Path(DEFAULT_CACHE), "--report") == expected
+    assert "--seq-len" not in command(base, Path(DEFAULT_CACHE))
+    pool = _pool_module()
+    args = argparse.Namespace(cache=tmp_path, quick=False, model=None, seeds=2, steps=200, seq_len=512)
+    job = {"part": 2, "method": "ogp", "seed": 1}
+    cmd = pool.job_command(job, args)
+    assert cmd[cmd.index("--steps") + 1] == "200" and cmd[cmd.index("--seq-len") + 1] == "512"
+    assert cmd[cmd.index("--seeds") + 1] == "2"
+    for bad in ("0", "-4", "long"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["reproduce", "--only", "2", "--seq-len", bad, "--cache", str(tmp_path),
+                  "--docs", str(tmp_path)])
+        assert exit_info.value.code == 2
+        assert "--seq-len: expected a whole number >= 1" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())                                # nothing trained or written

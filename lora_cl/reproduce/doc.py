@@ -64,6 +64,8 @@ def command(settings: Settings, cache: Path, *extra: str, docs: Path | None = No
     default = default_settings(quick=settings.quick, model=settings.model)
     if settings.steps != default.steps:
         words += ["--steps", str(settings.steps)]
+    if settings.seq_len != default.seq_len:
+        words += ["--seq-len", str(settings.seq_len)]
     if settings.seeds != default.seeds:
         words += ["--seeds", str(len(settings.seeds))]
     if str(cache) != DEFAULT_CACHE:
