@@ -10,7 +10,7 @@ covers every part), then longest first within a seed; ``--order longest`` puts t
 first over all seeds instead. Jobs still running at the deadline are
 stopped; a stopped cell is not marked complete and resumes or reruns next time.
 
-    python benchmarks/reproduce_pool.py --workers 12 --deadline 480 --parts 2,3,4,5,6 \\
+    python benchmarks/reproduce_pool.py --workers 8 --deadline 480 --parts 2,3,4,5,6 \\
         --cache CACHE --logs LOGDIR [--quick] [--model tiny] [--seeds 3] [--steps N] [--seq-len N]
 
 Writes LOGDIR/job-<part>-<method>-s<seed>.log per job and LOGDIR/pool.json (each job's outcome
