@@ -7,8 +7,11 @@ runs at once; on 2 CPU cores it brings nothing (measured: +6% for two workers).
 
 Jobs are ordered seed-major (every method's seed 0 before any seed 1, so a run cut short still
 covers every part), then longest first within a seed; ``--order longest`` puts the longest cells
-first over all seeds instead. Jobs still running at the deadline are
-stopped; a stopped cell is not marked complete and resumes or reruns next time.
+first over all seeds instead. Once cells have finished, a queued cell is started only if it is
+expected to finish by the deadline (its estimate scaled by the finished cells' measured/estimated
+ratio, per stream), so doomed cells do not slow the running ones; ``--start-late`` starts them
+anyway. Jobs still running at the deadline are stopped; a stopped cell is not marked complete
+and resumes or reruns next time.
 
     python benchmarks/reproduce_pool.py --workers 8 --deadline 480 --parts 2,3,4,5,6 \\
         --cache CACHE --logs LOGDIR [--quick] [--model tiny] [--seeds 3] [--steps N] [--seq-len N]
@@ -91,6 +94,27 @@ def _stop(proc: subprocess.Popen, grace: float = 15.0) -> None:
         proc.wait()
 
 
+def expected_seconds(job: dict, finished: list[dict]) -> float | None:
+    """``job``'s expected wall time here: its 2-core estimate times the largest ratio of measured
+    to estimated time among the finished cells of its stream (of every stream when none of its
+    own has finished); None before any cell has finished."""
+    ok = [d for d in finished if d["outcome"] == "ok" and d["estimate_s"] > 0]
+    basis = [d for d in ok if d["stream"] == job["stream"]] or ok
+    if not basis:
+        return None
+    return job["estimate_s"] * max(d["seconds"] / d["estimate_s"] for d in basis)
+
+
+def next_job(queue: list[dict], finished: list[dict], remaining: float) -> int | None:
+    """Index of the first queued job expected to finish within ``remaining`` seconds (the first
+    job while nothing has finished yet), or None when none is."""
+    for i, job in enumerate(queue):
+        expected = expected_seconds(job, finished)
+        if expected is None or expected <= remaining:
+            return i
+    return None
+
+
 def run_pool(jobs: list[dict], args: argparse.Namespace) -> list[dict]:
     logs = Path(args.logs)
     logs.mkdir(parents=True, exist_ok=True)
@@ -103,7 +127,11 @@ def run_pool(jobs: list[dict], args: argparse.Namespace) -> list[dict]:
     while queue or running:
         now = time.monotonic()
         while queue and len(running) < args.workers and now < deadline:
-            job = queue.pop(0)
+            # a job that cannot finish by the deadline would only slow the running ones down
+            pick = 0 if args.start_late else next_job(queue, done, deadline - now)
+            if pick is None:
+                break
+            job = queue.pop(pick)
             log = logs / f"job-{job['part']}-{job['method']}-s{job['seed']}.log"
             handle = log.open("w")
             proc = subprocess.Popen(job_command(job, args), stdout=handle, stderr=subprocess.STDOUT, env=env,
@@ -125,11 +153,14 @@ def run_pool(jobs: list[dict], args: argparse.Namespace) -> list[dict]:
             done.append({**job, "outcome": outcome, "seconds": round(took, 1)})
             print(f"[{time.monotonic() - start:6.0f}s] {outcome:>6}  part {job['part']} {job['method']} "
                   f"s{job['seed']} ({took:.0f}s)", flush=True)
-        if not running and (not queue or time.monotonic() >= deadline):
+        if not running and (not queue or time.monotonic() >= deadline or (
+                not args.start_late and next_job(queue, done, deadline - time.monotonic()) is None)):
             break
         time.sleep(1.0)
     for job in queue:
-        done.append({**job, "outcome": "not started", "seconds": 0.0})
+        expected = expected_seconds(job, done)
+        done.append({**job, "outcome": "not started", "seconds": 0.0,
+                     "expected_s": None if expected is None else round(expected, 1)})
     return done
 
 
@@ -178,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--order", choices=("seed", "longest"), default="seed",
                     help="seed: every seed 0 cell first (default); longest: longest cell first over all "
                          "seeds (shortest makespan when the deadline should hold every cell)")
+    ap.add_argument("--start-late", action="store_true",
+                    help="start queued cells up to the deadline even when the finished cells' times say "
+                         "they cannot finish (default: such cells wait for a later run)")
     ap.add_argument("--pack", metavar="FILE", default=None,
                     help="afterwards, pack the finished cells' JSON/CSV into this .tar.gz (paths relative "
                          "to --cache; unpack into benchmarks/reproduction/cells)")

@@ -504,3 +504,44 @@ def test_seq_len_override_gets_its_own_cells_command_and_pool_flags(tmp_path, ca
         assert exit_info.value.code == 2
         assert "--seq-len: expected a whole number >= 1" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())                                # nothing trained or written
+
+
+def test_pool_starts_only_cells_expected_to_finish_by_the_deadline():
+    """The H200 session's case: once a Q/A cell had taken 348 s, four more were started with
+    under 140 s left and all were stopped. The pool now scales each estimate by the finished cells'
+    measured/estimated ratio (per stream; every stream's largest when its own has none)."""
+    pool = _pool_module()
+
+    def job(stream, estimate, seconds=0.0, outcome="ok"):
+        return {"stream": stream, "estimate_s": estimate, "seconds": seconds, "outcome": outcome}
+
+    qa, lm16, kjv = job("qa8", 1080), job("lm16", 2160), job("lm8-kjv", 840)
+    assert pool.expected_seconds(qa, []) is None and pool.next_job([qa, lm16], [], 10.0) == 0
+    finished = [job("lm16", 2160, 254.0), job("qa8", 1080, 348.0),
+                job("qa8", 1080, 900.0, "stopped at deadline")]
+    assert pool.expected_seconds(lm16, finished) == pytest.approx(254.0)          # its own stream's ratio
+    assert pool.expected_seconds(qa, finished) == pytest.approx(348.0)            # stopped cells do not count
+    assert pool.expected_seconds(kjv, finished) == pytest.approx(840 * 348 / 1080)  # no kjv yet: the largest
+    assert pool.next_job([qa, lm16, kjv], finished, 300.0) == 1                   # skip what cannot finish
+    assert pool.next_job([qa, kjv], finished, 131.0) is None
+
+
+def test_pool_leaves_a_cell_that_cannot_finish_unstarted_and_returns_early(tmp_path, lora_cl_cache):
+    import argparse
+    import time
+
+    pool = _pool_module()
+    settings = default_settings(quick=True, model="tiny", seeds=(0, 1))
+    jobs = pool.plan_jobs([2], tmp_path / "cache", settings, ["vanilla"])
+    assert [j["seed"] for j in jobs] == [0, 1]
+    # seed 0 "should" take 1 s and takes several: seed 1, estimated at 10,000 s, is expected to
+    # need far more than the deadline leaves, so it is not started and the pool returns at once
+    jobs[0]["estimate_s"], jobs[1]["estimate_s"] = 1.0, 10_000.0
+    args = argparse.Namespace(cache=tmp_path / "cache", logs=tmp_path / "logs", quick=True, model="tiny",
+                              seeds=2, steps=None, seq_len=None, workers=1, threads=1, deadline=3600.0,
+                              start_late=False)
+    began = time.monotonic()
+    done = pool.run_pool(jobs, args)
+    assert time.monotonic() - began < 600                                     # not held to the deadline
+    assert [(j["seed"], j["outcome"]) for j in done] == [(0, "ok"), (1, "not started")]
+    assert done[1]["expected_s"] > 3600 - done[0]["seconds"]
