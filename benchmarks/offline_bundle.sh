@@ -56,15 +56,10 @@ PY
   mv "$out/tmp/gguf.xz.part01" "$out/b/"
   mv "$out"/tmp/gguf.xz.part* "$out/c/"
   # every grid stream's domains and tasks, built here (Debian is reachable here, not there)
-  HF_HUB_OFFLINE=1 $py - <<'PY'
-from lora_cl.data.resolve import resolve_source
-from lora_cl.reproduce.grid import STREAMS
-
-for sources, _ in STREAMS.values():
-    for spec in sources:
-        for split in ("train", "eval"):
-            resolve_source(spec).load(split)
-PY
+  specs=$($py -c "from lora_cl.reproduce.grid import STREAMS
+print(' '.join(dict.fromkeys(s for sources, _ in STREAMS.values() for s in sources)))")
+  # shellcheck disable=SC2086  # one word per source
+  HF_HUB_OFFLINE=1 $py -m lora_cl.cli data build $specs
   cache=$($py -c "from lora_cl.paths import cache_dir; print(cache_dir())")
   mkdir -p "$out/c/lcache" && cp -r "$cache/data" "$out/c/lcache/"
   rm -rf "$out/tmp"

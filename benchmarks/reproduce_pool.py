@@ -165,9 +165,12 @@ def run_pool(jobs: list[dict], args: argparse.Namespace) -> list[dict]:
 
 
 def pack_cells(jobs: list[dict], cache: Path, dest: Path) -> list[str]:
-    """Pack the JSON/CSV files of the jobs' finished cells (``summary.json`` complete) into the
-    gzip tarball ``dest``, paths relative to ``cache``; returns the packed cells' paths."""
+    """Pack the jobs' finished cells (``summary.json`` complete), pruned as the runner prunes them
+    (``prune_cell``: JSON and CSV only), into the gzip tarball ``dest``, paths relative to
+    ``cache``; returns the packed cells' paths."""
     import tarfile
+
+    from lora_cl.reproduce.runner import prune_cell
 
     cache = Path(cache)
     packed, seen = [], set()
@@ -182,10 +185,9 @@ def pack_cells(jobs: list[dict], cache: Path, dest: Path) -> list[str]:
             seen.add(run_dir)
             if not json.loads(summary.read_text(encoding="utf-8")).get("complete"):
                 continue
+            prune_cell(run_dir)  # already done by a job that exited; idempotent
             for path in sorted(run_dir.rglob("*")):
-                rel = path.relative_to(run_dir)
-                if path.is_file() and path.suffix in (".json", ".csv") and not (
-                        {"checkpoints", "adapter", "plots"} & set(rel.parts)):
+                if path.is_file() and path.suffix in (".json", ".csv"):
                     tar.add(path, arcname=str(path.relative_to(cache)))
             packed.append(str(run_dir.relative_to(cache)))
     tmp.replace(dest)
