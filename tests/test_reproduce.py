@@ -74,6 +74,9 @@ def test_report_only_on_an_empty_cache_says_what_is_missing(tmp_path):
     assert [r[0] for r in rows] == ["1", "2", "3", "4", "5", "6"]
     assert all(done == "0" and est_all == est_left for _, done, est_all, est_left in rows)  # nothing run
     assert "not testable here" in text
+    part7_rows = re.findall(r"^\| .* \| not testable here: [^|]+ \|$", text.split("## Part 7")[1], re.M)
+    assert f"of the paper's {len(part7_rows)} claims in [part 7](" in text
+    assert f"), {len(part7_rows)} not testable here." in text          # nothing measured, nothing claimed
     # the hint trains the cells this report reads: its settings, cache and docs folder, not the defaults
     assert (f"(train them: `lora-cl reproduce --only 2 --methods vanilla,adam-nscl --only-seeds 0 --quick "
             f"--model tiny --cache {tmp_path / 'none'} --docs {tmp_path}`)") in text
@@ -446,6 +449,20 @@ def test_both_factor_and_qa_claims_read_their_own_cells():
     assert qa.verdict == "not reproduced: the opposite holds (ogp forgets more)"
     one_seed = [r for r in results if r.cell.seed == 0]
     assert "needs >= 2 paired seeds" in {c.claim: c for c in all_claims(one_seed, None, [])}[qa.claim].verdict
+
+
+def test_tally_counts_each_verdict_once_under_its_group():
+    from lora_cl.reproduce.claims import Claim, tally
+
+    verdicts = ["not reproduced: the opposite holds (ogp forgets more)", "reproduced",
+                "reproduced, against a weak baseline: replay-shared ends ...",
+                "not reproduced: the difference is not significant (CI includes 0)",
+                "not reproduced: max error above 8%", "not testable here: part 6 cells missing",
+                "not reproduced: the opposite holds (vanilla forgets more)", "reproduced"]
+    assert tally([Claim("c", "p", "m", v) for v in verdicts]) == (
+        "3 reproduced (1 only against a weak baseline), 4 not reproduced (2 where the opposite holds, "
+        "1 with no significant difference, 1 off the paper's stated size), 1 not testable here")
+    assert tally([Claim("c", "p", "m", "reproduced")] * 2) == "2 reproduced"
 
 
 def test_untestable_claims_name_the_command_that_trains_the_missing_cells():

@@ -9,6 +9,7 @@ here* when the cells are missing or the setting is out of reach (a 7B model, TRA
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
@@ -253,3 +254,34 @@ def all_claims(results: Sequence[CellResult], synthetic: dict[str, Any] | None,
                         "not testable here: different model, scale and steps; only directions and "
                         "relative sizes are compared"))
     return claims
+
+
+
+
+# (group, its parts as (verdict prefix, phrase)) in the order they are read out; a verdict joins
+# the first group and the first part whose prefix it starts with
+_TALLY = (
+    ("reproduced", (("reproduced, against a weak baseline", "only against a weak baseline"),)),
+    ("not reproduced", (
+        ("not reproduced: the opposite holds", "where the opposite holds"),
+        ("not reproduced: the difference is not significant", "with no significant difference"),
+        ("not reproduced", "off the paper's stated size"))),
+    ("not testable here", ()),
+)
+
+
+def tally(claims: Sequence[Claim]) -> str:
+    """Part 7's verdicts counted: '7 reproduced (2 only against a weak baseline), 11 not
+    reproduced (4 where the opposite holds, ...), 2 not testable here'."""
+    groups: Counter[str] = Counter()
+    parts: Counter[str] = Counter()
+    for c in claims:
+        group, options = next((g, o) for g, o in _TALLY if c.verdict.startswith(g))
+        groups[group] += 1
+        parts.update(next(([phrase] for prefix, phrase in options if c.verdict.startswith(prefix)), []))
+    out = []
+    for group, options in _TALLY:
+        if groups[group]:
+            detail = ", ".join(f"{parts[phrase]} {phrase}" for _, phrase in options if parts[phrase])
+            out.append(f"{groups[group]} {group}" + (f" ({detail})" if detail else ""))
+    return ", ".join(out)

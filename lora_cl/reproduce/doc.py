@@ -108,6 +108,8 @@ class Report:
         paths = prop1_paths(self.cache, settings)
         self.synthetic = _read(paths.pop("synthetic"))
         self.real = [d for p in paths.values() if (d := _read(p)) is not None]
+        self.claims = C.all_claims(self.results, self.synthetic, self.real,
+                                   partial(command, settings, self.cache, docs=self.docs))
 
     # -- header ------------------------------------------------------------------------
     def header(self) -> str:
@@ -141,6 +143,8 @@ class Report:
             f"`{self.cache}`; no number in this file is typed by hand, and nothing was tuned toward "
             "the paper's numbers. Regenerate the whole grid with "
             f"`{command(s, self.cache, docs=self.docs)}` (cells already finished are skipped).", "",
+            f"**At a glance**: of the paper's {len(self.claims)} claims in "
+            f"[part 7](#part-7-the-papers-claims-beside-the-measurements), {C.tally(self.claims)}.", "",
             f"Settings: model `{s.model}` (data: {s.data}), seeds {list(s.seeds)}, "
             f"{s.steps} steps per domain, batch {s.batch_size} x seq {s.seq_len}, lr {s.lr:g} "
             f"(constant, Adam betas 0.9/0.999), LoRA r={s.lora_r} alpha={s.lora_alpha} on "
@@ -414,9 +418,7 @@ class Report:
                 + f"\n\n{corr}.\n\n![part {p} forgetting vs R_eta](reproduction/{fig.name})\n")
 
     def part7(self) -> str:
-        rows = [[c.claim, c.paper, c.measured, c.verdict]
-                for c in C.all_claims(self.results, self.synthetic, self.real,
-                                      partial(command, self.settings, self.cache, docs=self.docs))]
+        rows = [[c.claim, c.paper, c.measured, c.verdict] for c in self.claims]
         return "\n".join([self._title(7), "Verdict rules: " + C.__doc__.split("\n\n")[1].replace("\n", " "),
                           "", _table(["claim", "paper v1", "measured here", "verdict"], rows), ""])
 
