@@ -256,14 +256,13 @@ def all_claims(results: Sequence[CellResult], synthetic: dict[str, Any] | None,
     return claims
 
 
-
-
 # (group, its parts as (verdict prefix, phrase)) in the order they are read out; a verdict joins
 # the first group and the first part whose prefix it starts with
 _TALLY = (
     ("reproduced", (("reproduced, against a weak baseline", "only against a weak baseline"),)),
     ("not reproduced", (
         ("not reproduced: the opposite holds", "where the opposite holds"),
+        ("not reproduced: decoupled forgets more than shared", "where the opposite holds"),
         ("not reproduced: the difference is not significant", "with no significant difference"),
         ("not reproduced", "off the paper's stated size"))),
     ("not testable here", ()),
@@ -282,6 +281,7 @@ def tally(claims: Sequence[Claim]) -> str:
     out = []
     for group, options in _TALLY:
         if groups[group]:
-            detail = ", ".join(f"{parts[phrase]} {phrase}" for _, phrase in options if parts[phrase])
+            phrases = dict.fromkeys(phrase for _, phrase in options)
+            detail = ", ".join(f"{parts[phrase]} {phrase}" for phrase in phrases if parts[phrase])
             out.append(f"{groups[group]} {group}" + (f" ({detail})" if detail else ""))
     return ", ".join(out)
