@@ -459,7 +459,7 @@ def test_tally_counts_each_verdict_once_under_its_group():
                 "not reproduced: the difference is not significant (CI includes 0)",
                 "not reproduced: max error above 8%", "not testable here: part 6 cells missing",
                 "not reproduced: the opposite holds (vanilla forgets more)", "reproduced",
-                "not reproduced: decoupled forgets more than shared (negative gap)"]
+                "not reproduced: the opposite holds (decoupled forgets more than shared: a negative gap)"]
     assert tally([Claim("c", "p", "m", v) for v in verdicts]) == (
         "3 reproduced (1 only against a weak baseline), 5 not reproduced (3 where the opposite holds, "
         "1 with no significant difference, 1 off the paper's stated size), 1 not testable here")

@@ -201,7 +201,7 @@ def lr_matching_claim(results: Sequence[CellResult], stream: str = "lm8") -> Cla
     if ok:
         verdict = "reproduced"
     elif gap < 0:
-        verdict = "not reproduced: decoupled forgets more than shared (negative gap)"
+        verdict = "not reproduced: the opposite holds (decoupled forgets more than shared: a negative gap)"
     else:
         verdict = f"not reproduced: closed share outside {LR_MATCH_CLAIM:.0%} +- {LR_MATCH_TOLERANCE:.0%}"
         if share > LR_MATCH_CLAIM + LR_MATCH_TOLERANCE:
@@ -262,7 +262,6 @@ _TALLY = (
     ("reproduced", (("reproduced, against a weak baseline", "only against a weak baseline"),)),
     ("not reproduced", (
         ("not reproduced: the opposite holds", "where the opposite holds"),
-        ("not reproduced: decoupled forgets more than shared", "where the opposite holds"),
         ("not reproduced: the difference is not significant", "with no significant difference"),
         ("not reproduced", "off the paper's stated size"))),
     ("not testable here", ()),
