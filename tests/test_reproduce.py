@@ -374,6 +374,27 @@ def test_part2_shows_the_replay_buffer_loss_beside_the_held_out_loss_of_earlier_
     assert "Replay buffer" not in Report(tmp_path, settings, tmp_path / "docs").stream_part(6)
 
 
+def test_stream_part_states_how_many_passes_over_each_training_slice_the_steps_make(tmp_path):
+    """The Trainer's epoch at each domain's last log, median over cells, smallest and largest named."""
+    from lora_cl.reproduce.doc import Report
+
+    settings = default_settings()
+    for cell in part_cells(2, replace(settings, seeds=(0, 1)), ("vanilla",)):
+        run_dir = cell.run_dir(tmp_path)
+        for d, (name, epoch) in enumerate([("austen", 0.41), ("gcide", 0.33), ("licenses", 0.45)]):
+            (run_dir / "domains" / f"0{d}-{name}").mkdir(parents=True)
+            logs = [{"loss": 3.0, "epoch": epoch / 2}, {"train_loss": 3.0, "epoch": epoch + cell.seed / 50},
+                    {"cl/bases_added": 1}]     # the end-of-domain entry without an epoch is skipped
+            (run_dir / "domains" / f"0{d}-{name}" / "metrics.json").write_text(
+                json.dumps({"domain": name, "log_history": logs}))
+        (run_dir / "summary.json").write_text(json.dumps({"complete": True, "T": 3, "metrics": {}}))
+    text = Report(tmp_path, settings, tmp_path / "docs").stream_part(2)
+    # medians over seeds 0 and 1: gcide (0.33 + 0.35) / 2, licenses (0.45 + 0.47) / 2
+    assert ("Data per domain: 40 steps of 4 sequences of at most 128 tokens make 0.34 (gcide) to "
+            "0.46 (licenses) passes over the domain's training slice") in text
+    assert "Data per domain" not in Report(tmp_path / "none", settings, tmp_path / "docs").stream_part(2)
+
+
 @pytest.mark.parametrize(("matched", "verdict"), [
     ({0: 0.136, 1: 0.138}, "reproduced"),        # gap 0.145 - 0.135; closes (0.145 - 0.137) / 0.01 = 80%
     ({0: 0.040, 1: 0.050}, "it overshoots"),     # closes 1000%

@@ -32,6 +32,7 @@ class CellResult:
     eta_old: list[float] = field(default_factory=list)  # logged probe/old_direction_lr (domains 2..T)
     replay: tuple[float, int] | None = None  # last training log's (cl/replay_loss, cl/replay_examples)
     base_loss: list[float] = field(default_factory=list)  # the base model's held-out loss per domain
+    epochs: list[tuple[str, float]] = field(default_factory=list)  # per domain: (name, epoch at its end)
 
 
 #: The callback's probe of Adam's effective learning rate along the old subspaces (mean over tensors)
@@ -49,11 +50,14 @@ def load_cell(cell: Cell, cache: Path) -> CellResult | None:
     if not cell.complete(cache):
         return None
     run_dir = cell.run_dir(cache)
-    seconds, overlaps, eta_old, replay = 0.0, [], [], None
+    seconds, overlaps, eta_old, replay, epochs = 0.0, [], [], None, []
     for mpath in sorted((run_dir / "domains").glob("*/metrics.json")):
         m = _read(mpath)
         seconds += sum(float(m.get(k) or 0.0) for k in ("train_seconds", "eval_seconds", "basis_seconds"))
         history = m.get("log_history", [])
+        epoch = next((float(h["epoch"]) for h in reversed(history) if "epoch" in h), None)
+        if epoch is not None:
+            epochs.append((str(m.get("domain") or mpath.parent.name), epoch))
         overlaps.append([float(h["projection/overlap"]) for h in history if "projection/overlap" in h])
         eta_old += [float(h[ETA_KEY]) for h in history if ETA_KEY in h]
         # the last training log (the end-of-domain summary already counts this domain's examples)
@@ -66,7 +70,7 @@ def load_cell(cell: Cell, cache: Path) -> CellResult | None:
     except (OSError, ValueError, KeyError, TypeError):
         matrices, base_loss = {}, []
     return CellResult(cell, _read(run_dir / "summary.json"), seconds, overlaps, platform_of(run_dir),
-                      matrices, eta_old, replay, base_loss)
+                      matrices, eta_old, replay, base_loss, epochs)
 
 
 def platform_of(run_dir: Path) -> str:
@@ -176,6 +180,18 @@ def eta_vs_forgetting(results: Sequence[CellResult], stream: str, methods: Seque
         if m in methods and ref and seed in forget.get(m, {}):
             rows.append((m, seed, value / ref, forget[m][seed]))
     return rows
+
+
+def data_passes(results: Sequence[CellResult], stream: str) -> list[tuple[str, float]]:
+    """Per domain of ``stream``: how many passes over its training slice one cell makes (the
+    Trainer's epoch at the domain's last step), the median over the finished cells; the same on
+    every seed and method, since steps, batch and slices are (empty when no cell logged epochs)."""
+    per: dict[int, tuple[str, list[float]]] = {}
+    for r in results:
+        if r.cell.stream == stream:
+            for i, (name, epoch) in enumerate(r.epochs):
+                per.setdefault(i, (name, []))[1].append(epoch)
+    return [(name, statistics.median(vals)) for _, (name, vals) in sorted(per.items())]
 
 
 def pearson(xs: Sequence[float], ys: Sequence[float]) -> float | None:

@@ -23,6 +23,7 @@ from lora_cl.reproduce.collect import (
     QA_COLUMNS,
     CellResult,
     by_method,
+    data_passes,
     eta_vs_forgetting,
     forgetting_nats,
     load_cells,
@@ -268,6 +269,7 @@ class Report:
         out.append(f"\nCompute of these cells: {_hours(secs)} wall-clock (an upper bound, see above). "
                    "Values: mean [95% t-CI] over seeds.\n")
         for stream in PARTS[p].streams:
+            out.append(self._passes_line(stream))
             table, stats = self._method_table(p, stream)
             out += [table, ""]
             best = C.best_shared(self.results, stream)
@@ -282,6 +284,18 @@ class Report:
             if STREAMS[stream][1] == "sft":
                 out.append(self._r_matrix_section(p, stream))
         return "\n".join(out)
+
+    def _passes_line(self, stream: str) -> str:
+        """How much of each domain's training slice the steps cover (read from the cells' logs):
+        the scale of the run, beside the paper's 8k-10k steps per domain."""
+        passes = data_passes(self.results, stream)
+        if not passes:
+            return ""
+        s = self.settings
+        lo, hi = min(passes, key=lambda x: x[1]), max(passes, key=lambda x: x[1])
+        return (f"Data per domain: {s.steps} steps of {s.batch_size} sequences of at most {s.seq_len} "
+                f"tokens make {lo[1]:.2f} ({lo[0]}) to {hi[1]:.2f} ({hi[0]}) passes over the domain's "
+                "training slice (the Trainer's epoch at the domain's last step).\n")
 
     def _baseline_reason(self, method: str) -> str:
         """Why ``method`` is a part's shared-projection baseline, read from part 2's cells ("" for
