@@ -255,6 +255,8 @@ class Report:
             out.append(f"Stream `{stream}` ({len(names)} domains): {', '.join(names)}.")
             if stream in STREAM_NOTES:
                 out.append(f"\n{STREAM_NOTES[stream]}")
+            if passes := self._passes_line(stream):
+                out.append(f"\n{passes}")
         reasons = [r for r in (self._baseline_reason(PARTS[p].shared_baseline), PARTS[p].note) if r]
         if reasons:
             out.append(f"\nMethods: {', '.join(PARTS[p].methods)}; {'; '.join(reasons)}.")
@@ -269,7 +271,6 @@ class Report:
         out.append(f"\nCompute of these cells: {_hours(secs)} wall-clock (an upper bound, see above). "
                    "Values: mean [95% t-CI] over seeds.\n")
         for stream in PARTS[p].streams:
-            out.append(self._passes_line(stream))
             table, stats = self._method_table(p, stream)
             out += [table, ""]
             best = C.best_shared(self.results, stream)
@@ -295,7 +296,7 @@ class Report:
         lo, hi = min(passes, key=lambda x: x[1]), max(passes, key=lambda x: x[1])
         return (f"Data per domain: {s.steps} steps of {s.batch_size} sequences of at most {s.seq_len} "
                 f"tokens make {lo[1]:.2f} ({lo[0]}) to {hi[1]:.2f} ({hi[0]}) passes over the domain's "
-                "training slice (the Trainer's epoch at the domain's last step).\n")
+                "training slice (the Trainer's epoch at the domain's last step).")
 
     def _baseline_reason(self, method: str) -> str:
         """Why ``method`` is a part's shared-projection baseline, read from part 2's cells ("" for
