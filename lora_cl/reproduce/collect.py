@@ -184,8 +184,8 @@ def eta_vs_forgetting(results: Sequence[CellResult], stream: str, methods: Seque
 
 def data_passes(results: Sequence[CellResult], stream: str) -> list[tuple[str, float]]:
     """Per domain of ``stream``: how many passes over its training slice one cell makes (the
-    Trainer's epoch at the domain's last step), the median over the finished cells; the same on
-    every seed and method, since steps, batch and slices are (empty when no cell logged epochs)."""
+    Trainer's epoch at the domain's last step), the median over the finished cells. Seeds and
+    methods share steps, batch and slices, so the cells agree (empty when none logged an epoch)."""
     per: dict[int, tuple[str, list[float]]] = {}
     for r in results:
         if r.cell.stream == stream:

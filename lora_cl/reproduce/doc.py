@@ -287,8 +287,8 @@ class Report:
         return "\n".join(out)
 
     def _passes_line(self, stream: str) -> str:
-        """How much of each domain's training slice the steps cover (read from the cells' logs):
-        the scale of the run, beside the paper's 8k-10k steps per domain."""
+        """How much of each domain's training slice the steps cover (read from the cells' logs), so
+        a reader sees the scale of the run ("" before any cell has finished)."""
         passes = data_passes(self.results, stream)
         if not passes:
             return ""
