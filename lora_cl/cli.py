@@ -232,7 +232,7 @@ def _positive_int(text: str) -> int:
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from lora_cl.reproduce import PARTS, default_settings, run_grid, write_report
-    from lora_cl.reproduce.grid import chosen_methods
+    from lora_cl.reproduce.grid import LONGER_METHODS, chosen_methods, longer_cache, longer_settings
 
     try:
         parts = sorted({int(x) for x in args.only.split(",")}) if args.only else sorted(PARTS)
@@ -244,13 +244,26 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         return 2
     settings = default_settings(quick=args.quick, model=args.model, steps=args.steps, seq_len=args.seq_len,
                                 seeds=tuple(range(args.seeds)) if args.seeds else None)
+    if args.longer and args.only and parts != [2]:
+        print(f"lora-cl reproduce: error: --longer trains part 2's larger grid only; drop --only "
+              f"{args.only} (or run those parts without --longer)", file=sys.stderr)
+        return 2
     if not args.report:
         try:
             methods = chosen_methods(parts, args.methods)
         except ValueError as err:
             print(f"lora-cl reproduce: error: {err}", file=sys.stderr)
             return 2
-        run_settings = settings
+        run_settings, cache = settings, args.cache
+        if args.longer:
+            unknown = [m for m in methods or () if m not in LONGER_METHODS]
+            if unknown:
+                print(f"lora-cl reproduce: error: --longer trains {', '.join(LONGER_METHODS)}; "
+                      f"{', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not in the larger grid",
+                      file=sys.stderr)
+                return 2
+            parts, methods = [2], methods or list(LONGER_METHODS)
+            run_settings, cache = longer_settings(settings), longer_cache(args.cache)
         if args.only_seeds:
             try:
                 only = tuple(int(x) for x in args.only_seeds.split(","))
@@ -260,8 +273,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
                 print(f"lora-cl reproduce: error: --only-seeds takes seeds from {list(settings.seeds)} "
                       f"(set by --seeds), e.g. --only-seeds 1,2; got {args.only_seeds!r}", file=sys.stderr)
                 return 2
-            run_settings = replace(settings, seeds=only)
-        counts = run_grid(parts, args.cache, run_settings, methods=methods, progress=not args.no_progress)
+            run_settings = replace(run_settings, seeds=only)
+        counts = run_grid(parts, cache, run_settings, methods=methods, progress=not args.no_progress)
         print(f"lora-cl reproduce: {counts['trained']} cells trained, {counts['cached']} cached, "
               f"{counts['not_runnable']} not runnable here, {counts['prop1_written']} part 1 results written")
     if args.no_report:
@@ -345,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--only", metavar="PARTS", help="comma-separated parts 1-7 (default: all)")
     rp.add_argument("--quick", action="store_true", help="1 seed, 3 domains, few steps (a smoke test)")
     rp.add_argument("--report", action="store_true", help="only regenerate the report from the cache")
+    rp.add_argument("--longer", action="store_true",
+                    help="train the larger grid instead: part 2's stream at 3x the steps per domain for "
+                         "vanilla, gpm and ogp, cached in <cache>-longer; the report shows it beside part 2")
     rp.add_argument("--model", help="base model (default smollm2-135m; 'tiny' uses the tiny text files)")
     rp.add_argument("--methods", help="comma-separated grid methods to run (default: each part's all)")
     rp.add_argument("--steps", type=_positive_int, help="training steps per domain (overrides the settings)")

@@ -395,6 +395,66 @@ def test_stream_part_states_how_many_passes_over_each_training_slice_the_steps_m
     assert "Data per domain" not in Report(tmp_path / "none", settings, tmp_path / "docs").stream_part(2)
 
 
+def _lm_cell(run_dir, forgetting: float, ppl: float, train_loss: float, epoch: float) -> None:
+    """A finished hand-built lm8 cell: its summary and one domain log with an epoch."""
+    (run_dir / "domains" / "00-austen").mkdir(parents=True)
+    (run_dir / "domains" / "00-austen" / "metrics.json").write_text(json.dumps(
+        {"domain": "austen", "log_history": [{"train_loss": train_loss, "epoch": epoch}]}))
+    (run_dir / "summary.json").write_text(json.dumps({"complete": True, "T": 8, "metrics": {
+        "loss": {"forgetting": forgetting}, "ppl": {"op": ppl}},
+        "plasticity": {"final_train_loss": [train_loss]}}))
+
+
+def test_larger_grid_is_reported_beside_part_2_at_both_lengths(tmp_path):
+    """Part 2's section is followed by the larger grid read from ``<cache>-longer``: each method and
+    each paired difference at 40 and 120 steps (hand-computed), whether an order flips, the data it
+    covers, its row in the compute table and a plot; nothing but "not run yet" before its cells."""
+    from lora_cl.reproduce.doc import Report
+    from lora_cl.reproduce.grid import longer_cache, longer_settings
+
+    settings, cache = default_settings(), tmp_path / "cells"
+    assert longer_cache(cache) == tmp_path / "cells-longer" and longer_settings(settings).steps == 120
+    empty = Report(cache, settings, tmp_path / "docs")
+    assert "not run yet (0 of 9 cells)" in empty.longer_section()
+    assert "| 2, larger grid (120 steps per domain) | lm8 | 9 | 0 |" in empty.header()
+    short = {"vanilla": 0.15, "gpm": 0.12, "ogp": 0.14}
+    long_ = {"vanilla": 0.44, "gpm": 0.37, "ogp": 0.46}       # ogp now forgets more than vanilla
+    two = replace(settings, seeds=(0, 1))
+    for grid, values, root in ((two, short, cache), (longer_settings(two), long_, longer_cache(cache))):
+        for cell in part_cells(2, grid, ("vanilla", "gpm", "ogp")):
+            f = values[cell.method.label] + cell.seed / 100
+            _lm_cell(cell.run_dir(root), f, 27 + 10 * f, 3.0 - f, 0.3 if root == cache else 0.9)
+    report = Report(cache, settings, tmp_path / "docs")
+    text = report.longer_section()
+    assert "Command: `lora-cl reproduce --longer --cache " + str(cache) in text
+    assert "partial: 6 of 9 cells finished" in text
+    assert "120 steps of 4 sequences of at most 128 tokens make 0.90 (austen)" in text
+    # forgetting 0.15, 0.16 -> 0.155 and 0.44, 0.45 -> 0.445: ratio 2.87; PPL 27 + 10 f
+    assert "| vanilla | 2 / 2 | 0.155 [" in text and "| 0.445 [" in text and "| 2.87 | 28.55 [" in text
+    assert "| 31.45 [" in text
+    # paired: the per-seed differences are constant, so the CI is a point and p = 0
+    assert "| vanilla - ogp | 2 | 0.01 [0.01, 0.01] | 0 | 2 | -0.02 [-0.02, -0.02] | 0 | flips |" in text
+    assert "| gpm - ogp | 2 | -0.02 [-0.02, -0.02] | 0 | 2 | -0.09 [-0.09, -0.09] | 0 | kept |" in text
+    assert (tmp_path / "docs" / "reproduction" / "part2-lm8-longer.png").is_file()
+    assert "| 2, larger grid (120 steps per domain) | lm8 | 9 | 6 |" in report.header()
+    render = report.render()     # placed right after part 2, before part 3
+    assert render.index("## Part 2") < render.index("### The larger grid: 120") < render.index("## Part 3")
+
+
+def test_longer_flag_trains_the_larger_grid_into_its_own_cache(tmp_path, lora_cl_cache, capsys):
+    cache, docs = tmp_path / "cells", tmp_path / "docs"
+    _reproduce("--longer", "--methods", "vanilla", "--cache", str(cache), "--docs", str(docs))
+    assert not cache.exists()                            # the main grid is untouched
+    (run_dir,) = (tmp_path / "cells-longer").glob("lm8/*/vanilla-s0")
+    steps = json.loads((run_dir / "run.json").read_text())["steps_per_domain"]
+    assert steps == [3 * default_settings(quick=True, model="tiny").steps] * 3
+    text = (docs / "reproduction.md").read_text()
+    assert "### The larger grid: 9 steps per domain" in text and "partial: 1 of 3 cells finished" in text
+    err = _refused(tmp_path, capsys, "--longer", "--methods", "adam-nscl")
+    assert "--longer trains vanilla, gpm, ogp; adam-nscl is not in the larger grid" in err
+    assert "drop --only 3" in _refused(tmp_path, capsys, "--longer", "--only", "3")
+
+
 @pytest.mark.parametrize(("matched", "verdict"), [
     ({0: 0.136, 1: 0.138}, "reproduced"),        # gap 0.145 - 0.135; closes (0.145 - 0.137) / 0.01 = 80%
     ({0: 0.040, 1: 0.050}, "it overshoots"),     # closes 1000%

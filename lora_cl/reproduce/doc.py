@@ -33,6 +33,8 @@ from lora_cl.reproduce.collect import (
     replay_evidence,
 )
 from lora_cl.reproduce.grid import (
+    LONGER_FACTOR,
+    LONGER_METHODS,
     METHODS,
     OVERLAP_STREAMS,
     PARTS,
@@ -43,6 +45,8 @@ from lora_cl.reproduce.grid import (
     STEP_SECONDS_4x128,
     estimate_prop1_seconds,
     estimate_run_seconds,
+    longer_cache,
+    longer_settings,
     part_cells,
     runnable,
     stream_sources,
@@ -106,6 +110,10 @@ class Report:
         self.figs = self.docs / "reproduction"
         self.cells = {p: part_cells(p, settings) for p in PARTS if PARTS[p].streams}
         self.results: list[CellResult] = load_cells([c for cs in self.cells.values() for c in cs], self.cache)
+        # the larger grid: part 2's stream at LONGER_FACTOR x the steps, in its own cache
+        self.longer_settings, self.longer_cache = longer_settings(settings), longer_cache(self.cache)
+        self.longer_cells = part_cells(2, self.longer_settings, LONGER_METHODS)
+        self.longer: list[CellResult] = load_cells(self.longer_cells, self.longer_cache)
         paths = prop1_paths(self.cache, settings)
         self.synthetic = _read(paths.pop("synthetic"))
         self.real = [d for p in paths.values() if (d := _read(p)) is not None]
@@ -115,7 +123,7 @@ class Report:
     # -- header ------------------------------------------------------------------------
     def header(self) -> str:
         s = self.settings
-        used = sum(r.seconds for r in self.results)
+        used = sum(r.seconds for r in [*self.results, *self.longer])
         used += sum(float(d.get("train_seconds", 0)) for d in [self.synthetic, *self.real] if d)
         done = {r.cell.run_dir(self.cache) for r in self.results}
         prop1_done = (self.synthetic is not None) + len(self.real)
@@ -137,6 +145,13 @@ class Report:
             est_rows.append([str(p), ", ".join(PARTS[p].streams),
                              f"{len(cells)}" + (f" ({shared} from earlier parts)" if shared else ""),
                              f"{len(new) - len(left)}", _hours(secs), _hours(left_secs)])
+        stream2, n_long = PARTS[2].streams[0], len(self.longer_cells)
+        longer_secs = n_long * estimate_run_seconds(stream2, self.longer_settings)
+        longer_left = (n_long - len(self.longer)) / max(1, n_long) * longer_secs
+        total_est += longer_secs
+        left_est += longer_left
+        est_rows.append([f"2, larger grid ({self.longer_settings.steps} steps per domain)", stream2,
+                         str(n_long), str(len(self.longer)), _hours(longer_secs), _hours(longer_left)])
         one8 = estimate_run_seconds("lm8", s)
         return "\n".join([
             "# Reproduction on real data: decoupled moment routing and Proposition 1", "",
@@ -168,7 +183,7 @@ class Report:
 
     def _platforms(self) -> str:
         counts: dict[str, int] = {}
-        for r in self.results:
+        for r in [*self.results, *self.longer]:
             counts[r.platform] = counts.get(r.platform, 0) + 1
         if not counts:
             return "no finished cells yet"
@@ -286,17 +301,84 @@ class Report:
                 out.append(self._r_matrix_section(p, stream))
         return "\n".join(out)
 
-    def _passes_line(self, stream: str) -> str:
+    def _passes_line(self, stream: str, results: Sequence[CellResult] | None = None,
+                     settings: Settings | None = None) -> str:
         """How much of each domain's training slice the steps cover (read from the cells' logs), so
-        a reader sees the scale of the run ("" before any cell has finished)."""
-        passes = data_passes(self.results, stream)
+        a reader sees the scale of the run ("" before any cell has finished); ``results`` and
+        ``settings`` default to the main grid's."""
+        passes = data_passes(self.results if results is None else results, stream)
         if not passes:
             return ""
-        s = self.settings
+        s = settings or self.settings
         lo, hi = min(passes, key=lambda x: x[1]), max(passes, key=lambda x: x[1])
         return (f"Data per domain: {s.steps} steps of {s.batch_size} sequences of at most {s.seq_len} "
                 f"tokens make {lo[1]:.2f} ({lo[0]}) to {hi[1]:.2f} ({hi[0]}) passes over the domain's "
                 "training slice (the Trainer's epoch at the domain's last step).")
+
+    def longer_section(self) -> str:
+        """The larger grid beside part 2: the same stream, settings and seeds at LONGER_FACTOR x the
+        steps per domain for LONGER_METHODS, each method and each paired difference at both
+        lengths (each length over its own finished seeds), and a plot of both."""
+        s, ls, stream = self.settings, self.longer_settings, PARTS[2].streams[0]
+        out = [f"### The larger grid: {ls.steps} steps per domain\n",
+               f"Command: `{command(s, self.cache, '--longer', docs=self.docs)}` (its cells are in "
+               f"`{self.longer_cache}`; the {s.steps}-step cells are part 2's above).", "",
+               f"Part 2's stream, settings and seeds at {LONGER_FACTOR}x the steps per domain, for "
+               f"{', '.join(LONGER_METHODS)}: does what part 2 measured hold with more training? "
+               f"Sequences stay at {ls.seq_len} tokens: each domain's training slice is fixed, so "
+               "more tokens per domain would repeat its data rather than add to it."]
+        if passes := self._passes_line(stream, self.longer, ls):
+            out.append(f"\n{passes}")
+        done, total = len(self.longer), len(self.longer_cells)
+        if done == 0:
+            return "\n".join(out + ["", f"not run yet (0 of {total} cells)", ""])
+        if done < total:
+            out.append(f"\npartial: {done} of {total} cells finished; CIs cover the finished seeds.")
+        secs = sum(r.seconds for r in self.longer)
+        out.append(f"\nCompute of these cells: {_hours(secs)} wall-clock (an upper bound, see above). "
+                   "Values: mean [95% t-CI] over each length's finished seeds.\n")
+        columns = dict(LM_COLUMNS)
+        metrics = ("forgetting (nats)", "avg final PPL", "final train loss")
+        lengths = {s.steps: self.results, ls.steps: self.longer}
+        stats = {(h, n): {m: v for m, v in method_stats(res, stream, columns[h]).items()
+                          if m in LONGER_METHODS}
+                 for h in metrics for n, res in lengths.items()}
+        forget = stats["forgetting (nats)", s.steps], stats["forgetting (nats)", ls.steps]
+        rows = []
+        for m in LONGER_METHODS:
+            short, long_ = forget[0].get(m), forget[1].get(m)
+            ratio = (f"{long_.mean / short.mean:.2f}" if short and long_ and short.mean and long_.mean
+                     is not None else "–")
+            rows.append([m, f"{short.n if short else 0} / {long_.n if long_ else 0}",
+                         *(_ci(stats[h, n].get(m)) for h in metrics[:1] for n in lengths), ratio,
+                         *(_ci(stats[h, n].get(m)) for h in metrics[1:] for n in lengths)])
+        head = [f"{h}, {n} steps" for h in metrics[:1] for n in lengths]
+        head += [f"forgetting x ({ls.steps} / {s.steps})"]
+        head += [f"{h}, {n} steps" for h in metrics[1:] for n in lengths]
+        out += [_table(["method", f"seeds ({s.steps} / {ls.steps})", *head], rows), ""]
+        vals = {n: by_method(res, stream, forgetting_nats) for n, res in lengths.items()}
+        prow = []
+        for a, b in (("vanilla", "gpm"), ("vanilla", "ogp"), ("gpm", "ogp")):
+            cells, means = [], []
+            for n in lengths:
+                if a in vals[n] and b in vals[n]:
+                    pr = paired(vals[n][a], vals[n][b])
+                    cells += [str(pr.ci.n), _ci(pr.ci), "–" if pr.p_value is None else f"{pr.p_value:.3g}"]
+                    means.append(pr.ci.mean)
+                else:
+                    cells += ["0", "–", "–"]
+            sign = ("–" if len(means) < 2 else
+                    "kept" if (means[0] > 0) == (means[1] > 0) else "flips")
+            prow.append([f"{a} - {b}", *cells, sign])
+        phead = [f"{w}, {n} steps" for n in lengths for w in ("seeds", "mean [95% CI]", "p (paired t)")]
+        out += ["Paired differences of forgetting (nats) at both lengths (> 0: the second forgets less; "
+                "the sign column says whether the order of the two methods is the same at both):", "",
+                _table(["a - b", *phead, "sign"], prow), ""]
+        fig = self.figs / f"part2-{stream}-longer.png"
+        plots.by_steps({h: {n: stats[h, n] for n in lengths} for h in metrics[:2]}, fig,
+                       f"part 2: {stream} at {s.steps} and {ls.steps} steps per domain")
+        out += [f"![part 2 at {ls.steps} steps](reproduction/{fig.name})", ""]
+        return "\n".join(out)
 
     def _baseline_reason(self, method: str) -> str:
         """Why ``method`` is a part's shared-projection baseline, read from part 2's cells ("" for
@@ -442,7 +524,7 @@ class Report:
                     ("replay-shared", "replay-decoupled"), ("adam-nscl", "adam-nscl-both"),
                     ("ogp", "ogp-both"), ("adam-nscl-both", "ogp-both")]
         return "\n".join([
-            self.header(), self.part1(), self.stream_part(2, lm_pairs),
+            self.header(), self.part1(), self.stream_part(2, lm_pairs), self.longer_section(),
             self.stream_part(3, [("vanilla", "ogp"), ("adam-nscl", "ogp-fixed")]), self.part3_overlap(),
             self.stream_part(4, [("vanilla", "ogp")]), self.stream_part(5, [("vanilla", "ogp")]),
             self.part6(), self.part7(),

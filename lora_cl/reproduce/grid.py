@@ -132,6 +132,26 @@ METHODS: dict[str, MethodRun] = {m.label: m for m in (
     # equivalence is tested in tests/optim/test_routed_adamw.py
     M("ogp-fixed-v_scaled", "ogp-fixed", {}, lr_scale=2.0),
 )}
+#: The larger grid ("more steps"): part 2's stream at LONGER_FACTOR x the steps per domain, for
+#: the methods whose ranking is in question (vanilla, the best shared projection, ogp), in its own
+#: cache beside the main one (``lora-cl reproduce --longer``). Sequences stay at the grid's length:
+#: each domain's training slice is fixed, and 3 x 40 steps of 4 x 128 tokens already make about one
+#: pass over it, so longer runs would repeat the data rather than add to it (docs/gpu.md).
+LONGER_FACTOR = 3
+LONGER_METHODS = ("vanilla", "gpm", "ogp")
+
+
+def longer_settings(settings: Settings) -> Settings:
+    """The larger grid's settings: ``settings`` at LONGER_FACTOR x the steps per domain."""
+    return replace(settings, steps=settings.steps * LONGER_FACTOR)
+
+
+def longer_cache(cache: str | Path) -> Path:
+    """The larger grid's cell cache, beside ``cache`` (benchmarks/reproduction/cells-longer)."""
+    cache = Path(cache)
+    return cache.with_name(cache.name + "-longer")
+
+
 #: Shared-routing baselines (modified gradient in both moments) for "best shared baseline".
 SHARED_BASELINES = ("gpm", "adam-nscl", "ewc-shared", "replay-shared")
 

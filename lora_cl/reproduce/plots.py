@@ -124,3 +124,29 @@ def eta_scatter(rows: Sequence[tuple[str, int, float, float]], path: Path, title
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def by_steps(panels: dict[str, dict[int, dict[str, MeanCI]]], path: Path, title: str) -> None:
+    """One panel per metric: per method, its mean (95% CI as error bars) at each number of steps per
+    domain, joined by a line, so a reader sees how each method's value moves with training length."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (metric, by_len) in zip(axes[0], panels.items(), strict=True):
+        steps = sorted(by_len)
+        methods = list(dict.fromkeys(m for n in steps for m in by_len[n]))
+        for k, method in enumerate(methods):
+            pts = [(n, by_len[n][method]) for n in steps if by_len[n].get(method) is not None
+                   and by_len[n][method].mean is not None]
+            shift = (k - (len(methods) - 1) / 2) * 0.015 * (steps[-1] - steps[0] or 1)  # no overlapping bars
+            ax.errorbar([n + shift for n, _ in pts], [s.mean for _, s in pts],
+                        yerr=[s.half_width or 0.0 for _, s in pts], marker="o", capsize=3, label=method)
+        ax.set_xticks(steps, [str(n) for n in steps])
+        ax.set_xlabel("training steps per domain")
+        ax.set_title(metric, fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
