@@ -52,7 +52,7 @@ from lora_cl.reproduce.grid import (
     stream_sources,
 )
 from lora_cl.reproduce.runner import is_complete, prop1_paths
-from lora_cl.reproduce.stats import MeanCI, mean_ci, paired
+from lora_cl.reproduce.stats import MeanCI, Paired, mean_ci, paired
 
 DEFAULT_CACHE = "benchmarks/reproduction/cells"
 
@@ -86,6 +86,11 @@ def _ci(s: MeanCI | None, d: int = 4) -> str:
     if s.lo is None:
         return f"{s.mean:.{d}g}"
     return f"{s.mean:.{d}g} [{s.lo:.{d}g}, {s.hi:.{d}g}]"
+
+
+def _paired_cells(pr: Paired) -> list[str]:
+    """A paired comparison's table cells: seeds, mean [95% CI], p of the paired t-test."""
+    return [str(pr.ci.n), _ci(pr.ci), "–" if pr.p_value is None else f"{pr.p_value:.3g}"]
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -146,8 +151,8 @@ class Report:
                              f"{len(cells)}" + (f" ({shared} from earlier parts)" if shared else ""),
                              f"{len(new) - len(left)}", _hours(secs), _hours(left_secs)])
         stream2, n_long = PARTS[2].streams[0], len(self.longer_cells)
-        longer_secs = n_long * estimate_run_seconds(stream2, self.longer_settings)
-        longer_left = (n_long - len(self.longer)) / max(1, n_long) * longer_secs
+        per_cell = estimate_run_seconds(stream2, self.longer_settings)
+        longer_secs, longer_left = n_long * per_cell, (n_long - len(self.longer)) * per_cell
         total_est += longer_secs
         left_est += longer_left
         est_rows.append([f"2, larger grid ({self.longer_settings.steps} steps per domain)", stream2,
@@ -253,9 +258,7 @@ class Report:
         for a, b in pairs:
             if a not in vals or b not in vals:
                 continue
-            pr = paired(vals[a], vals[b])
-            rows.append([f"{a} - {b}", str(pr.ci.n), _ci(pr.ci),
-                         "–" if pr.p_value is None else f"{pr.p_value:.3g}"])
+            rows.append([f"{a} - {b}", *_paired_cells(paired(vals[a], vals[b]))])
         if not rows:
             return ""
         return ("Paired differences of forgetting (nats) over common seeds (> 0: the second forgets "
@@ -347,8 +350,7 @@ class Report:
         rows = []
         for m in LONGER_METHODS:
             short, long_ = forget[0].get(m), forget[1].get(m)
-            ratio = (f"{long_.mean / short.mean:.2f}" if short and long_ and short.mean and long_.mean
-                     is not None else "–")
+            ratio = f"{long_.mean / short.mean:.2f}" if short and long_ and short.mean else "–"
             rows.append([m, f"{short.n if short else 0} / {long_.n if long_ else 0}",
                          *(_ci(stats[h, n].get(m)) for h in metrics[:1] for n in lengths), ratio,
                          *(_ci(stats[h, n].get(m)) for h in metrics[1:] for n in lengths)])
@@ -363,7 +365,7 @@ class Report:
             for n in lengths:
                 if a in vals[n] and b in vals[n]:
                     pr = paired(vals[n][a], vals[n][b])
-                    cells += [str(pr.ci.n), _ci(pr.ci), "–" if pr.p_value is None else f"{pr.p_value:.3g}"]
+                    cells += _paired_cells(pr)
                     means.append(pr.ci.mean)
                 else:
                     cells += ["0", "–", "–"]
