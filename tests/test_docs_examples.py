@@ -144,3 +144,17 @@ def test_mkdocs_build_strict(tmp_path):
     cli = (tmp_path / "site" / "api" / "cli.html").read_text(encoding="utf-8")
     assert "lora-cl train --help" in cli and "--resume" in cli  # generated from the parser
     assert (tmp_path / "site" / "prop1" / "prop1.png").is_file()
+
+
+def test_readme_reproduction_summary_counts_match_the_generated_page():
+    """The README's honest summary quotes the verdict counts of docs/reproduction.md, which
+    `lora-cl reproduce --report` regenerates from the cells; a new cell that moves a verdict must
+    move the README in the same commit."""
+    page = (DOCS / "reproduction.md").read_text(encoding="utf-8")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    got = re.search(r"of the paper's (\d+) claims in .*?, (\d+) reproduced(?: \((\d+) only against a weak "
+                    r"baseline\))?, (\d+) not reproduced.*?, (\d+) not testable here", page)
+    said = re.search(r"Of the paper's (\d+) claims, (\d+) reproduce(?: \((\d+) of them only against "
+                     r"[^)]*\))?, (\d+) do not, (\d+) are not testable here", readme)
+    assert got and said, "the page's 'At a glance' line or the README's summary changed form"
+    assert said.groups() == got.groups(), f"README says {said.group(0)!r}; the page: {got.group(0)!r}"
