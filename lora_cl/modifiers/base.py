@@ -32,13 +32,34 @@ class GradientModifier:
 
     Subclasses override :meth:`apply`; the domain hooks, ``state_dict`` and
     ``metrics`` are optional. A modifier never sees or touches optimizer state.
+
+    A step is a transaction: :meth:`apply` computes g~ and *stages* whatever it observed
+    (EMAs, buffered rows, counters); the optimizer calls :meth:`commit` only once the step
+    passed its non-finite guard, so a skipped step leaves every modifier's state as it was.
+    Calling the modifier (``mod(batch)``) does both, for use outside an optimizer.
+
+    ``additive`` says which second-moment rule decoupled routing uses (docs/concepts.md):
+    attenuating modifiers (projection, importance rescaling; ``False``) keep v on the raw
+    g, the paper's repair; additive ones (replay mixing, the EWC penalty, A-GEM; ``True``)
+    add a term that can be far larger than g, so v takes max(g^2, g~^2) per coordinate and
+    the step keeps Adam's bound. ``needs_names`` marks modifiers keyed by tensor name
+    (bases, replay gradients): the optimizer refuses unnamed routed tensors for them.
     """
+
+    additive: bool = False
+    needs_names: bool = False
 
     def apply(self, batch: GradBatch) -> list[Tensor]:
         raise NotImplementedError
 
     def __call__(self, batch: GradBatch) -> list[Tensor]:
-        return self.apply(batch)
+        """Apply and commit at once (a modifier used on its own); the optimizer calls the two apart."""
+        out = self.apply(batch)
+        self.commit()
+        return out
+
+    def commit(self) -> None:
+        """Persist what the last :meth:`apply` staged (called only for a step that is taken)."""
 
     def on_domain_start(self, domain: str) -> None:
         """Called when training on ``domain`` begins (reset per-domain statistics)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,12 @@ class Projection(GradientModifier):
     The overlap s = ||G U||^2 / ||G||^2 of each tensor (mean over its sides) feeds the
     ``strength`` schedule, which returns alpha per tensor.
 
+    Bases are keyed by tensor name, so routed tensors must be named (``param_names``). A bank
+    that holds bases yet matches none of the routed tensors is an error (it would project
+    nothing); bases for names that no routed tensor has are warned about once per bank
+    version. ``metrics()`` reports ``projected_tensors`` and ``projected_elements`` of the last
+    step, so a run whose projection covers nothing shows it.
+
     ``batched=True`` (default) stacks same-shaped tensors and projects each group with two
     ``bmm`` calls against bases stacked once per domain (no host sync); ``batched=False`` is the
     readable per-tensor loop. Both give the same g~ up to float rounding (tested).
@@ -50,6 +57,12 @@ class Projection(GradientModifier):
         self.batched = batched
         self._last_alphas: dict[str, float | Tensor] = {}
         self._plan_cache: tuple[Any, list[_Group]] | None = None
+        self._staged: tuple[dict[str, float | Tensor], int, int] | None = None
+        self.projected_tensors = 0
+        self.projected_elements = 0
+        self._checked: tuple[int, tuple[str, ...]] | None = None
+
+    needs_names = True
 
     def _bases(self, name: str, g: Tensor) -> list[tuple[str, Tensor, Tensor]]:
         if g.ndim < 2:
@@ -83,6 +96,7 @@ class Projection(GradientModifier):
         return comp.reshape(g.shape), overlap
 
     def apply(self, batch: GradBatch) -> list[Tensor]:
+        self._check_coverage(batch.names)
         if not self.batched:
             return self._apply_loop(batch)
         out = list(batch.grads)
@@ -99,8 +113,8 @@ class Projection(GradientModifier):
             work.append((group, G, coords[0]))
         found.sort(key=lambda t: t[0])
         names = [batch.names[i] for i, _ in found]
-        alphas = self.strength.update(names, [o for _, o in found])
-        self._last_alphas = dict(zip(names, alphas, strict=True))
+        alphas = self.strength.propose(names, [o for _, o in found])
+        self._stage(names, alphas, [batch.grads[i] for i, _ in found])
         by_index = {i: a for (i, _), a in zip(found, alphas, strict=True)}
         for group, G, coords in work:
             group_alphas = [by_index[i] for i in group.idx]
@@ -140,8 +154,8 @@ class Projection(GradientModifier):
             overlaps.append(torch.stack(side_overlaps).mean())
             found.append((i, bases, first))
         names = [batch.names[i] for i, _, _ in found]
-        alphas = self.strength.update(names, overlaps)
-        self._last_alphas = dict(zip(names, alphas, strict=True))
+        alphas = self.strength.propose(names, overlaps)
+        self._stage(names, alphas, [batch.grads[i] for i, _, _ in found])
         for (i, bases, first), alpha in zip(found, alphas, strict=True):
             if _is_zero(alpha):
                 continue  # out[i] stays the incoming tensor object: g~ = g exactly
@@ -152,6 +166,41 @@ class Projection(GradientModifier):
                 g = g - alpha * self._component(g, *base)[0]
             out[i] = g
         return out
+
+    def _stage(self, names: list[str], alphas: list[float | Tensor], grads: list[Tensor]) -> None:
+        taken = [(n, g) for n, a, g in zip(names, alphas, grads, strict=True) if not _is_zero(a)]
+        self._staged = (dict(zip(names, alphas, strict=True)), len(taken),
+                        sum(g.numel() for _, g in taken))
+
+    def commit(self) -> None:
+        self.strength.commit()
+        if self._staged is not None:
+            self._last_alphas, self.projected_tensors, self.projected_elements = self._staged
+            self._staged = None
+
+    def _check_coverage(self, names: list[str]) -> None:
+        """Refuse a bank that matches no routed tensor; warn once about bases that match none.
+
+        Checked once per (bank version, names): no cost on later steps.
+        """
+        key = (self.bank.version, tuple(names))
+        if self._checked == key:
+            return
+        banked = set(self.bank.names())
+        routed = set(names)
+        if banked and not banked & routed:
+            shown = ", ".join(sorted(banked)[:3])
+            raise ValueError(
+                f"Projection: the bank holds bases for {len(banked)} tensor(s) ({shown}, ...) but "
+                f"none of the {len(names)} routed tensors has one of those names (routed: "
+                f"{', '.join(names[:3])}, ...); name the routed tensors as the bank does "
+                "(lora_cl.param_groups(model) sets 'param_names') or build the bank on this model")
+        stray = sorted(banked - routed)
+        if stray:
+            warnings.warn(f"Projection: {len(stray)} of the bank's {len(banked)} tensor names match "
+                          f"no routed tensor and are not projected: {', '.join(stray[:5])}"
+                          + (" ..." if len(stray) > 5 else ""), RuntimeWarning, stacklevel=4)
+        self._checked = key
 
     def _plan(self, names: list[str], grads: list[Tensor]) -> list[_Group]:
         """Tensors with bases, grouped by (shape, device, sides) with their stacked projectors.
@@ -212,7 +261,8 @@ class Projection(GradientModifier):
         self.strength.reset()
 
     def metrics(self) -> dict[str, float]:
-        return self.strength.metrics()
+        return {**self.strength.metrics(), "projected_tensors": float(self.projected_tensors),
+                "projected_elements": float(self.projected_elements)}
 
     def state_dict(self) -> dict[str, Any]:
         return {"bank": self.bank.state_dict(), "strength": self.strength.state_dict()}

@@ -20,7 +20,8 @@ class _ImportanceModifier(GradientModifier):
         self.lam = float(lam)
 
     def apply(self, batch: GradBatch) -> list[Tensor]:
-        self.importance.observe(batch.step, batch.names, batch.params, batch.raw)
+        # observed at commit(): a skipped step adds nothing to the importance
+        self._staged = (batch.step, batch.names, batch.params, batch.raw)
         out = list(batch.grads)
         if self.lam == 0.0:
             return out
@@ -29,6 +30,11 @@ class _ImportanceModifier(GradientModifier):
             if modified is not None:
                 out[i] = modified
         return out
+
+    def commit(self) -> None:
+        staged, self._staged = getattr(self, "_staged", None), None
+        if staged is not None:
+            self.importance.observe(*staged)
 
     def modify(self, name: str, param: Tensor, grad: Tensor) -> Tensor | None:
         raise NotImplementedError
@@ -64,8 +70,11 @@ class EWCPenalty(_ImportanceModifier):
     """g~ = g + lam * F * (theta - theta*): the classic EWC penalty gradient.
 
     F is the (unnormalized, summed over domains) diagonal Fisher and theta* the
-    parameters at the end of the last domain.
+    parameters at the end of the last domain. Additive: under decoupled routing v sees
+    max(g^2, g~^2), so a large penalty term cannot make the step outgrow Adam's bound.
     """
+
+    additive = True
 
     def __init__(self, lam: float = 1.0, importance: Importance | str = "fisher") -> None:
         super().__init__(importance, lam)

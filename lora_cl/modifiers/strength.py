@@ -13,13 +13,23 @@ SCOPES = ("global", "tensor")
 class Strength:
     """Maps the per-tensor overlaps of one step to per-tensor strengths alpha.
 
-    ``update(names, overlaps)`` is called once per optimizer step with the overlap
+    ``propose(names, overlaps)`` is called once per optimizer step with the overlap
     s = ||G U||^2 / ||G||^2 of every tensor that has a basis (0-d tensors, kept on the
     device: no host sync) and returns one alpha per tensor (float or 0-d tensor).
     """
 
-    def update(self, names: list[str], overlaps: list[Tensor]) -> list[float | Tensor]:
+    def propose(self, names: list[str], overlaps: list[Tensor]) -> list[float | Tensor]:
+        """This step's alphas, with the EMAs and step count staged until :meth:`commit`."""
         raise NotImplementedError
+
+    def commit(self) -> None:
+        """Persist the last :meth:`propose` (its EMAs and step count): the step was taken."""
+
+    def update(self, names: list[str], overlaps: list[Tensor]) -> list[float | Tensor]:
+        """Propose and commit at once (a schedule used on its own)."""
+        alphas = self.propose(names, overlaps)
+        self.commit()
+        return alphas
 
     def reset(self) -> None:
         """Start of a new domain."""
@@ -42,10 +52,14 @@ class FixedStrength(Strength):
             raise ValueError(f"FixedStrength: alpha must be in [0, 1], got {alpha}")
         self.alpha = float(alpha)
         self._overlap: Tensor | None = None
+        self._staged: Tensor | None = None
 
-    def update(self, names: list[str], overlaps: list[Tensor]) -> list[float | Tensor]:
-        self._overlap = torch.stack(overlaps).mean() if overlaps else None
+    def propose(self, names: list[str], overlaps: list[Tensor]) -> list[float | Tensor]:
+        self._staged = torch.stack(overlaps).mean() if overlaps else None
         return [self.alpha] * len(names)
+
+    def commit(self) -> None:
+        self._overlap = self._staged
 
     @property
     def current_alpha(self) -> float:
@@ -93,40 +107,52 @@ class OverlapAdaptiveStrength(Strength):
         self.sbar: dict[str, Tensor] = {}  # "__global__" or tensor name -> EMA (0-d)
         self._last_overlap: Tensor | None = None
         self._last_alpha: Tensor | None = None
+        self._staged: tuple[int, dict[str, Tensor], Tensor, Tensor] | None = None
 
-    def _ema(self, key: str, s: Tensor) -> Tensor:
+    def _ema(self, key: str, s: Tensor, into: dict[str, Tensor]) -> Tensor:
         prev = self.sbar.get(key)
         s = s.clamp(0.0, 1.0)
         new = (1.0 - self.beta) * s if prev is None else self.beta * prev.to(s) + (1.0 - self.beta) * s
-        self.sbar[key] = new
+        into[key] = new
         return new
 
-    def update(self, names: list[str], overlaps: list[Tensor]) -> list[float | Tensor]:
+    def propose(self, names: list[str], overlaps: list[Tensor]) -> list[float | Tensor]:
         if not names:
+            self._staged = None
             return []
-        self.steps += 1
-        self._last_overlap = torch.stack([o.float() for o in overlaps]).mean()
+        steps = self.steps + 1
+        staged: dict[str, Tensor] = {}
+        overlap = torch.stack([o.float() for o in overlaps]).mean()
         if self.scope == "global":
-            sbars = [self._ema("__global__", self._last_overlap)] * len(names)
+            sbars = [self._ema("__global__", overlap, staged)] * len(names)
         else:
-            sbars = [self._ema(n, o.float()) for n, o in zip(names, overlaps, strict=True)]
-        if self.steps <= self.warmup:
+            sbars = [self._ema(n, o.float(), staged) for n, o in zip(names, overlaps, strict=True)]
+        if steps <= self.warmup:
             alphas: list[float | Tensor] = [0.0] * len(names)
-            self._last_alpha = torch.zeros(())
+            mean_alpha = torch.zeros(())
         elif self.scope == "global":  # one alpha for every tensor: computed once
             alpha = self.alpha_max * (1.0 - sbars[0])
             alphas = [alpha] * len(names)
-            self._last_alpha = alpha
+            mean_alpha = alpha
         else:
             alphas = [self.alpha_max * (1.0 - sb) for sb in sbars]
-            self._last_alpha = torch.stack([a.to(sbars[0]) for a in alphas]).mean()
+            mean_alpha = torch.stack([a.to(sbars[0]) for a in alphas]).mean()
+        self._staged = (steps, staged, overlap, mean_alpha)
         return alphas
+
+    def commit(self) -> None:
+        if self._staged is None:
+            return
+        self.steps, staged, self._last_overlap, self._last_alpha = self._staged
+        self.sbar.update(staged)
+        self._staged = None
 
     def reset(self) -> None:
         self.steps = 0
         self.sbar = {}
         self._last_overlap = None
         self._last_alpha = None
+        self._staged = None
 
     @property
     def current_alpha(self) -> float:

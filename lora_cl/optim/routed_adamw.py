@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -98,15 +99,13 @@ class RoutedAdamW(Optimizer):
             q8.check_available()
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         routing=routing)
-        super().__init__(params, defaults)
-        for group in self.param_groups:
-            _check_routing(group["routing"])
         self.modifiers: list[GradientModifier] = list(modifiers)
         for mod in self.modifiers:
             if not isinstance(mod, GradientModifier):
                 raise TypeError(
                     f"RoutedAdamW: modifiers must be GradientModifier instances, got {type(mod).__name__}"
                 )
+        super().__init__(params, defaults)
         self.reproject_update = reproject_update
         self.nonfinite = nonfinite
         self.impl = impl
@@ -117,8 +116,21 @@ class RoutedAdamW(Optimizer):
         self._extras: dict[str, Any] = {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if isinstance(param_group, dict):
+            _check_group_keys(param_group, self.defaults)
         super().add_param_group(param_group)
-        _check_routing(self.param_groups[-1]["routing"])
+        group = self.param_groups[-1]
+        _check_routing(group["routing"])
+        names = group.get("param_names")
+        if names is not None and len(names) != len(group["params"]):
+            raise ValueError(f"RoutedAdamW: param group {len(self.param_groups) - 1} has "
+                             f"{len(group['params'])} params but {len(names)} param_names")
+        keyed = [type(m).__name__ for m in getattr(self, "modifiers", ()) if m.needs_names]
+        if keyed and names is None and group["routing"] != "vanilla":
+            raise ValueError(
+                f"RoutedAdamW: {', '.join(keyed)} key(s) bases or replay gradients by tensor name, "
+                f"but param group {len(self.param_groups) - 1} has no 'param_names'; build the "
+                "groups with lora_cl.param_groups(model) or pass model.named_parameters()")
 
     # -- domain hooks -------------------------------------------------------------
     def start_domain(self, domain: str) -> None:
@@ -177,32 +189,36 @@ class RoutedAdamW(Optimizer):
                 loss = closure()
 
         entries = self._collect()
+        extras, self._extras = self._extras, {}
         if not entries:
-            self._extras.clear()
             return loss
-        if self.nonfinite != "off" and not self._all_finite(entries):
-            self._extras.clear()
-            return loss
-        self.global_step += 1
-
+        step = self.global_step + 1
         routed = [e for e in entries if e["routing"] != "vanilla"]
         raw = [e["grad"] for e in routed]
         mod = list(raw)
         if routed and self.modifiers:
-            batch = GradBatch(
-                names=[e["name"] for e in routed],
-                params=[e["param"] for e in routed],
-                grads=mod,
-                raw=raw,
-                step=self.global_step,
-                extras=self._extras,
-            )
+            # The chain only stages what it observes (GradientModifier.commit), so a step the
+            # guard below skips leaves every modifier's state as it was.
+            batch = GradBatch(names=[e["name"] for e in routed], params=[e["param"] for e in routed],
+                              grads=mod, raw=raw, step=step, extras=extras)
             for modifier in self.modifiers:
-                mod = modifier(batch)
+                mod = modifier.apply(batch)
                 batch.grads = mod
-        self._extras = {}
         for e, g_mod in zip(routed, mod, strict=True):
-            e["mod"] = g_mod
+            if g_mod is not e["grad"]:
+                e["mod"] = g_mod
+        # One guard over what reaches the states: every raw gradient and every g~ the chain
+        # changed (a replay gradient or a penalty can be non-finite where g is not).
+        if self.nonfinite != "off" and not self._all_finite(entries):
+            return loss
+        for modifier in self.modifiers:
+            modifier.commit()
+        self.global_step = step
+        if any(m.additive for m in self.modifiers):
+            # additive modifiers: v must cover what m receives (max(g^2, g~^2)); see _update_group
+            for e in routed:
+                if "mod" in e:
+                    e["cover"] = torch.maximum(e["grad"].abs(), e["mod"].abs())
 
         before = None
         if self.reproject_update and routed:
@@ -241,20 +257,25 @@ class RoutedAdamW(Optimizer):
         return entries
 
     def _all_finite(self, entries: list[dict[str, Any]]) -> bool:
-        norms = torch._foreach_norm([e["grad"] for e in entries])
+        checked = [(e["name"], "gradient", e["grad"]) for e in entries]
+        checked += [(e["name"], "modified gradient", e["mod"]) for e in entries if "mod" in e]
+        norms = torch._foreach_norm([t for _, _, t in checked])
         device = norms[0].device
         same = all(n.device == device for n in norms)
         if bool(torch.stack(norms if same else [n.to(device) for n in norms]).isfinite().all()):
             return True
-        bad = [e["name"] for e, n in zip(entries, norms, strict=True) if not torch.isfinite(n)]
+        bad = [f"{name} ({what})" for (name, what, _), n in zip(checked, norms, strict=True)
+               if not torch.isfinite(n)]
         shown = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
-        message = (f"non-finite gradient in {len(bad)} tensor(s): {shown}. Check the loss "
-                   "scale, learning rate and input data.")
+        raw_bad = any(b.endswith("(gradient)") for b in bad)
+        cause = ("Check the loss scale, learning rate and input data." if raw_bad else
+                 "The modifier chain made it (a replay gradient, an EWC penalty or its Fisher).")
+        message = f"non-finite values in {len(bad)} tensor(s): {shown}. {cause}"
         if self.nonfinite == "raise":
             raise NonFiniteGradientError(f"RoutedAdamW: {message}")
         self.skipped_steps += 1
-        warnings.warn(f"RoutedAdamW: skipped step, all optimizer states untouched: {message}",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(f"RoutedAdamW: skipped step, all optimizer and modifier states untouched: "
+                      f"{message}", RuntimeWarning, stacklevel=3)
         return False
 
     def _update_group(self, group: dict[str, Any], entries: list[dict[str, Any]]) -> None:
@@ -267,10 +288,14 @@ class RoutedAdamW(Optimizer):
         hyper = dict(lr=_as_float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
                      eps=float(group["eps"]), weight_decay=float(group["weight_decay"]))
 
+        # decoupled + additive modifiers: v on max(g^2, g~^2) ("cover"), else the routing's source
+        v_raw = "cover" if m_src == "mod" else "grad"
+
         def run(chunk: list[dict[str, Any]], ms: list[Tensor], vs: list[Tensor]) -> None:
             fn([e["param"] for e in chunk],
                [e["grad"] if m_src == "raw" else e.get("mod", e["grad"]) for e in chunk],
-               [e["grad"] if v_src == "raw" else e.get("mod", e["grad"]) for e in chunk],
+               [e.get(v_raw, e["grad"]) if v_src == "raw" else e.get("mod", e["grad"])
+                for e in chunk],
                ms, vs, [e["state"]["step"] for e in chunk], **hyper)
 
         full = [e for e in entries if not q8.is_8bit(e["state"])]
@@ -319,8 +344,16 @@ class RoutedAdamW(Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a RoutedAdamW checkpoint, or a ``torch.optim.AdamW`` one (its m, v and step).
+
+        Refused, before anything is loaded: a checkpoint whose groups were routed differently
+        from this optimizer's, a different modifier chain or state layout, and AdamW options
+        RoutedAdamW does not implement (amsgrad, maximize). An AdamW checkpoint's groups take
+        this optimizer's routing.
+        """
         state_dict = dict(state_dict)
         extra = state_dict.pop("lora_cl", None)
+        state_dict["param_groups"] = self._checked_groups(state_dict.get("param_groups", []))
         self._check_state_bits(state_dict, extra)
         super().load_state_dict(state_dict)
         self._restore_states(state_dict)
@@ -338,6 +371,30 @@ class RoutedAdamW(Optimizer):
             mod.load_state_dict(s["state"])
         self.global_step = int(extra["global_step"])
         self.skipped_steps = int(extra["skipped_steps"])
+
+    def _checked_groups(self, saved: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = []
+        for gi, (group, old) in enumerate(zip(self.param_groups, saved, strict=False)):
+            old = dict(old)
+            if "routing" not in old:  # a torch.optim.AdamW checkpoint
+                options = {key: old.pop(key) for key in _ADAMW_ONLY if key in old}
+                if not options.get("decoupled_weight_decay", True) and old.get("weight_decay"):
+                    raise ValueError(f"RoutedAdamW.load_state_dict: the checkpoint's param group {gi} "
+                                     "is torch.optim.Adam with L2 weight decay, not AdamW's "
+                                     "decoupled decay; resume it with torch.optim.Adam")
+                for key in ("amsgrad", "maximize"):
+                    if options.get(key):
+                        raise ValueError(f"RoutedAdamW.load_state_dict: the checkpoint's param group "
+                                         f"{gi} has {key}=True, which RoutedAdamW does not implement; "
+                                         f"resume it with torch.optim.AdamW")
+                old["routing"] = group["routing"]
+            elif old["routing"] != group["routing"]:
+                raise ValueError(f"RoutedAdamW.load_state_dict: the checkpoint's param group {gi} "
+                                 f"was routed {old['routing']!r} but this optimizer's is "
+                                 f"{group['routing']!r}; build it with routing={old['routing']!r} "
+                                 "(the checkpoint's method) to resume")
+            out.append(old)
+        return out + list(saved[len(out):])
 
     def _saved_states(self, state_dict: dict[str, Any]) -> list[tuple[Tensor, dict[str, Any]]]:
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
@@ -370,6 +427,24 @@ def _check_routing(routing: str) -> None:
         raise ValueError(
             f"RoutedAdamW: unknown routing {routing!r}; choose one of {sorted(ROUTINGS)}"
         )
+
+
+#: torch.optim.AdamW group options; False (their default) is what RoutedAdamW computes.
+_ADAMW_ONLY = ("amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused",
+               "decoupled_weight_decay")
+#: group keys torch or the HF stack set besides ours (LR schedulers write ``initial_lr``).
+_FOREIGN_GROUP_KEYS = frozenset({"params", "param_names", "initial_lr"})
+
+
+def _check_group_keys(group: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """Refuse a param-group key RoutedAdamW would silently ignore (``names``, ``amsgrad``, ...)."""
+    known = set(defaults) | _FOREIGN_GROUP_KEYS
+    for key in group:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"RoutedAdamW: unknown param-group key {key!r}{hint} (known: "
+                             f"{', '.join(sorted(known))})")
 
 
 def _param_name(group: dict[str, Any], gi: int, pi: int) -> str:

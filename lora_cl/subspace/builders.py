@@ -169,10 +169,15 @@ class GradientRowBuffer(GradientModifier):
         return [n for n, c in self._count.items() if c > 0]
 
     def apply(self, batch: GradBatch) -> list[Tensor]:
-        for name, g in zip(batch.names, batch.raw, strict=True):
-            if self._wanted(name, g):
-                self.push(name, self._samples(g))
+        # staged, pushed by commit(): a skipped step buffers nothing
+        self._staged = [(name, g) for name, g in zip(batch.names, batch.raw, strict=True)
+                        if self._wanted(name, g)]
         return unchanged(batch)
+
+    def commit(self) -> None:
+        for name, g in getattr(self, "_staged", ()):
+            self.push(name, self._samples(g))
+        self._staged = []
 
     def clear(self) -> None:
         """Drop every buffered row."""
