@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from lora_cl.paths import atomic_write_text
 
@@ -131,7 +133,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     recipe = _load(args)
     try:
-        runs = run_stream(recipe, resume=args.resume, progress=not args.no_progress)
+        runs = run_stream(recipe, resume=args.resume, progress=not args.no_progress,
+                          callbacks=getattr(args, "stream_callbacks", ()))
     except StreamError as err:
         print(f"lora-cl train: error: {err}", file=sys.stderr)
         return 1
@@ -382,8 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, *, callbacks: Sequence[Any] = ()) -> None:
+    """The ``lora-cl`` command. ``callbacks`` (Python callers only): domain-callback factories that
+    ``train`` hands to :func:`~lora_cl.trainer.stream.run_stream`."""
     args = build_parser().parse_args(argv)
+    args.stream_callbacks = tuple(callbacks)
     if args.command in ("train", "validate", "eval", "report", "plan", "reproduce"):
         try:
             code = args.func(args)

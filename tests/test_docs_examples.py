@@ -52,9 +52,9 @@ def test_resume_continues_a_killed_run(test_cache_dir, tmp_path):
     out = run_example("resume.py", "tiny", "--out", str(tmp_path), cache=test_cache_dir)
     assert "killed: exit status -9" in out
     killed = out.split("killed:")[1].split("$ lora-cl")[0]
-    assert "00-cooking/" in killed and "checkpoint-2/" in killed and "01-astronomy/\n" not in killed.split(
+    assert "00-cooking/" in killed and "checkpoint-10/" in killed and "01-astronomy/\n" not in killed.split(
         "domains/")[1]
-    assert "resuming domain 'astronomy' from" in out and "checkpoint-2" in out
+    assert "resuming domain 'astronomy' from" in out and "checkpoint-10" in out
     assert "resumed: exit status 0" in out
     assert (tmp_path / "tiny" / "ogp" / "domains" / "02-law" / "metrics.json").is_file()
 

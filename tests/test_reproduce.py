@@ -6,6 +6,7 @@ import json
 import math
 import re
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -89,6 +90,19 @@ def test_config_hash_ignores_method_and_seed_but_not_lr():
     assert by["adam-nscl"] == by["ogp-fixed"] == by["ogp-fixed-v_only"]
     assert by["adam-nscl-lr-matched"] != by["adam-nscl"]
     assert config_hash("lm8", cells[0].method, s) != config_hash("lm16", cells[0].method, default_settings())
+
+
+def test_config_hash_keeps_old_cells_at_default_betas_and_changes_with_beta2():
+    from dataclasses import replace
+
+    from lora_cl.reproduce.grid import recipe_dict
+
+    s = default_settings()
+    ogp = part_cells(2, s)[0].method
+    assert "adam_beta2" not in recipe_dict("lm8", ogp, 0, s, Path("."))["training"]
+    fast = replace(s, adam_beta2=0.99)
+    assert recipe_dict("lm8", ogp, 0, fast, Path("."))["training"]["adam_beta2"] == 0.99
+    assert config_hash("lm8", ogp, fast) != config_hash("lm8", ogp, s)
 
 
 def test_mean_ci_and_paired_on_hand_computed_values():

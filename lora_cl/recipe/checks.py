@@ -62,6 +62,11 @@ def _check_values(recipe: Recipe, ctx: _Ctx) -> None:
                        ("training.max_grad_norm", t.max_grad_norm)):
         if value < 0:
             raise ctx.error(key, f"{key} must be >= 0, got {value}")
+    for key, value in (("training.adam_beta1", t.adam_beta1), ("training.adam_beta2", t.adam_beta2)):
+        if not 0.0 <= value < 1.0:
+            raise ctx.error(key, f"{key} must be in [0, 1), got {value}")
+    if t.adam_epsilon < 0:
+        raise ctx.error("training.adam_epsilon", f"training.adam_epsilon must be >= 0, got {t.adam_epsilon}")
     if not 0.0 <= lo.dropout < 1.0:
         raise ctx.error("lora.dropout", f"lora.dropout must be in [0, 1), got {lo.dropout}")
     if not lo.target_modules:

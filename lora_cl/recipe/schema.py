@@ -132,6 +132,9 @@ class TrainingConfig:
     grad_accum: int = 1
     lr: float = 2e-4
     weight_decay: float = 0.0
+    adam_beta1: float = 0.9      # the TrainingArguments names; RoutedAdamW's betas and eps
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
     warmup_steps: int = 0
     scheduler: str = "constant"
     max_grad_norm: float = 1.0
@@ -241,7 +244,16 @@ _ALIASES = {"learning_rate": "lr", "per_device_train_batch_size": "batch_size",
             "lora_r": "r", "rank": "r", "max_length": "seq_len", "max_seq_length": "seq_len"}
 
 
+# names that map onto two keys
+_SPLIT_ALIASES = {"betas": ("adam_beta1", "adam_beta2"), "adam_betas": ("adam_beta1", "adam_beta2")}
+_ALIASES.update({"beta1": "adam_beta1", "beta2": "adam_beta2", "eps": "adam_epsilon",
+                 "adam_eps": "adam_epsilon", "epsilon": "adam_epsilon"})
+
+
 def _did_you_mean(word: Any, options: Sequence[str], prefix: str = "") -> str | None:
+    split = _SPLIT_ALIASES.get(str(word))
+    if split and all(k in options for k in split):
+        return f"did you mean {prefix}{split[0]} and {prefix}{split[1]}?"
     alias = _ALIASES.get(str(word))
     if alias in options:
         return f"did you mean {prefix}{alias}?"

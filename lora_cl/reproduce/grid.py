@@ -69,6 +69,9 @@ class Settings:
     seq_len: int = 128
     batch_size: int = 4
     lr: float = 2e-4
+    adam_beta1: float = 0.9   # in the recipe (and so the config hash) only when not the default
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
     eval_examples: int = 16
     eval_batch: int = 8
     logging_steps: int = 5
@@ -208,7 +211,19 @@ def runnable(stream: str, settings: Settings) -> str | None:
 
 
 def recipe_dict(stream: str, method: MethodRun, seed: int, settings: Settings, out: Path) -> dict[str, Any]:
-    """The recipe (for :func:`lora_cl.recipe.recipe_from_dict`) of one cell."""
+    """The recipe (for :func:`lora_cl.recipe.recipe_from_dict`) of one cell.
+
+    Adam's betas and eps enter only when they differ from the defaults, so the cells run before
+    they were settings keep their config hash.
+    """
+    doc = _recipe_dict(stream, method, seed, settings, out)
+    adam = {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8}
+    doc["training"].update({k: getattr(settings, k) for k, default in adam.items()
+                            if getattr(settings, k) != default})
+    return doc
+
+
+def _recipe_dict(stream: str, method: MethodRun, seed: int, settings: Settings, out: Path) -> dict[str, Any]:
     trainer = STREAMS[stream][1]
     sft = trainer == "sft"
     return {

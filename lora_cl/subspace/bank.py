@@ -16,6 +16,7 @@ from torch import Tensor
 MODES = ("accumulate", "replace")
 SIDES = ("in", "out")
 ORTHO_TOL = 1e-3
+REORTHO_TOL = 1e-5
 _META_KEY = "lora_cl.subspace_bank"
 _FORMAT = 1
 
@@ -51,6 +52,9 @@ class SubspaceBank:
         self._bases: dict[str, dict[tuple[str, str], tuple[Tensor, Tensor]]] = {}
         self._cache: dict[tuple[Any, ...], tuple[Tensor, Tensor] | None] = {}
         self._cache_version = 0
+        # (domain, name, side) -> when it was last added: "replace" uses the latest add, even
+        # when a domain that came first is added again
+        self._seq: dict[tuple[str, str, str], int] = {}
 
     def __repr__(self) -> str:
         n = sum(len(v) for v in self._bases.values())
@@ -60,7 +64,11 @@ class SubspaceBank:
     # ----------------------------------------------------------------------------- mutation
     def add(self, domain: str, name: str, basis: Tensor, weights: Tensor | None = None,
             side: str = "in") -> None:
-        """Store a domain's basis U (dim x k, U^T U = I) and weights s (k,) in [0, 1]."""
+        """Store a domain's basis U (dim x k, U^T U = I) and weights s (k,) in [0, 1].
+
+        A U within the orthonormality tolerance but off by more than fp32 rounding (1e-5) is
+        re-orthonormalised (QR, signs kept), so it projects exactly; an exact one is stored as is.
+        """
         check_side(side)
         if not isinstance(domain, str) or not isinstance(name, str):
             raise TypeError(f"domain and name must be str, got {type(domain).__name__} "
@@ -92,14 +100,20 @@ class SubspaceBank:
             if prev is not None and other != domain and prev[0].shape[0] != dim:
                 raise ValueError(f"{where} has dim {dim} but domain {other!r} stored dim "
                                  f"{prev[0].shape[0]} for the same tensor")
-        self._bases.setdefault(domain, {})[(name, side)] = (u, s)
+        if err > REORTHO_TOL:  # within ORTHO_TOL: made exact (same span, order and signs)
+            q, r = torch.linalg.qr(u.double())
+            sign = torch.diagonal(r).sign()
+            u = (q * sign.masked_fill(sign == 0, 1.0)).float()
+        self._bases.setdefault(domain, {})[(name, side)] = (u.contiguous(), s)
         self.version += 1
+        self._seq[(domain, name, side)] = self.version
 
     def drop_domain(self, domain: str) -> None:
         """Forget every basis of ``domain``."""
         if domain not in self._bases:
             raise KeyError(f"unknown domain {domain!r}; known domains: {self.domains()}")
         del self._bases[domain]
+        self._seq = {key: v for key, v in self._seq.items() if key[0] != domain}
         self.version += 1
 
     # -------------------------------------------------------------------------------- query
@@ -193,8 +207,10 @@ class SubspaceBank:
         parts = [e[(name, side)] for e in self._bases.values() if (name, side) in e]
         if not parts:
             return None
-        if self.mode == "replace":
-            u, s = parts[-1]
+        if self.mode == "replace":  # the latest add, not the domain first seen last
+            latest = max((d for d, e in self._bases.items() if (name, side) in e),
+                         key=lambda d: self._seq[(d, name, side)])
+            u, s = self._bases[latest][(name, side)]
             if self.max_rank is not None and s.numel() > self.max_rank:
                 keep = torch.argsort(s, descending=True, stable=True)[: self.max_rank]
                 u, s = u[:, keep], s[keep]
@@ -241,8 +257,11 @@ class SubspaceBank:
 
     # ------------------------------------------------------------------------- persistence
     def _entries(self) -> list[tuple[int, str, str, Tensor, Tensor]]:
-        return [(i, name, side, u, s) for i, entries in enumerate(self._bases.values())
+        """Every basis, in the order it was added (a reload keeps which add is the latest)."""
+        rows = [(self._seq[(d, name, side)], i, name, side, u, s)
+                for i, (d, entries) in enumerate(self._bases.items())
                 for (name, side), (u, s) in entries.items()]
+        return [row[1:] for row in sorted(rows, key=lambda row: row[0])]
 
     def state_dict(self) -> dict[str, Any]:
         """Plain tensors, lists and scalars (safe for torch.load(weights_only=True))."""
@@ -263,6 +282,7 @@ class SubspaceBank:
         for e in state["bases"]:
             fresh.add(domains[e["domain"]], e["name"], e["U"], e["s"], side=e["side"])
         self.mode, self.max_rank, self._bases = fresh.mode, fresh.max_rank, fresh._bases
+        self._seq = dict(fresh._seq)
         self.version += 1
 
     def save(self, path: str | os.PathLike[str]) -> None:

@@ -1,12 +1,8 @@
-"""Trainer checkpoints of a stream: where they live, the marker that says one is complete, and the
-fault hooks the resume tests use (``LORA_CL_FAULT``)."""
+"""Trainer checkpoints of a stream: where they live and the marker that says one is complete."""
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -52,33 +48,3 @@ class CheckpointMarker(TrainerCallback):
         if ckpt.is_dir():
             write_json(ckpt / MARKER, {"domain": self.domain, "step": state.global_step,
                                         "callback": self.callback.state_dict()})
-
-
-def _fault_spec() -> tuple[str, int, str] | None:
-    """``LORA_CL_FAULT=kill:<domain index>:<step>|end`` or ``nan:<domain index>:<step>``."""
-    raw = os.environ.get("LORA_CL_FAULT")
-    if not raw:
-        return None
-    kind, index, at = raw.split(":")
-    return kind, int(index), at
-
-
-def fault(at: str, i: int) -> None:
-    spec = _fault_spec()
-    if spec is not None and spec[0] == "kill" and spec[1] == i and spec[2] == at:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-class FaultInjector(TrainerCallback):
-    def __init__(self, index: int) -> None:
-        self.index = index
-
-    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        spec = _fault_spec()
-        if spec and spec[0] == "nan" and spec[1] == self.index and int(spec[2]) == state.global_step + 1:
-            with contextlib.suppress(StopIteration):
-                p = next(p for p in kwargs["model"].parameters() if p.grad is not None)
-                p.grad.view(-1)[0] = float("nan")
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        fault(str(state.global_step), self.index)

@@ -28,9 +28,7 @@ from lora_cl.trainer.callback import ContinualCallback, attach
 from lora_cl.trainer.checkpoints import (
     MARKER,
     CheckpointMarker,
-    FaultInjector,
     checkpoint_root,
-    fault,
     latest_checkpoint,
 )
 from lora_cl.trainer.optimizer_factory import bank_of, make_optimizer
@@ -50,16 +48,21 @@ from lora_cl.trainer.trainers import StreamError, make_trainer
 from lora_cl.trainer.zero import check_stream_zero
 
 Log = Callable[[str], None]
+#: ``make(domain_index, domain_name) -> TrainerCallback``: one callback per domain's Trainer.
+DomainCallbacks = Callable[[int, str], Any]
 __all__ = ["StreamError", "is_main_process", "latest_checkpoint", "load_adapter", "load_peft_model",
            "load_stream_data", "make_trainer", "run_method", "run_stream"]
 
 
 def run_stream(recipe: Any, *, output_dir: str | os.PathLike[str] | None = None, resume: bool = False,
-               progress: bool = True, log: Log | None = None) -> list[Path]:
+               progress: bool = True, log: Log | None = None,
+               callbacks: Sequence[DomainCallbacks] = ()) -> list[Path]:
     """Run every method of ``recipe`` (``method`` then ``compare``) over its domains; return run dirs.
 
     Writes ``<output_dir>/<label>/`` per method, ``compare.json`` and the reports. With
     ``resume=True`` finished methods are kept and an interrupted one continues where it stopped.
+    ``callbacks``: factories ``make(index, domain_name) -> TrainerCallback``; each domain's
+    Trainer gets one callback from each (your own logging, early stopping, ...).
     """
     from lora_cl.report import write_comparison_report
 
@@ -74,7 +77,7 @@ def run_stream(recipe: Any, *, output_dir: str | os.PathLike[str] | None = None,
         run_dir = out / choice.run_label
         log(f"lora-cl: method {k + 1}/{len(choices)} {choice.run_label!r} -> {run_dir}")
         runs.append(run_method(recipe, choice, run_dir, data=data, resume=resume, progress=progress,
-                               log=log))
+                               log=log, callbacks=callbacks))
         if main:
             write_json(out / "compare.json", {"runs": [r.name for r in runs]})
     if main:
@@ -116,8 +119,11 @@ def load_stream_data(recipe: Any, log: Log | None = None) -> tuple[list[Any], An
 
 def run_method(recipe: Any, choice: Any, run_dir: str | os.PathLike[str], *,
                data: Sequence[Any] | None = None, resume: bool = False, progress: bool = True,
-               log: Log | None = None) -> Path:
-    """One method's stream into ``run_dir`` (see the module docstring); returns ``run_dir``."""
+               log: Log | None = None, callbacks: Sequence[DomainCallbacks] = ()) -> Path:
+    """One method's stream into ``run_dir`` (see the module docstring); returns ``run_dir``.
+
+    ``callbacks`` as in :func:`run_stream`.
+    """
     from lora_cl.evaluation import evaluate_all
     from lora_cl.report import write_run_report
 
@@ -131,8 +137,9 @@ def run_method(recipe: Any, choice: Any, run_dir: str | os.PathLike[str], *,
         data, _ = load_stream_data(recipe, log)
     model, tokenizer = load_peft_model(recipe)
     spec = choice.spec()
-    optimizer = make_optimizer(model, spec, lr=recipe.training.lr,
-                               weight_decay=recipe.training.weight_decay,
+    tr = recipe.training
+    optimizer = make_optimizer(model, spec, lr=tr.lr, weight_decay=tr.weight_decay,
+                               betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_epsilon,
                                nonfinite="raise" if recipe.training.nonfinite == "stop" else "skip")
     callback = ContinualCallback(seed=recipe.training.seed)
     has_generation = recipe.eval.generate and all(d.eval_prompts for d in data)
@@ -150,13 +157,12 @@ def run_method(recipe: Any, choice: Any, run_dir: str | os.PathLike[str], *,
         log(f"lora-cl: [{choice.run_label}] resuming after domain {done}/{len(names)} {names[done - 1]!r}")
     for i in range(done, len(names)):
         trained = _train_domain(recipe, choice, run_dir, i, model, tokenizer, optimizer, callback,
-                                data, progress, log)
+                                data, progress, log, callbacks)
         if not main:
             continue  # the other ranks go on to the next domain's Trainer and wait for rank 0 there
         start = time.perf_counter()
         scores = evaluate_all(model, data, tokenizer, **eval_kw)
         eval_seconds = time.perf_counter() - start
-        fault("end", i)
         _save_domain(run_dir, i, names[i], model, optimizer, callback,
                      {**trained, "eval_seconds": eval_seconds, "eval": scores})
         shutil.rmtree(checkpoint_root(run_dir, i, names[i]), ignore_errors=True)
@@ -176,7 +182,7 @@ def run_method(recipe: Any, choice: Any, run_dir: str | os.PathLike[str], *,
 # -- one domain ----------------------------------------------------------------------------
 def _train_domain(recipe: Any, choice: Any, run_dir: Path, i: int, model: Any, tokenizer: Any,
                   optimizer: RoutedAdamW, callback: ContinualCallback, data: Sequence[Any],
-                  progress: bool, log: Log) -> dict[str, Any]:
+                  progress: bool, log: Log, callbacks: Sequence[DomainCallbacks] = ()) -> dict[str, Any]:
     """Train domain ``i`` (from its newest checkpoint, if any); return its record for metrics.json."""
     name = data[i].name
     ckpt_root = checkpoint_root(run_dir, i, name)
@@ -188,7 +194,8 @@ def _train_domain(recipe: Any, choice: Any, run_dir: Path, i: int, model: Any, t
     trainer = make_trainer(recipe, model, tokenizer, optimizer, data[i], ckpt_root,
                            steps=recipe.steps_for(i), seed=recipe.training.seed + i, progress=progress)
     trainer.add_callback(CheckpointMarker(callback, name))
-    trainer.add_callback(FaultInjector(i))
+    for make in callbacks:
+        trainer.add_callback(make(i, name))
     attach(trainer, callback)
     callback.set_domain(name)
     log(f"lora-cl: [{choice.run_label}] domain {i + 1}/{len(data)} {name!r}: "
@@ -290,8 +297,20 @@ def _check_start(recipe: Any, choice: Any, run_dir: Path, resume: bool) -> None:
 
 
 def _comparable(d: dict[str, Any]) -> dict[str, Any]:
-    """Top-level recipe sections that must not change across a resume."""
-    return {k: v for k, v in d.items() if k in ("domains", "model", "lora", "data", "training")}
+    """Top-level recipe sections that must not change across a resume.
+
+    A section's keys missing from an older run.json take their defaults (a key added in a
+    later lora-cl version, at its default, is not a change).
+    """
+    from dataclasses import asdict
+
+    from lora_cl.recipe.schema import _SECTIONS
+
+    out = {k: v for k, v in d.items() if k in ("domains", "model", "lora", "data", "training")}
+    for key in ("model", "lora", "data", "training"):
+        if isinstance(out.get(key), dict):
+            out[key] = {**asdict(_SECTIONS[key]()), **out[key]}
+    return out
 
 
 def _write_run_json(recipe: Any, choice: Any, spec: Any, run_dir: Path, data: Sequence[Any],

@@ -153,3 +153,29 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         bank.add("e", NAME, orthonormal(6, 2))
     with pytest.raises(FileNotFoundError, match="subspace bank file not found"):
         SubspaceBank.load(tmp_path / "missing.safetensors")
+
+
+def test_replace_mode_uses_the_latest_add_even_for_a_domain_added_again():
+    """A domain added again (d0 after d1) is the latest: replace mode must project on its basis,
+    not on d1's because d1 was first seen later; the order survives a save/load round trip."""
+    gen = torch.Generator().manual_seed(0)
+    first, second, again = (torch.linalg.qr(torch.randn(16, 3, generator=gen))[0] for _ in range(3))
+    bank = SubspaceBank(mode="replace")
+    bank.add("d0", "w", first)
+    bank.add("d1", "w", second)
+    bank.add("d0", "w", again)  # d0 re-run: its newest basis replaces d1's
+    u, _ = bank.projector("w")
+    torch.testing.assert_close(u @ u.T, again @ again.T, atol=1e-5, rtol=0)
+    reloaded = SubspaceBank()
+    reloaded.load_state_dict(bank.state_dict())
+    u2, _ = reloaded.projector("w")
+    torch.testing.assert_close(u2 @ u2.T, again @ again.T, atol=1e-5, rtol=0)
+
+
+def test_add_reorthonormalises_a_nearly_orthonormal_basis():
+    u = torch.linalg.qr(torch.randn(16, 4))[0] * (1 + 1e-4)  # within ORTHO_TOL
+    bank = SubspaceBank()
+    bank.add("d0", "w", u)
+    stored, _ = bank.get("d0", "w")
+    torch.testing.assert_close(stored.T @ stored, torch.eye(4), atol=1e-6, rtol=0)
+    torch.testing.assert_close(stored, u, atol=1e-3, rtol=0)  # same span and signs

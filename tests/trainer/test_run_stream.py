@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +31,7 @@ def tiny_recipe(out: Path, **sections) -> dict:
         "method": "ogp",
         "data": {"seq_len": 32, "eval_examples": 3},
         "training": {"steps_per_domain": 4, "batch_size": 2, "save_steps": 2, "logging_steps": 1,
-                     "lr": 1e-3},
+                     "lr": 1e-3, "adam_beta2": 0.99},
         "eval": {"batch_size": 4, "generate": False},
         "output_dir": str(out),
     }
@@ -39,8 +40,12 @@ def tiny_recipe(out: Path, **sections) -> dict:
     return doc
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lora_cl.cli", *args], capture_output=True, text=True,
+def run_cli(*args: str, env: dict | None = None, timeout: int = 300,
+            fault: str | None = None) -> subprocess.CompletedProcess:
+    """``lora-cl ARGS`` in a subprocess; ``fault`` runs it through the test-only fault_cli.py."""
+    entry = ["-m", "lora_cl.cli"] if fault is None else [str(Path(__file__).with_name("fault_cli.py")),
+                                                          fault]
+    return subprocess.run([sys.executable, *entry, *args], capture_output=True, text=True,
                           timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})})
 
 
@@ -78,6 +83,9 @@ def test_stream_writes_every_run_file(finished):
     assert meta["domains"] == ["cooking", "astronomy", "law"] and meta["world_size"] == 1
     assert meta["global_batch"] == 2 and meta["finished"] and meta["method"]["name"] == "ogp"
     assert set(meta["data_fingerprints"]) == {"cooking", "astronomy", "law"}
+    assert meta["recipe"]["training"]["adam_beta2"] == 0.99  # recipe betas reach the optimizer
+    saved = torch.load(ogp / "domains" / "00-cooking" / "optimizer.pt", weights_only=True)
+    assert all(tuple(g["betas"]) == (0.9, 0.99) and g["eps"] == 1e-8 for g in saved["param_groups"])
     dirs = sorted(p.name for p in (ogp / "domains").iterdir())
     assert dirs == ["00-cooking", "01-astronomy", "02-law"]
     assert (ogp / "domains" / "02-law" / "bank.safetensors").is_file()
@@ -112,16 +120,19 @@ def test_domain_adapter_loads_with_peft(finished, tiny_factory):
     adapter_dir = runs[0] / "domains" / "01-astronomy" / "adapter"
     loaded = PeftModel.from_pretrained(model, str(adapter_dir))
     saved = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    state = {k: v for k, v in loaded.state_dict().items() if "lora_A" in k}
-    assert state and any(torch.equal(v, saved[k.replace(".default", "")]) for k, v in state.items())
+    state = {k.replace(".default", ""): v for k, v in loaded.state_dict().items() if "lora_" in k}
+    assert state.keys() == saved.keys() and any("lora_B" in k for k in saved)
+    for key, tensor in saved.items():  # every tensor, A and B, as saved
+        assert torch.equal(state[key], tensor), key
+    assert any(t.abs().sum() > 0 for k, t in saved.items() if "lora_B" in k)  # B trained (starts at 0)
 
 
 @pytest.mark.parametrize("fault", ["kill:1:3", "kill:0:end", "kill:2:1"])
 def test_resume_after_kill_equals_uninterrupted(finished, tmp_path, test_cache_dir, fault):
     _, runs = finished
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path / "runs"))
-    env = {"LORA_CL_CACHE": str(test_cache_dir), "LORA_CL_FAULT": fault}
-    killed = run_cli("train", str(recipe), "--no-progress", env=env)
+    env = {"LORA_CL_CACHE": str(test_cache_dir)}
+    killed = run_cli("train", str(recipe), "--no-progress", env=env, fault=fault)
     assert killed.returncode == -9, killed.stderr[-2000:]
     resumed = run_cli("train", str(recipe), "--no-progress", "--resume",
                       env={"LORA_CL_CACHE": str(test_cache_dir)})
@@ -138,8 +149,8 @@ def test_resume_after_kill_equals_uninterrupted(finished, tmp_path, test_cache_d
 
 def test_nan_stops_with_message_and_keeps_checkpoint(tmp_path, test_cache_dir):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path / "runs"))
-    proc = run_cli("train", str(recipe), "--no-progress",
-                   env={"LORA_CL_CACHE": str(test_cache_dir), "LORA_CL_FAULT": "nan:1:3"})
+    proc = run_cli("train", str(recipe), "--no-progress", env={"LORA_CL_CACHE": str(test_cache_dir)},
+                   fault="nan:1:3")
     assert proc.returncode == 1
     assert "domain 'astronomy', step 3: non-finite" in proc.stderr
     assert "checkpoint-2" in proc.stderr and "training.nonfinite=skip" in proc.stderr
@@ -184,7 +195,8 @@ def test_sft_stream_on_instruction_data_reports_exact_match(tmp_path, lora_cl_ca
     assert np.shape(R) == (2, 2) and all(0.0 <= x <= 1.0 for row in R for x in row)
     meta = json.loads((run / "run.json").read_text())
     assert meta["kinds"] == ["qa", "qa"] and meta["recipe"]["training"]["trainer"] == "sft"
-    assert "exact_match" in (run / "report.md").read_text().lower().replace("em", "exact_match")
+    report = (run / "report.md").read_text()
+    assert re.search(r"Primary metric: EM\b", report), report[:2000]  # not just any "em" in the text
 
 
 def test_qlora_4bit_stream_trains_on_cpu(tmp_path, lora_cl_cache):
