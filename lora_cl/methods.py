@@ -52,7 +52,10 @@ class MethodSpec:
     EMA (``beta``) of s_t = ||G U||^2 / ||G||^2. Bases U per finished domain from ``basis``:
     raw-gradient rows of the last ``basis_rows`` samples ("gradient"), layer inputs ("activation",
     GPM) or the learned dW = scaling * B A ("adapter"); kept by ``basis_rank`` or
-    ``basis_energy``. Penalty: g~ = g * clamp(1 - lam * Omega, 0, 1) ("rescale") or
+    ``basis_energy``. ``side="both"`` protects both factors of each LoRA layer: lora_A on its
+    input side, lora_B on its output side; activation bases exist only on the input side, so
+    ``basis_out="gradient"`` gives lora_B output-side bases from its gradient rows (rank
+    ``basis_rank``, else 32). Penalty: g~ = g * clamp(1 - lam * Omega, 0, 1) ("rescale") or
     g~ = g + lam * F * (theta - theta*) ("ewc"). Replay: g~ = (1 - rho) g + rho g_r ("mix") or
     A-GEM ("agem"), g_r from ``replay_fraction`` of each earlier domain's examples.
     """
@@ -73,6 +76,7 @@ class MethodSpec:
     basis: str | None = None
     basis_rank: int | None = None
     basis_energy: float | None = None
+    basis_out: str | None = None
     basis_rows: int = 256
     basis_examples: int = 64
     bank_mode: str = "accumulate"
@@ -102,24 +106,51 @@ def _preset(name: str, **fields_: Any) -> MethodSpec:
 
 
 _GRADIENT_BASES = dict(basis="gradient", basis_rank=32)
+_GPM = dict(strength="fixed", alpha=1.0, weighted=False, basis="activation", basis_energy=0.97)
+_NSCL = dict(strength="fixed", alpha=0.5, weighted=True, **_GRADIENT_BASES)
+_OGP = dict(routing="decoupled", strength="overlap", alpha_max=0.5, beta=0.98, weighted=True,
+            **_GRADIENT_BASES)
 
-#: The named presets (issue 3); every field can be overridden.
+#: The named presets; every field can be overridden. The projection presets protect both factors
+#: of each LoRA layer (lora_A's input side, lora_B's output side); ``-in`` variants protect lora_A
+#: only (the paper's and the first releases' setting); ``-reproject`` variants of the hard
+#: projection also re-project Adam's final update (Adam-NSCL style), since the element-wise
+#: division by sqrt(v) moves a projected step back into the protected subspace.
 PRESETS: dict[str, MethodSpec] = {
     "vanilla": _preset("vanilla", routing="vanilla"),
-    "gpm": _preset("gpm", routing="shared", strength="fixed", alpha=1.0, weighted=False,
-                   basis="activation", basis_energy=0.97),
-    "adam-nscl": _preset("adam-nscl", routing="shared", strength="fixed", alpha=0.5,
-                         weighted=True, **_GRADIENT_BASES),
-    "ogp-fixed": _preset("ogp-fixed", routing="decoupled", strength="fixed", alpha=0.5,
-                         weighted=True, **_GRADIENT_BASES),
-    "ogp": _preset("ogp", routing="decoupled", strength="overlap", alpha_max=0.5, beta=0.98,
-                   weighted=True, **_GRADIENT_BASES),
+    "gpm": _preset("gpm", routing="shared", side="both", basis_out="gradient", **_GPM),
+    "gpm-in": _preset("gpm-in", routing="shared", side="in", **_GPM),
+    "gpm-reproject": _preset("gpm-reproject", routing="shared", side="both", basis_out="gradient",
+                             reproject_update=True, **_GPM),
+    "adam-nscl": _preset("adam-nscl", routing="shared", side="both", **_NSCL),
+    "adam-nscl-in": _preset("adam-nscl-in", routing="shared", side="in", **_NSCL),
+    "ogp-fixed": _preset("ogp-fixed", routing="decoupled", side="both", **_NSCL),
+    "ogp-fixed-in": _preset("ogp-fixed-in", routing="decoupled", side="in", **_NSCL),
+    "ogp": _preset("ogp", side="both", **_OGP),
+    "ogp-in": _preset("ogp-in", side="in", **_OGP),
+    "ogp-hard-reproject": _preset("ogp-hard-reproject", routing="decoupled", side="both",
+                                  reproject_update=True, **{**_NSCL, "alpha": 1.0, "weighted": False}),
     "ewc": _preset("ewc", routing="shared", penalty="rescale", importance="fisher", lam=0.5),
     "replay": _preset("replay", routing="shared", replay="mix", rho=0.5, replay_fraction=0.005),
     "agem": _preset("agem", routing="shared", replay="agem", replay_fraction=0.005),
     "ewc-penalty": _preset("ewc-penalty", routing="shared", penalty="ewc", importance="fisher",
                            lam=1.0),
 }
+
+def protects(spec: MethodSpec) -> str:
+    """Which tensors the method's projection protects, and from which basis source."""
+    if spec.strength is None:
+        return "no projection"
+    source = {"gradient": "gradient rows", "activation": "layer inputs (GPM)",
+              "adapter": "the learned dW"}[spec.basis or "gradient"]
+    out = {"gradient": "gradient rows", "activation": "layer inputs",
+           "adapter": "the learned dW"}[spec.basis_out or spec.basis or "gradient"]
+    if spec.side == "in":
+        return f"lora_A (input side, {source}); lora_B unprotected"
+    if spec.side == "out":
+        return f"lora_B (output side, {out}); lora_A unprotected"
+    return f"lora_A (input side, {source}) and lora_B (output side, {out})"
+
 
 _FIELDS = tuple(f.name for f in fields(MethodSpec) if f.name != "name")
 
@@ -224,8 +255,15 @@ def validate(spec: MethodSpec) -> None:
     if spec.strength is not None and spec.basis is None:
         raise MethodError(f"{where}: strength={spec.strength!r} projects on old-domain bases but "
                           "basis is None; set basis to 'gradient', 'activation' or 'adapter'")
-    if spec.basis == "activation" and spec.side != "in":
-        raise MethodError(f"{where}: activation bases live on the input side; use side='in'")
+    if spec.basis_out not in (None, "gradient"):
+        raise MethodError(f"{where}: basis_out must be None or 'gradient', got {spec.basis_out!r}")
+    if spec.basis == "activation" and spec.side != "in" and spec.basis_out != "gradient":
+        raise MethodError(f"{where}: activation bases live on the input side; use side='in', or "
+                          "set basis_out='gradient' to protect lora_B's output side from its "
+                          "gradient rows")
+    if spec.basis_out is not None and spec.side == "in":
+        raise MethodError(f"{where}: basis_out={spec.basis_out!r} gives output-side bases, but "
+                          "side='in' never uses them; set side='both' or drop basis_out")
     if spec.replay is not None and spec.replay_fraction <= 0:
         raise MethodError(f"{where}: replay={spec.replay!r} draws from a buffer of earlier domains' "
                           "examples but replay_fraction is 0; set replay_fraction > 0, e.g. 0.005, "
@@ -233,6 +271,14 @@ def validate(spec: MethodSpec) -> None:
     if spec.routing == "vanilla" and (spec.strength or spec.penalty or spec.replay or spec.basis):
         raise MethodError(f"{where}: routing 'vanilla' never runs the modifiers; choose "
                           "routing 'shared' or 'decoupled' for a method with modifiers")
+
+
+def _not_lora_b(name: str) -> bool:
+    return "lora_B" not in name and "lora_embedding_B" not in name
+
+
+def _not_lora_a(name: str) -> bool:
+    return "lora_A" not in name and "lora_embedding_A" not in name
 
 
 def make_strength(spec: MethodSpec) -> Strength:
@@ -249,10 +295,19 @@ def build_modifiers(spec: MethodSpec, bank: SubspaceBank | None) -> list[Gradien
     """The modifier chain of ``spec``: gradient-row buffers first, then projection, penalty, replay."""
     validate(spec)
     mods: list[GradientModifier] = []
-    if spec.basis == "gradient":
-        for side in (("in", "out") if spec.side == "both" else (spec.side,)):
-            mods.append(GradientRowBuffer(side, max_rows=spec.basis_rows, rank=spec.basis_rank,
-                                          energy=spec.basis_energy))
+    sides = ("in", "out") if spec.side == "both" else (spec.side,)
+    # side "both" on LoRA: lora_A keeps an input-side basis, lora_B an output-side one (each
+    # factor's other side is the rank-r space, which a rank-k basis would block wholesale)
+    only = {"in": _not_lora_b, "out": _not_lora_a} if spec.side == "both" else {}
+    for side in sides:
+        source = spec.basis_out if side == "out" and spec.basis_out else spec.basis
+        if source != "gradient":
+            continue
+        own_rule = source == spec.basis
+        mods.append(GradientRowBuffer(side, max_rows=spec.basis_rows,
+                                      rank=spec.basis_rank if own_rule else (spec.basis_rank or 32),
+                                      energy=spec.basis_energy if own_rule else None,
+                                      only_names=only.get(side)))
     if spec.strength is not None:
         if bank is None:
             raise MethodError(f"method {spec.name!r} projects on old-domain bases: pass a SubspaceBank")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_cl.reproduce.grid import (
+    ADAM_DEFAULTS,
     METHODS,
     PARTS,
     Cell,
@@ -39,6 +40,9 @@ def prop1_dir(cache: Path, settings: Settings) -> Path:
     keys = {k: v for k, v in settings.to_dict().items() if k not in ("seeds", "steps", "eval_examples",
                                                                         "eval_batch", "logging_steps",
                                                                         "max_new_tokens", "quick")}
+    for key, default in ADAM_DEFAULTS.items():  # settings added later: at their defaults, no change
+        if keys.get(key) == default:
+            keys.pop(key)
     keys["sources"] = stream_sources(PROP1_STREAM, replace(settings, max_domains=2))
     if settings.data == "tiny":
         keys["sources"] = [d["name"] for d in keys["sources"]]

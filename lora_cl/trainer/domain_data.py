@@ -66,7 +66,8 @@ def build_domain_bases(spec: MethodSpec, optimizer: RoutedAdamW, bank: SubspaceB
 
     gradient: each GradientRowBuffer of the chain (raw-gradient rows of the domain's last steps);
     adapter: dW = scaling * B A of every LoRA layer; activation: layer inputs on
-    ``basis_batches``, else on ``spec.basis_examples`` seeded examples of ``source``.
+    ``basis_batches``, else on ``spec.basis_examples`` seeded examples of ``source`` (plus the
+    gradient-row buffers of ``basis_out="gradient"``).
     """
     if spec.basis is None or bank is None:
         return 0
@@ -82,8 +83,11 @@ def build_domain_bases(spec: MethodSpec, optimizer: RoutedAdamW, bank: SubspaceB
         idx = seeded_subset(len(source), spec.basis_examples, seed)
         basis_batches = collate_chunks([source[i] for i in idx], collate, batch_size)
     energy = spec.basis_energy if spec.basis_energy is not None else DEFAULT_ACTIVATION_ENERGY
-    return activation_bases(model, basis_batches, bank, name, energy=energy,
-                            max_rank=spec.basis_rank, seed=seed)
+    added = activation_bases(model, basis_batches, bank, name, energy=energy,
+                             max_rank=spec.basis_rank, seed=seed)
+    # basis_out="gradient": lora_B's output-side bases from its buffered gradient rows
+    return added + sum(m.build(bank, name, seed=seed) for m in optimizer.modifiers
+                       if isinstance(m, GradientRowBuffer))
 
 
 def adapter_snapshot(model: nn.Module, optimizer: RoutedAdamW) -> dict[str, Tensor]:

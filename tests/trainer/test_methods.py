@@ -19,12 +19,19 @@ from lora_cl.modifiers import (
 )
 from lora_cl.subspace import GradientRowBuffer, SubspaceBank
 
+B2 = [GradientRowBuffer, GradientRowBuffer, Projection]  # side "both": an in- and an out-side buffer
 CHAINS = {
     "vanilla": [],
-    "gpm": [Projection],
-    "adam-nscl": [GradientRowBuffer, Projection],
-    "ogp-fixed": [GradientRowBuffer, Projection],
-    "ogp": [GradientRowBuffer, Projection],
+    "gpm": [GradientRowBuffer, Projection],  # activation bases for lora_A, gradient rows for lora_B
+    "gpm-in": [Projection],
+    "gpm-reproject": [GradientRowBuffer, Projection],
+    "adam-nscl": B2,
+    "adam-nscl-in": [GradientRowBuffer, Projection],
+    "ogp-fixed": B2,
+    "ogp-fixed-in": [GradientRowBuffer, Projection],
+    "ogp": B2,
+    "ogp-in": [GradientRowBuffer, Projection],
+    "ogp-hard-reproject": B2,
     "ewc": [ImportanceRescale],
     "replay": [ReplayMix],
     "agem": [AGEM],
@@ -42,6 +49,35 @@ def test_preset_builds_its_chain(name):
     mods = build_modifiers(spec, SubspaceBank())
     assert [type(m) for m in mods] == CHAINS[name]
     assert json.loads(json.dumps(spec.to_dict()))["name"] == name
+
+
+@pytest.mark.parametrize("name", [n for n in CHAINS if resolve_method(n).strength is not None])
+def test_projection_presets_protect_both_lora_factors_unless_named_in(name):
+    """Default presets: lora_A on its input side and lora_B on its output side, each from a source
+    that has that side; "-in" presets: lora_A only."""
+    spec = resolve_method(name)
+    buffers = {m.side: m for m in build_modifiers(spec, SubspaceBank()) if isinstance(m, GradientRowBuffer)}
+    proj = next(m for m in build_modifiers(spec, SubspaceBank()) if isinstance(m, Projection))
+    if name.endswith("-in"):
+        assert spec.side == "in" and proj.side == "in" and "out" not in buffers
+        assert "lora_B unprotected" in lora_cl.methods.protects(spec)
+        return
+    assert spec.side == "both" and proj.side == "both"
+    out = buffers["out"]  # lora_B's output side from gradient rows (activation bases have none)
+    assert out.only_names("base.q_proj.lora_B.default.weight")
+    assert not out.only_names("base.q_proj.lora_A.default.weight")
+    if "in" in buffers:
+        assert not buffers["in"].only_names("base.q_proj.lora_B.default.weight")
+    assert "lora_A (input side" in lora_cl.methods.protects(spec)
+    assert "lora_B (output side" in lora_cl.methods.protects(spec)
+    assert spec.reproject_update == name.endswith("-reproject")
+
+
+def test_activation_bases_without_an_output_source_are_refused():
+    with pytest.raises(MethodError, match="activation bases live on the input side.*basis_out='gradient'"):
+        resolve_method("gpm", {"basis_out": None})
+    with pytest.raises(MethodError, match="side='in' never uses them"):
+        resolve_method("gpm-in", {"basis_out": "gradient"})
 
 
 def test_paper_settings_of_the_projection_presets():
@@ -86,7 +122,7 @@ def test_overrides_field_by_field():
     ("ogp", {"basis": None}, "set basis to 'gradient', 'activation' or 'adapter'"),
     ("ogp", {"basis_rank": 0}, "basis_rank must be a positive int"),
     ("vanilla", {"replay": "mix"}, "routing 'vanilla' never runs the modifiers"),
-    ("gpm", {"side": "out"}, "activation bases live on the input side"),
+    ("gpm-in", {"side": "out"}, "activation bases live on the input side"),
 ])
 def test_errors_name_the_problem(method, overrides, message):
     with pytest.raises(MethodError) as err:

@@ -34,14 +34,23 @@ def test_preset_runs_two_domains(tiny_factory, tmp_path, method, routing):
 
     if spec.needs_bank:
         lora_a = {n for n, p in model.named_parameters() if "lora_A" in n and p.requires_grad}
-        assert optimizer.bank.domains() == TWO
-        assert set(optimizer.bank.names()) == lora_a
+        # (a rank-32 basis of a <= 32-dim output space would block it wholesale: the tiny model's
+        # v_proj, with 2 kv heads of 16, is left out)
+        lora_b = {n for n, p in model.named_parameters() if "lora_B" in n and p.shape[0] > 32}
+        assert lora_b
+        bank = optimizer.bank
+        assert bank.domains() == TWO
+        assert set(bank.names("in")) == lora_a  # lora_A on its input side, always
+        # both factors protected by default (lora_B on its output side); "-in" presets: lora_A only
+        assert set(bank.names("out")) == (set() if spec.side == "in" else lora_b)
+        assert counts[1]["projection/projected_tensors"] == len(lora_a) + len(bank.names("out"))
     else:
         assert optimizer.bank is None
-    if method == "gpm":
+    if method in ("gpm", "gpm-in"):
         proj = _one(optimizer, Projection)
         assert proj.strength.alpha == 1.0 and proj.weighted is False
-        assert callback.bases_added[TWO[0]] == 4  # activation bases for all four lora_A layers
+        # activation bases for all four lora_A layers (+ gradient-row bases for lora_B of q_proj)
+        assert callback.bases_added[TWO[0]] == 4 + (0 if method == "gpm-in" else len(lora_b))
     if method == "replay":
         mix = _one(optimizer, ReplayMix)
         assert counts[0]["replaymix/mixed_steps"] == 0  # first domain: nothing to replay
