@@ -22,12 +22,12 @@ from torch import Tensor
 
 def overlap(grad: Tensor, U: Tensor) -> float:
     """s = ||G U||^2 / ||G||^2 on the fan-in side."""
-    G = grad.reshape(-1, grad.shape[-1]).float()
+    G = grad.reshape(grad.shape[0], -1).float()
     return float((G @ U).square().sum() / G.square().sum().clamp_min(1e-30))
 
 
 def _bias_corrected_v(v: Tensor, step: float, beta2: float) -> Tensor:
-    return v.reshape(-1, v.shape[-1]).float() / (1 - beta2**step)
+    return v.reshape(v.shape[0], -1).float() / (1 - beta2**step)
 
 
 def v_energy_in_subspace(v: Tensor, U: Tensor, step: float, beta2: float) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
 
 
@@ -85,5 +86,14 @@ def unchanged(batch: GradBatch) -> list[Tensor]:
 
 
 def as_matrix(t: Tensor) -> Tensor:
-    """View a >=2-D tensor as (rows, fan_in): the last dim is the fan-in side."""
-    return t.reshape(-1, t.shape[-1])
+    """View a >=2-D weight as (fan_out, fan_in): dim 0 is the output side, the rest the input side.
+
+    A Linear weight (out, in) is itself; a Conv weight (out, in, kh, kw) is (out, in*kh*kw), the
+    space its unfolded input patches live in (peft's conv lora_A is (r, c, kh, kw)).
+    """
+    return t.reshape(t.shape[0], -1)
+
+
+def fan_in(t: Tensor) -> int:
+    """The input-side dimension of a >=2-D weight: every dim but the first, multiplied."""
+    return t[0].numel() if t.shape[0] else int(torch.Size(t.shape[1:]).numel())

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from lora_cl.modifiers.base import GradBatch, GradientModifier
+from lora_cl.modifiers.base import GradBatch, GradientModifier, as_matrix, fan_in
 from lora_cl.modifiers.strength import Strength, as_strength
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ class Projection(GradientModifier):
             proj = self.bank.projector(name, side, device=g.device, dtype=torch.float32)
             if proj is None or proj[0].shape[1] == 0:
                 continue
-            dim = g.shape[-1] if side == "in" else g.shape[0]
+            dim = fan_in(g) if side == "in" else g.shape[0]
             if proj[0].shape[0] != dim:
                 raise ValueError(
                     f"Projection: basis for {name!r} (side {side!r}) has dimension "
@@ -84,12 +84,11 @@ class Projection(GradientModifier):
 
     def _component(self, g: Tensor, side: str, U: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
         """The (weighted) component of g in span(U) and the overlap ||G U||^2/||G||^2."""
+        G = as_matrix(g)
         if side == "in":
-            G = g.reshape(-1, g.shape[-1])
             coords = G @ U
             comp = (coords * s if self.weighted else coords) @ U.T
         else:
-            G = g.reshape(g.shape[0], -1)
             coords = U.T @ G
             comp = U @ (coords * s[:, None] if self.weighted else coords)
         overlap = coords.square().sum() / G.square().sum().clamp_min(1e-30)
@@ -127,7 +126,7 @@ class Projection(GradientModifier):
             g = _expand(coords, side, U, self._scale(s, alpha), out=group.output(G), add=G)
             # side="both": the out-side component is taken of the in-projected gradient.
             for side, U, s in group.bases[1:]:
-                g = g + _expand(_coords(g, side, U), side, U, self._scale(s, alpha))
+                g = g + _expand(_coords(g, side, U), side, U, self._scale(s, alpha)).view_as(g)
             for i, k, gi in zip(group.idx, keep, g.unbind(0), strict=True):
                 if k:
                     out[i] = gi
@@ -251,7 +250,7 @@ class Projection(GradientModifier):
             d = torch.stack([deltas[i].float() for i in group.idx])
             alpha = _alpha_vector(group_alphas, d)
             for side, U, s in group.bases:
-                d = d + _expand(_coords(d, side, U), side, U, self._scale(s, alpha))
+                d = d + _expand(_coords(d, side, U), side, U, self._scale(s, alpha)).view_as(d)
             for i, k, di in zip(group.idx, keep, d.unbind(0), strict=True):
                 if k:
                     out[i] = di
@@ -308,7 +307,7 @@ def _coords(G: Tensor, side: str, U: Tensor) -> Tensor:
     """Coordinates of a stacked G (n, *shape) in its bases: G U ("in") or U^T G ("out")."""
     n = G.shape[0]
     if side == "in":
-        return torch.bmm(G.reshape(n, -1, G.shape[-1]), U)
+        return torch.bmm(G.reshape(n, G.shape[1], -1), U)
     return torch.bmm(U.transpose(1, 2), G.reshape(n, G.shape[1], -1))
 
 

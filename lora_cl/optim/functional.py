@@ -71,21 +71,62 @@ def routed_adamw_fused(
     eps: float,
     weight_decay: float,
 ) -> None:
-    """The same step through ``torch._fused_adamw_`` (first-moment pre-correction)."""
+    """The same step through ``torch._fused_adamw_`` (first-moment pre-correction).
+
+    Falls back to :func:`routed_adamw_reference` where the pre-correction's error bound does not
+    hold (beta1 < ``FUSED_MIN_BETA1``: the correction scales by (1-b1)/b1) or where the kernel's
+    input checks would fail on a modified gradient; both are decided before any state is
+    written. Should the kernel still raise, the pre-correction is undone before the error
+    propagates.
+    """
     if not params:
         return
-    if beta1 == 0.0:  # the pre-correction divides by b1
+    differ = [i for i, (gm, gv) in enumerate(zip(grads_m, grads_v, strict=True)) if gm is not gv]
+    if beta1 < FUSED_MIN_BETA1 or not _modified_inputs_ok(params, grads_m, grads_v, differ):
         routed_adamw_reference(
             params, grads_m, grads_v, exp_avgs, exp_avg_sqs, state_steps,
             lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
         )
         return
-    differ = [i for i, (gm, gv) in enumerate(zip(grads_m, grads_v, strict=True)) if gm is not gv]
+    c = (1 - beta1) / beta1
     if differ:  # m += c * g_m - c * g_v in place: no temporaries the size of the gradients
-        ms, c = [exp_avgs[i] for i in differ], (1 - beta1) / beta1
+        ms = [exp_avgs[i] for i in differ]
         torch._foreach_add_(ms, [grads_m[i] for i in differ], alpha=c)
         torch._foreach_add_(ms, [grads_v[i] for i in differ], alpha=-c)
+    try:
+        _fused_kernel(params, grads_v, exp_avgs, exp_avg_sqs, state_steps, lr=lr, beta1=beta1,
+                      beta2=beta2, eps=eps, weight_decay=weight_decay)
+    except BaseException:
+        if differ:  # undo the pre-correction (to rounding) before the error propagates
+            torch._foreach_add_(ms, [grads_v[i] for i in differ], alpha=c)
+            torch._foreach_add_(ms, [grads_m[i] for i in differ], alpha=-c)
+        raise
 
+
+#: Below this beta1 the fused path's pre-correction loses accuracy (relative error of m, measured
+#: by ``benchmarks/fused_beta1_accuracy.py``: ~1e-7 down to beta1 = 1e-3, ~2e-6 at 1e-4, ~1e-4 at
+#: 1e-6), so those steps take the reference path.
+FUSED_MIN_BETA1 = 1e-3
+
+
+def _modified_inputs_ok(params: list[Tensor], grads_m: list[Tensor], grads_v: list[Tensor],
+                        differ: list[int]) -> bool:
+    """The kernel's input checks, made before m is pre-corrected, on the tensors a modifier made.
+
+    RoutedAdamW's own states and raw gradients are fp32 on the parameter's device by
+    construction; a modifier's g~ (a replay gradient, say) might not be.
+    """
+    for i in differ:
+        p = params[i]
+        for g in (grads_m[i], grads_v[i]):
+            if g.dtype != torch.float32 or g.device != p.device or g.shape != p.shape:
+                return False
+    return True
+
+
+def _fused_kernel(params: list[Tensor], grads_v: list[Tensor], exp_avgs: list[Tensor],
+                  exp_avg_sqs: list[Tensor], state_steps: list[Tensor], *, lr: float, beta1: float,
+                  beta2: float, eps: float, weight_decay: float) -> None:
     # The kernel wants params, grads and states of one dtype: lower-precision params are
     # updated through an fp32 working copy (states stay fp32).
     work = [p if p.dtype == torch.float32 else p.detach().float() for p in params]

@@ -206,7 +206,7 @@ class RoutedAdamW(Optimizer):
                 batch.grads = mod
         for e, g_mod in zip(routed, mod, strict=True):
             if g_mod is not e["grad"]:
-                e["mod"] = g_mod
+                e["mod"] = _as_state_input(g_mod, e)
         # One guard over what reaches the states: every raw gradient and every g~ the chain
         # changed (a replay gradient or a penalty can be non-finite where g is not).
         if self.nonfinite != "off" and not self._all_finite(entries):
@@ -420,6 +420,18 @@ class RoutedAdamW(Optimizer):
                 if isinstance(value, Tensor):
                     dtype = torch.uint8 if value.dtype == torch.uint8 else torch.float32
                     self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
+
+
+def _as_state_input(g: Tensor, entry: dict[str, Any]) -> Tensor:
+    """A modifier's g~ as the states take it: the parameter's shape, fp32, on its device."""
+    p = entry["param"]
+    if g.shape != p.shape:
+        raise ValueError(f"RoutedAdamW: the modifier chain returned shape {tuple(g.shape)} for "
+                         f"{entry['name']!r}, whose gradient has shape {tuple(p.shape)}; a modifier "
+                         "must return one tensor of the gradient's shape per routed tensor")
+    if g.dtype != torch.float32 or g.device != p.device:
+        return g.to(device=p.device, dtype=torch.float32)
+    return g
 
 
 def _check_routing(routing: str) -> None:

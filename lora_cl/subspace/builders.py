@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lora_cl.modifiers.base import GradBatch, GradientModifier, unchanged
+from lora_cl.modifiers.base import GradBatch, GradientModifier, as_matrix, fan_in, unchanged
 from lora_cl.subspace.bank import SubspaceBank, check_side
 
 DEFAULT_RANK = 32
@@ -134,11 +134,11 @@ class GradientRowBuffer(GradientModifier):
             ok = self.only_names(name) if callable(self.only_names) else name in self.only_names
             if not ok:
                 return False
-        return (g.shape[-1] if self.side == "in" else g.shape[0]) > self.min_dim
+        return (fan_in(g) if self.side == "in" else g.shape[0]) > self.min_dim
 
     def _samples(self, g: Tensor) -> Tensor:
         if self.side == "in":
-            return g.reshape(-1, g.shape[-1])
+            return as_matrix(g)
         return g.reshape(g.shape[0], -1).mT
 
     def push(self, name: str, samples: Tensor) -> None:

@@ -18,6 +18,7 @@ from lora_cl import (
     RoutedAdamW,
     SubspaceBank,
 )
+from lora_cl.modifiers import GradientModifier
 from lora_cl.optim.routed_adamw import NonFiniteGradientError
 from lora_cl.subspace import GradientRowBuffer
 
@@ -227,3 +228,58 @@ def test_loads_a_torch_adamw_checkpoint_and_continues_exactly():
     amsgrad = torch.optim.AdamW([_param()], amsgrad=True).state_dict()
     with pytest.raises(ValueError, match="amsgrad=True, which RoutedAdamW does not implement"):
         RoutedAdamW([_param()]).load_state_dict(amsgrad)
+
+
+# -- 9. the fused path: accuracy for small beta1, nothing written before the kernel can fail ----
+@pytest.mark.parametrize("beta1", [1e-4, 1e-6])
+def test_fused_path_equals_reference_for_small_beta1(beta1):
+    """The pre-correction scales by (1-b1)/b1; below FUSED_MIN_BETA1 it lost ~1e-4 (relative, in
+    m at beta1 = 1e-6), so those steps run the reference path: equal bit for bit."""
+    runs = {}
+    for impl in ("fused", "reference"):
+        p = _param()
+        opt = RoutedAdamW([{"params": [p], "param_names": ["a"]}], betas=(beta1, 0.999), impl=impl,
+                          modifiers=[Projection(_bank("a"), 0.5)], lr=1e-3)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(10):
+            p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+            opt.step()
+        runs[impl] = (p.detach().clone(), opt.moments(p)[0].clone())
+    assert torch.equal(runs["fused"][0], runs["reference"][0])
+    assert torch.equal(runs["fused"][1], runs["reference"][1])
+
+
+def test_fused_kernel_error_leaves_the_first_moment_as_it_was(monkeypatch):
+    from lora_cl.optim.functional import routed_adamw_fused
+
+    p, m, v = torch.randn(4, 8), torch.randn(4, 8), torch.rand(4, 8)
+    step = torch.tensor(3.0)
+    m0 = m.clone()
+
+    def broken_kernel(*args, **kwargs):
+        raise RuntimeError("kernel failed")
+
+    monkeypatch.setattr(torch, "_fused_adamw_", broken_kernel)
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        routed_adamw_fused([p], [torch.randn(4, 8)], [torch.randn(4, 8)], [m], [v], [step], lr=1e-3,
+                           beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    torch.testing.assert_close(m, m0, rtol=1e-6, atol=1e-6)
+
+
+def test_modifier_output_of_another_dtype_or_shape():
+    class Halve(GradientModifier):
+        def apply(self, batch):
+            return [g.double() * 0.5 for g in batch.grads]
+
+    class Wrong(GradientModifier):
+        def apply(self, batch):
+            return [g.reshape(-1) for g in batch.grads]
+
+    p = _param()
+    p.grad = torch.ones_like(p)
+    opt = RoutedAdamW([p], routing="shared", modifiers=[Halve()], impl="fused")
+    opt.step()  # fp64 g~ is cast to the fp32 states, not refused by the kernel half-way
+    torch.testing.assert_close(opt.moments(p)[0], torch.full_like(p, 0.05))
+    p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match=r"returned shape \(128,\) for 'group0.param0'"):
+        RoutedAdamW([p], modifiers=[Wrong()]).step()
