@@ -50,7 +50,8 @@ class MethodSpec:
     Projection (``strength`` set): g~ = g - alpha * G U diag(s) U^T, s = 1 unless ``weighted``;
     alpha fixed (``alpha``) or overlap-adaptive alpha_t = alpha_max * (1 - sbar_t), sbar_t an
     EMA (``beta``) of s_t = ||G U||^2 / ||G||^2. Bases U per finished domain from ``basis``:
-    raw-gradient rows of the last ``basis_rows`` samples ("gradient"), layer inputs ("activation",
+    raw-gradient rows sampled over the domain's last ``basis_window_steps`` steps (or all of
+    it, if shorter), at most ``basis_rows`` rows per tensor ("gradient"), layer inputs ("activation",
     GPM) or the learned dW = scaling * B A ("adapter"); kept by ``basis_rank`` or
     ``basis_energy``. ``side="both"`` protects both factors of each LoRA layer: lora_A on its
     input side, lora_B on its output side; activation bases exist only on the input side, so
@@ -78,6 +79,7 @@ class MethodSpec:
     basis_energy: float | None = None
     basis_out: str | None = None
     basis_rows: int = 256
+    basis_window_steps: int = 256
     basis_examples: int = 64
     bank_mode: str = "accumulate"
     bank_max_rank: int | None = None
@@ -242,7 +244,7 @@ def validate(spec: MethodSpec) -> None:
         raise MethodError(f"{where}: beta must be in [0, 1), got {spec.beta}")
     if spec.lam < 0:
         raise MethodError(f"{where}: lam must be >= 0, got {spec.lam}")
-    for name in ("basis_rows", "basis_examples", "basis_rank", "bank_max_rank", "replay_batch_size"):
+    for name in ("basis_rows", "basis_window_steps", "basis_examples", "basis_rank", "bank_max_rank", "replay_batch_size"):
         value = getattr(spec, name)
         if value is not None and value < 1:
             raise MethodError(f"{where}: {name} must be a positive int, got {value}")
@@ -305,6 +307,7 @@ def build_modifiers(spec: MethodSpec, bank: SubspaceBank | None) -> list[Gradien
             continue
         own_rule = source == spec.basis
         mods.append(GradientRowBuffer(side, max_rows=spec.basis_rows,
+                                      window_steps=spec.basis_window_steps,
                                       rank=spec.basis_rank if own_rule else (spec.basis_rank or 32),
                                       energy=spec.basis_energy if own_rule else None,
                                       only_names=only.get(side)))

@@ -123,7 +123,10 @@ M = MethodRun
 #: The grid's projection methods protect lora_A only (side "in"), as when its cells were run; the
 #: presets now protect both factors by default, so the one-sided setting is pinned here and the
 #: "-both" labels keep the two-sided one.
-_IN = {"side": "in"}
+#: The cells' gradient bases were built from the newest 256 rows, 32 steps of a rank-8 LoRA's 8
+#: rows; a window of 32 steps keeps exactly those rows (the default is now 256 steps, subsampled).
+_ROWS = {"basis_window_steps": 32}
+_IN = {"side": "in", **_ROWS}
 METHODS: dict[str, MethodRun] = {m.label: m for m in (
     M("vanilla", "vanilla"),
     M("gpm", "gpm", {"side": "in", "basis_out": None}),
@@ -134,8 +137,8 @@ METHODS: dict[str, MethodRun] = {m.label: m for m in (
     M("ewc-decoupled", "ewc", {"routing": "decoupled"}),
     M("replay-shared", "replay"),
     M("replay-decoupled", "replay", {"routing": "decoupled"}),
-    M("adam-nscl-both", "adam-nscl", {"side": "both"}),
-    M("ogp-both", "ogp", {"side": "both"}),
+    M("adam-nscl-both", "adam-nscl", {"side": "both", **_ROWS}),
+    M("ogp-both", "ogp", {"side": "both", **_ROWS}),
     # part 6: v_only routing ablation and effective-LR matching of shared routing, lr * (1 - alpha)
     M("ogp-fixed-v_only", "ogp-fixed", {**_IN, "routing": "v_only"}),
     M("adam-nscl-lr-matched", "adam-nscl", _IN, lr_scale=0.5),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -103,29 +104,41 @@ NameFilter = Callable[[str], bool] | Collection[str]
 
 
 class GradientRowBuffer(GradientModifier):
-    """Observer that keeps the newest ``max_rows`` raw-gradient rows per tensor, to build bases.
+    """Observer that samples raw-gradient rows of each tensor over its last steps, to build bases.
 
-    side "in": samples are the rows of G viewed (-1, fan_in) (output units as samples, as in
-    the paper); side "out": samples are the rows of G^T, i.e. G viewed (fan_out, -1) transposed.
+    The window is a number of optimizer steps: the last ``window_steps`` (default 256, the paper's
+    companion code's window) or the whole domain if it is shorter. Rows are subsampled to the
+    memory cap ``max_rows`` per tensor: every step of the window keeps the same number of rows
+    (its quota, all of its rows while they fit), and when the buffer outgrows the cap the quota
+    halves and every kept step is thinned to it (seeded, so a resume is exact). A tensor holds
+    at most max(max_rows, window_steps) rows of its side's dimension (fp32, on ``device``).
+
+    side "in": samples are the rows of G viewed (fan_out, fan_in) (output units as samples, as in
+    the paper); side "out": samples are the columns of G, i.e. G viewed (fan_out, -1) transposed.
     Only >=2-D tensors whose side dim exceeds ``min_dim`` (default: ``rank``, else 1) are kept,
     since a rank-k basis of a <=k-dim space would block every direction. ``rank``/``energy`` are
     the default rule of :meth:`build` (neither given: rank 32).
     """
 
-    def __init__(self, side: str = "in", *, max_rows: int = 256, rank: int | None = None,
-                 energy: float | None = None, min_dim: int | None = None,
-                 only_names: NameFilter | None = None, device: torch.device | str = "cpu") -> None:
+    def __init__(self, side: str = "in", *, max_rows: int = 256, window_steps: int = 256,
+                 rank: int | None = None, energy: float | None = None, min_dim: int | None = None,
+                 only_names: NameFilter | None = None, device: torch.device | str = "cpu",
+                 seed: int = 0) -> None:
         self.side = check_side(side)
-        if int(max_rows) != max_rows or max_rows < 1:
-            raise ValueError(f"max_rows must be a positive int, got {max_rows!r}")
+        for label, value in (("max_rows", max_rows), ("window_steps", window_steps)):
+            if isinstance(value, bool) or int(value) != value or value < 1:
+                raise ValueError(f"{label} must be a positive int, got {value!r}")
         self.max_rows = int(max_rows)
+        self.window_steps = int(window_steps)
         self.rank, self.energy = resolve_rule(rank, energy, DEFAULT_RANK, None)
         self.min_dim = int(min_dim) if min_dim is not None else (self.rank or 1)
         self.only_names = only_names
         self.device = torch.device(device)
-        self._buf: dict[str, Tensor] = {}  # name -> (max_rows, dim) ring storage
-        self._pos: dict[str, int] = {}  # next write slot
-        self._count: dict[str, int] = {}  # valid rows (<= max_rows)
+        self._seed = int(seed)
+        self._gen = torch.Generator().manual_seed(self._seed)
+        self._slots: dict[str, deque[Tensor]] = {}  # name -> one (rows, dim) sample per step
+        self._quota: dict[str, int] = {}  # rows each step of the window keeps
+        self._staged: list[tuple[str, Tensor]] = []
 
     def _wanted(self, name: str, g: Tensor) -> bool:
         if g.dim() < 2:
@@ -141,32 +154,34 @@ class GradientRowBuffer(GradientModifier):
             return as_matrix(g)
         return g.reshape(g.shape[0], -1).mT
 
+    def _thin(self, x: Tensor, quota: int) -> Tensor:
+        if x.shape[0] <= quota:
+            return x
+        keep = torch.randperm(x.shape[0], generator=self._gen)[:quota].sort().values
+        return x[keep.to(x.device)]
+
     def push(self, name: str, samples: Tensor) -> None:
-        """Append samples (n, dim) to ``name``'s ring buffer; the newest max_rows win."""
-        x = samples.detach()[-self.max_rows:].to(device=self.device, dtype=torch.float32)
-        n, dim = x.shape
-        buf = self._buf.get(name)
-        if buf is None or buf.shape[1] != dim:
-            buf = self._buf[name] = torch.zeros(self.max_rows, dim, device=self.device)
-            self._pos[name] = self._count[name] = 0
-        pos = self._pos[name]
-        first = min(n, self.max_rows - pos)
-        buf[pos:pos + first] = x[:first]
-        buf[: n - first] = x[first:]
-        self._pos[name] = (pos + n) % self.max_rows
-        self._count[name] = min(self._count[name] + n, self.max_rows)
+        """Add one step's samples (n, dim) of ``name``: the window and the cap as described above."""
+        x = samples.detach().to(device=self.device, dtype=torch.float32)
+        slots = self._slots.get(name)
+        if slots is None or (slots and slots[0].shape[1] != x.shape[1]):
+            slots = self._slots[name] = deque(maxlen=self.window_steps)
+            self._quota[name] = self.max_rows
+        quota = self._quota[name]
+        slots.append(self._thin(x, quota).clone())
+        while quota > 1 and sum(s.shape[0] for s in slots) > self.max_rows:
+            quota = max(1, quota // 2)
+            for i in range(len(slots)):
+                slots[i] = self._thin(slots[i], quota)
+        self._quota[name] = quota
 
     def rows(self, name: str) -> Tensor:
-        """The buffered samples of ``name``, oldest first (a copy)."""
-        buf = self._buf[name]
-        if self._count[name] < self.max_rows:
-            return buf[: self._count[name]].clone()
-        pos = self._pos[name]
-        return torch.cat([buf[pos:], buf[:pos]])
+        """The buffered samples of ``name``, oldest step first (a copy)."""
+        return torch.cat(list(self._slots[name]))
 
     def names(self) -> list[str]:
         """Tensors with buffered rows."""
-        return [n for n, c in self._count.items() if c > 0]
+        return [n for n, slots in self._slots.items() if any(s.shape[0] for s in slots)]
 
     def apply(self, batch: GradBatch) -> list[Tensor]:
         # staged, pushed by commit(): a skipped step buffers nothing
@@ -175,15 +190,14 @@ class GradientRowBuffer(GradientModifier):
         return unchanged(batch)
 
     def commit(self) -> None:
-        for name, g in getattr(self, "_staged", ()):
+        for name, g in self._staged:
             self.push(name, self._samples(g))
         self._staged = []
 
     def clear(self) -> None:
         """Drop every buffered row."""
-        self._buf.clear()
-        self._pos.clear()
-        self._count.clear()
+        self._slots.clear()
+        self._quota.clear()
 
     def on_domain_start(self, domain: str) -> None:
         self.clear()
@@ -207,18 +221,27 @@ class GradientRowBuffer(GradientModifier):
         return added
 
     def metrics(self) -> dict[str, float]:
-        return {"rows_buffered": float(sum(self._count.values())),
+        return {"rows_buffered": float(sum(s.shape[0] for slots in self._slots.values() for s in slots)),
                 "tensors_buffered": float(len(self.names()))}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"side": self.side, "max_rows": self.max_rows,
-                "rows": {n: self.rows(n).cpu() for n in self.names()}}
+        return {"side": self.side, "max_rows": self.max_rows, "window_steps": self.window_steps,
+                "slots": {n: [s.cpu() for s in self._slots[n]] for n in self.names()},
+                "quota": {n: self._quota[n] for n in self.names()}, "rng": self._gen.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("side", "max_rows"):
-            if state.get(key) != getattr(self, key):
-                raise ValueError(f"GradientRowBuffer state has {key}={state.get(key)!r} but this "
+        for key in ("side", "max_rows", "window_steps"):
+            saved = state.get(key, 256 if key == "window_steps" else None)
+            if saved != getattr(self, key):
+                raise ValueError(f"GradientRowBuffer state has {key}={saved!r} but this "
                                  f"buffer has {key}={getattr(self, key)!r}")
         self.clear()
-        for name, rows in state["rows"].items():
-            self.push(name, rows)
+        if "slots" not in state:  # the row-count format of earlier versions: one step of rows
+            state = {**state, "slots": {n: [r] for n, r in state["rows"].items()},
+                     "quota": {n: self.max_rows for n in state["rows"]}}
+        for name, slots in state["slots"].items():
+            self._slots[name] = deque((s.to(device=self.device, dtype=torch.float32) for s in slots),
+                                      maxlen=self.window_steps)
+            self._quota[name] = int(state["quota"][name])
+        if "rng" in state:
+            self._gen.set_state(state["rng"])

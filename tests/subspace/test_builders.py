@@ -64,18 +64,36 @@ def _batch(names, grads, step=1):
                      raw=grads, step=step)
 
 
-def test_buffer_keeps_newest_rows_and_is_an_observer():
-    buf = GradientRowBuffer("in", max_rows=5, rank=2)
+def test_buffer_keeps_every_row_while_under_the_cap_and_is_an_observer():
+    buf = GradientRowBuffer("in", max_rows=8, window_steps=3, rank=2)
     seen = []
     for step in range(4):  # 2 rows per step of a (2, 3) "LoRA A" gradient
         g = torch.full((2, 3), float(step)) + torch.tensor([[0.0], [0.5]])
-        seen.extend(g.tolist())
+        seen.append(g.tolist())
         batch = _batch(["a", "bias", "thin"], [g, torch.ones(3), torch.ones(4, 2)], step)
         out = buf(batch)
         assert all(o is r for o, r in zip(out, batch.grads, strict=True))
     assert buf.names() == ["a"]  # 1-D skipped; "thin" has fan-in 2 <= min_dim (= rank 2)
-    assert buf.rows("a").tolist() == seen[-5:]
-    assert buf.metrics()["rows_buffered"] == 5
+    # the window is 3 steps: steps 1-3, all of their rows (6 <= the cap of 8), oldest first
+    assert buf.rows("a").tolist() == [r for step in seen[-3:] for r in step]
+    assert buf.metrics()["rows_buffered"] == 6
+
+
+def test_buffer_window_counts_steps_and_subsamples_to_the_cap():
+    """256 steps of 16 rows (r = 16) under a 256-row cap: one row from each of the last 256 steps,
+    where the old row-count buffer kept only the last 16 steps."""
+    buf = GradientRowBuffer("in", max_rows=256, window_steps=256, rank=4)
+    for step in range(300):
+        buf(_batch(["a"], [torch.full((16, 8), float(step))]))
+    rows = buf.rows("a")
+    assert rows.shape == (256, 8)
+    assert rows[:, 0].tolist() == [float(s) for s in range(44, 300)]  # one row of each step
+    short = GradientRowBuffer("in", max_rows=256, window_steps=256, rank=4)
+    for step in range(40):  # a 40-step domain: the whole domain, 6 rows of each step (240 <= 256)
+        short(_batch(["a"], [torch.full((16, 8), float(step))]))
+    steps = short.rows("a")[:, 0]
+    assert short.rows("a").shape[0] <= 256 and set(steps.tolist()) == {float(s) for s in range(40)}
+    assert all((steps == s).sum() == (steps == 0).sum() for s in range(40))  # equal share per step
 
 
 def test_buffer_out_side_and_name_filter():
@@ -90,13 +108,13 @@ def test_buffer_out_side_and_name_filter():
 def test_buffer_state_dict_resumes_exactly_and_builds():
     rows, u_true = low_rank_rows(40, 24, 3, seed=5)
     grads = rows.reshape(10, 4, 24)
-    full = GradientRowBuffer(max_rows=16, rank=3)
-    half = GradientRowBuffer(max_rows=16, rank=3)
+    full = GradientRowBuffer(max_rows=16, window_steps=8, rank=3)
+    half = GradientRowBuffer(max_rows=16, window_steps=8, rank=3)
     for i, g in enumerate(grads):
         full(_batch(["w"], [g]))
         if i < 5:
             half(_batch(["w"], [g]))
-    resumed = GradientRowBuffer(max_rows=16, rank=3)
+    resumed = GradientRowBuffer(max_rows=16, window_steps=8, rank=3)
     resumed.load_state_dict(torch.load(_roundtrip(half.state_dict()), weights_only=True))
     for g in grads[5:]:
         resumed(_batch(["w"], [g]))
@@ -108,7 +126,9 @@ def test_buffer_state_dict_resumes_exactly_and_builds():
     u, _ = bank.get("d1", "w")
     assert torch.linalg.matrix_norm(projection(u_true) - projection(u)) < 1e-4
     with pytest.raises(ValueError, match="max_rows"):
-        GradientRowBuffer(max_rows=8).load_state_dict(half.state_dict())
+        GradientRowBuffer(max_rows=8, window_steps=8).load_state_dict(half.state_dict())
+    with pytest.raises(ValueError, match="window_steps"):
+        GradientRowBuffer(max_rows=16).load_state_dict(half.state_dict())
 
 
 def test_on_domain_start_clears():
