@@ -244,7 +244,8 @@ def validate(spec: MethodSpec) -> None:
         raise MethodError(f"{where}: beta must be in [0, 1), got {spec.beta}")
     if spec.lam < 0:
         raise MethodError(f"{where}: lam must be >= 0, got {spec.lam}")
-    for name in ("basis_rows", "basis_window_steps", "basis_examples", "basis_rank", "bank_max_rank", "replay_batch_size"):
+    for name in ("basis_rows", "basis_window_steps", "basis_examples", "basis_rank", "bank_max_rank",
+                 "replay_batch_size"):
         value = getattr(spec, name)
         if value is not None and value < 1:
             raise MethodError(f"{where}: {name} must be a positive int, got {value}")
