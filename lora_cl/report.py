@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -160,6 +161,8 @@ def _per_domain_table(run: RunResult) -> str:
     forg = s.get("forgetting_per_domain") or []
     rows = []
     for i, name in enumerate(run.domains):
+        d = run.domain_metrics[i] if i < len(run.domain_metrics) else {}
+        leak = d.get("protection_leak") or {}
         rows.append([
             name,
             fmt(p, b[i] if b is not None else None),
@@ -167,10 +170,20 @@ def _per_domain_table(run: RunResult) -> str:
             fmt(p, R[i, i] if i < run.finished else None),
             fmt(p, R[-1, i] if run.complete else None),
             fmt(p, forg[i] if i < len(forg) else None, signed=True),
+            _projected(d),
+            *(f"{leak[k]:.1%}" if leak.get(k) is not None else DASH for k in ("lora_A", "lora_B")),
         ])
     w = what_label(p, direction_label(run.higher_is_better()))
     return _table(["domain", f"base ({w})", "before training it", "right after (plasticity)",
-                   "final", "forgetting (lower better)"], rows, True)
+                   "final", "forgetting (lower better)", "tensors projected",
+                   "leak lora_A", "leak lora_B"], rows, True)
+
+
+def _projected(domain: dict[str, Any]) -> str:
+    """The tensors the projection covered at the domain's last logged step ("0": it covered none)."""
+    seen = [h["projection/projected_tensors"] for h in domain.get("log_history", [])
+            if "projection/projected_tensors" in h]
+    return str(int(seen[-1])) if seen else DASH
 
 
 def _timing_table(run: RunResult) -> str:
@@ -209,7 +222,11 @@ def write_run_report(run_dir: RunResult | str | os.PathLike[str]) -> Path:
         _matrix_table(run),
         "## Per domain\n",
         "Before training it: transfer from earlier domains (FWT uses it); right after: plasticity; "
-        "forgetting: Chaudhry, signed so that > 0 is worse.\n",
+        "forgetting: Chaudhry, signed so that > 0 is worse. Tensors projected: how many routed "
+        "tensors the projection covered at the domain's last logged step (0 on a later domain: "
+        "protection covered nothing). Leak: the share of the domain's update (its adapter delta, "
+        "||P dW|| / ||dW||) inside the earlier domains' protected subspace, per LoRA factor; "
+        "0 means protection held exactly (hard projection with re-projected updates).\n",
         _per_domain_table(run),
         "## Timings\n", _timing_table(run),
         "## Plots\n",

@@ -126,6 +126,8 @@ def rebuild_matrices(run_dir: Path, names: Sequence[str], primary: str) -> dict[
         if full:
             M.to_csv(R, names, run_dir / f"matrix_{metric}.csv")
     summary["plasticity"] = plasticity(rows)
+    # per domain: the share of its update inside the earlier domains' protected subspace
+    summary["protection_leak"] = [row.get("protection_leak") for row in rows]
     write_json(run_dir / "matrix.json", doc)
     write_json(run_dir / "summary.json", summary)
     return doc

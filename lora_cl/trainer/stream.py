@@ -163,8 +163,10 @@ def run_method(recipe: Any, choice: Any, run_dir: str | os.PathLike[str], *,
         start = time.perf_counter()
         scores = evaluate_all(model, data, tokenizer, **eval_kw)
         eval_seconds = time.perf_counter() - start
+        leak = domain_leak(run_dir, i, names, optimizer)
         _save_domain(run_dir, i, names[i], model, optimizer, callback,
-                     {**trained, "eval_seconds": eval_seconds, "eval": scores})
+                     {**trained, "eval_seconds": eval_seconds, "eval": scores,
+                      "protection_leak": leak})
         shutil.rmtree(checkpoint_root(run_dir, i, names[i]), ignore_errors=True)
         rebuild_matrices(run_dir, names, primary)
         log(f"lora-cl: [{choice.run_label}] domain {i + 1}/{len(names)} {names[i]!r} done: "
@@ -240,6 +242,34 @@ def _save_domain(run_dir: Path, i: int, name: str, model: Any, optimizer: Routed
         write_json(tmp / "metrics.json", {
             "domain": name, "index": i, "basis_seconds": callback.basis_build_seconds.get(name),
             "bases_added": callback.bases_added.get(name), **record})
+
+
+def domain_leak(run_dir: Path, i: int, names: Sequence[str],
+                optimizer: RoutedAdamW) -> dict[str, float | None] | None:
+    """The protection leak of domain ``i``'s update (see :func:`lora_cl.subspace.leak.protection_leak`).
+
+    The update is the routed tensors now minus the previous domain's saved adapter; the protected
+    subspace is the bank as it stood when domain ``i`` began (the previous domain's bank file).
+    None for the first domain and for methods without a bank.
+    """
+    from safetensors.torch import load_file
+
+    from lora_cl.subspace import SubspaceBank
+    from lora_cl.subspace.leak import protection_leak
+
+    if i == 0:
+        return None
+    prev = domain_dir(run_dir, i - 1, names[i - 1])
+    if not (prev / "bank.safetensors").is_file():
+        return None
+    bank = SubspaceBank.load(prev / "bank.safetensors")
+    before = load_file(str(prev / "adapter" / "adapter_model.safetensors"))
+    deltas = {}
+    for name, p in zip(*optimizer.routed_named_params(), strict=True):
+        key = name.replace(".default.", ".")  # peft saves adapter tensors without the adapter name
+        if key in before:
+            deltas[name] = p.detach().float().cpu() - before[key].float()
+    return protection_leak(deltas, bank)
 
 
 def load_adapter(model: Any, adapter_dir: str | os.PathLike[str]) -> None:
