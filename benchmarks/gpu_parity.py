@@ -88,8 +88,8 @@ def projection_run(device: str) -> list[torch.Tensor]:
         if p.shape[1] > 8:
             bank.add("old", name, torch.linalg.qr(torch.randn(p.shape[1], 8, generator=gen))[0])
     proj = Projection(bank, strength=FixedStrength(0.5))
-    opt = RoutedAdamW([{"params": params, "param_names": names, "routing": "decoupled", "modifiers": [proj]}],
-                      **HYPER)
+    opt = RoutedAdamW([{"params": params, "param_names": names, "routing": "decoupled"}],
+                      modifiers=[proj], **HYPER)
     return run(opt, params, 30)
 
 

@@ -36,7 +36,8 @@ def test_sft_ogp_stream(tiny_factory, tmp_path):
             labels = row["labels"]
             assert labels[0] == -100 and labels[-1] != -100
     lora_a = {n for n, p in model.named_parameters() if "lora_A" in n and p.requires_grad}
-    assert set(optimizer.bank.names()) == lora_a
+    lora_b = {n for n, p in model.named_parameters() if "lora_B" in n and p.shape[0] > 32}  # q, not v
+    assert set(optimizer.bank.names("in")) == lora_a and set(optimizer.bank.names("out")) == lora_b
     logs = [lg for lg in reporter.logs if "loss" in lg]
     assert len(logs) == 9 and all("projection/alpha" in lg for lg in logs)
     assert all("projection/overlap" in lg for lg in logs[3:])

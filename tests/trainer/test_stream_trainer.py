@@ -27,11 +27,13 @@ class StrengthProbe(TrainerCallback):
 
     def __init__(self, optimizer: lora_cl.RoutedAdamW) -> None:
         self.strength = _strength(optimizer)
-        (self.buffer,) = [m for m in optimizer.modifiers if isinstance(m, GradientRowBuffer)]
+        # ogp protects both factors: one buffer per side (lora_A inputs, lora_B outputs)
+        self.buffers = [m for m in optimizer.modifiers if isinstance(m, GradientRowBuffer)]
+        assert [b.side for b in self.buffers] == ["in", "out"]
         self.events: list[tuple[str, int, int, int]] = []
 
     def _record(self, event: str) -> None:
-        rows = int(self.buffer.metrics()["rows_buffered"])
+        rows = sum(int(b.metrics()["rows_buffered"]) for b in self.buffers)
         self.events.append((event, self.strength.steps, len(self.strength.sbar), rows))
 
     def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
@@ -66,6 +68,9 @@ def test_ogp_stream_bases_resets_logs_and_lora_only_routing(tiny_factory, tmp_pa
     callback = lora_cl.ContinualCallback(probe_every=1)
     probe, reporter = StrengthProbe(optimizer), Recorder()
     lora_a = {n for n, p in model.named_parameters() if "lora_A" in n and p.requires_grad}
+    # lora_B gets an output-side basis where its fan-out (q: 64, v: 32) exceeds the rank cap 32
+    lora_b = {n for n, p in model.named_parameters() if "lora_B" in n and p.shape[0] > 32}
+    assert lora_b and all("q_proj" in n for n in lora_b)
     bank = optimizer.bank
     seen: dict[str, list[str]] = {}
     for name in DOMAINS:
@@ -76,7 +81,8 @@ def test_ogp_stream_bases_resets_logs_and_lora_only_routing(tiny_factory, tmp_pa
         assert trainer.callback_handler.callbacks[0] is callback
     assert seen == {"cooking": ["cooking"], "astronomy": ["cooking", "astronomy"],
                     "law": ["cooking", "astronomy", "law"]}
-    assert set(bank.names()) == lora_a and set(bank.names("in")) == lora_a  # only LoRA A, input side
+    assert set(bank.names("in")) == lora_a and set(bank.names("out")) == lora_b
+    assert set(bank.names()) == lora_a | lora_b
     assert callback.domains == list(DOMAINS) and set(callback.snapshots) == set(DOMAINS)
     adapter = get_peft_model_state_dict(model)
     assert set(callback.snapshots["law"]) == set(adapter)
@@ -98,7 +104,7 @@ def test_ogp_stream_bases_resets_logs_and_lora_only_routing(tiny_factory, tmp_pa
     assert all(0.0 <= lg["projection/alpha"] <= 0.5 for lg in later)
     assert [lg["cl/domain_index"] for lg in train_logs] == [0.0] * 3 + [1.0] * 3 + [2.0] * 3
     builds = [lg for lg in reporter.logs if "cl/basis_build_seconds" in lg]
-    assert [lg["cl/bases_added"] for lg in builds] == [float(len(lora_a))] * 3
+    assert [lg["cl/bases_added"] for lg in builds] == [float(len(lora_a) + len(lora_b))] * 3
     assert "projection/overlap" in trainer.state.log_history[-3]
 
     # non-LoRA trainable tensors trained through the vanilla group
