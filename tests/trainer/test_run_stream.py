@@ -110,6 +110,14 @@ def test_matrix_is_the_evaluations_and_summary_matches_metrics(finished):
     assert all(R[i][i] < base[i] for i in range(3))
     assert rows[1]["steps"] == 4 and rows[1]["bases_added"] > 0
     assert any("projection/alpha" in h for h in rows[1]["log_history"])
+    # the leak of each later domain's update into the bases the domain started with, per factor:
+    # ogp (weighted alpha <= 0.5 projection) protects partially, so each is strictly in (0, 1)
+    leak = json.loads((run / "summary.json").read_text())["protection_leak"]
+    assert leak[0] is None and [r["protection_leak"] for r in rows] == leak
+    for row in leak[1:]:
+        assert 0.0 < row["lora_A"] < 1.0 and 0.0 < row["lora_B"] < 1.0
+    vanilla = json.loads((runs[1] / "summary.json").read_text())["protection_leak"]
+    assert vanilla == [None, None, None]  # no bank, no protected subspace to leak into
 
 
 def test_domain_adapter_loads_with_peft(finished, tiny_factory):
