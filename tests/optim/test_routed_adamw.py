@@ -83,15 +83,21 @@ def test_low_precision_params_keep_fp32_states(dtype):
         st = opt.state[p]
         assert p.dtype == dtype
         assert st["exp_avg"].dtype == torch.float32 and st["exp_avg_sq"].dtype == torch.float32
-    # Same trajectory as fp32 AdamW fed the same (low-precision) gradients, to bf16 rounding.
+    # The same trajectory as fp32 AdamW fed the same gradients whose weights are rounded to
+    # ``dtype`` after every step (what a low-precision param with fp32 states does), to one ulp
     ref = [p.detach().float().clone().requires_grad_() for p in make_params(dtype)]
     ref_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.0)
     for t in range(5):
         for p, g in zip(ref, fake_grads(make_params(dtype), t)):
             p.grad = g.float()
         ref_opt.step()
-    for a, b in zip(ours, ref):
-        torch.testing.assert_close(a.float(), b, atol=3e-2, rtol=2e-2)
+        with torch.no_grad():
+            for p in ref:
+                p.copy_(p.to(dtype).float())
+    ulp = torch.finfo(dtype).eps  # spacing at 1; at |x| it is at most eps * |x|
+    for a, b, p0 in zip(ours, ref, make_params(dtype)):
+        assert (a.float() - p0.float()).abs().max() > 1e-2  # the weights moved by several ulps
+        torch.testing.assert_close(a.float(), b, atol=0, rtol=ulp)
     # and the reference path agrees with the fused one
     ours2 = make_params(dtype)
     run(lambda ps: RoutedAdamW(ps, lr=1e-2, impl="reference"), ours2, steps=5)
