@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import torch
+from ci_guard import pytest_make_collect_report, pytest_runtest_makereport  # noqa: F401  (hooks)
 
 # Nothing in the tests may reach a hub; huggingface_hub reads these once, at its import.
 os.environ["HF_HUB_OFFLINE"] = "1"

@@ -248,7 +248,8 @@ def test_sft_trainer_masks_the_prompt_like_we_do(qa_file: Path, tiny_factory: An
 def test_real_debian_domains(tokenizer: Any) -> None:
     missing = [tool for tool in ("apt-get", "dpkg") if shutil.which(tool) is None]
     if missing:
-        pytest.skip(f"debian:kjv and qa:capitals are built from Debian packages; {missing} not found")
+        pytest.skip(f"missing dependency: debian:kjv and qa:capitals are built from Debian packages; "
+                    f"{missing} not found")
     text = load_domain("debian:kjv", tokenizer, seq_len=128, train_examples=32)
     qa = load_domain("qa:capitals", tokenizer, seq_len=128, train_examples=32)
     assert (text.name, text.kind, len(text.train), len(text.eval)) == ("kjv", "text", 32, 16)

@@ -49,7 +49,7 @@ def _hashes(*metas: dict[str, dict[str, Any]]) -> dict[str, dict[str, str]]:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
-        pytest.skip("the real data sets are built from Debian packages (apt-get, dpkg)")
+        pytest.skip("missing dependency: the real data sets are built from Debian packages (apt-get, dpkg)")
     cache = tmp_path_factory.mktemp("real-data-cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LORA_CL_CACHE", str(cache))

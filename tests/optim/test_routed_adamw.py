@@ -67,6 +67,13 @@ def test_no_modifier_equals_torch_adamw_bitwise(routing, impl, torch_kwargs, sch
         assert torch.equal(a, b), (a - b).abs().max()
 
 
+@pytest.mark.parametrize("bits", [16, 4, 0, "8", True, None])
+def test_state_bits_is_validated(bits):
+    """Input validation needs no bitsandbytes (it lives outside test_state_bits' module skip)."""
+    with pytest.raises(ValueError, match="state_bits must be 32 .* or 8"):
+        RoutedAdamW(make_params(), state_bits=bits)
+
+
 def test_defaults_match_torch_adamw_defaults_except_lr_and_wd():
     opt = RoutedAdamW([torch.zeros(2, requires_grad=True)])
     d = opt.defaults

@@ -220,3 +220,22 @@ def test_qlora_4bit_stream_trains_on_cpu(tmp_path, lora_cl_cache):
     assert b and any(first[k].abs().sum() > 0 for k in b)  # B starts at 0: training moved it
     assert any(not torch.equal(first[k], second[k]) for k in b)
     assert json.loads((run / "summary.json").read_text())["complete"]
+
+
+def test_stream_runner_refuses_zero3_before_training(tmp_path: Path) -> None:
+    """Input validation, outside test_deepspeed's module skip: run_stream (not only the CLI's recipe
+    check) refuses ZeRO-3: rank-0 evaluation and one optimizer across engines both fail there
+    (seen: a forward on rank 0 alone waits on the other ranks)."""
+    import lora_cl
+    from lora_cl.recipe import load_recipe
+    from lora_cl.trainer.zero import ZeroRoutingError
+
+    configs = REPO / "deepspeed_configs"
+    recipe = load_recipe(str(REPO / "recipes" / "tiny.yaml"),
+                         [f"training.deepspeed={configs / 'zero3.json'}", f"output_dir={tmp_path / 'runs'}"])
+    with pytest.raises(ZeroRoutingError, match="ZeRO stage 3.*zero2.json"):
+        lora_cl.run_stream(recipe, progress=False)
+    assert not (tmp_path / "runs").exists()
+    recipe.training.deepspeed = str(configs / "zero2.json")
+    from lora_cl.trainer.zero import check_stream_zero
+    check_stream_zero(recipe.training.deepspeed)  # ZeRO-2 passes
