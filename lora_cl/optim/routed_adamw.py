@@ -115,6 +115,16 @@ class RoutedAdamW(Optimizer):
         self.skipped_steps = 0
         self._extras: dict[str, Any] = {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim.Optimizer pickles (and deep-copies) only defaults, state and param_groups;
+        # the modifiers (bank, strength EMAs, buffers), flags and counters are RoutedAdamW too.
+        # torch's hook dicts stay out, as in Optimizer: __setstate__ makes fresh ones.
+        state = super().__getstate__()
+        for key, value in self.__dict__.items():
+            if key not in state and not key.startswith("_optimizer_") and key != "_zero_grad_profile_name":
+                state[key] = value
+        return state
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if isinstance(param_group, dict):
             _check_group_keys(param_group, self.defaults)
