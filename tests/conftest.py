@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import os
+import random
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,12 +19,42 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# No test writes to the user's ~/.cache: lora-cl's cache (the SmolLM2 dir, built data) and the
+# HF caches live in the checkout's git-ignored .cache/ (kept across sessions) unless set.
+_CACHE = Path(__file__).resolve().parents[1] / ".cache"
+os.environ.setdefault("LORA_CL_CACHE", str(_CACHE / "lora-cl"))
+os.environ.setdefault("HF_HOME", str(_CACHE / "huggingface"))
+os.environ.setdefault("XDG_CACHE_HOME", str(_CACHE))
 torch.set_num_threads(2)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     ModelAndTokenizer = tuple[PreTrainedModel, PreTrainedTokenizerBase]
+
+
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    """Every test starts from the same RNG state (torch, Python, NumPy), whatever ran before."""
+    torch.manual_seed(0)
+    random.seed(0)
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy comes with torch's wheels here
+        return
+    np.random.seed(0)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for MASTER_PORT; torchrun --standalone picks its own)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def master_port() -> str:
+    return str(free_port())
 
 
 @pytest.fixture(scope="session")

@@ -208,12 +208,12 @@ def clean_process_group():
 
 
 @pytest.mark.parametrize("name", ["zero2", "zero3_offload"])
-def test_training_arguments_fill_the_autos(name, tmp_path, monkeypatch, clean_process_group):
+def test_training_arguments_fill_the_autos(name, tmp_path, monkeypatch, clean_process_group, master_port):
     pytest.importorskip("deepspeed")
     from transformers import AutoModelForCausalLM, TrainingArguments
 
     model = AutoModelForCausalLM.from_config(tiny_config())  # before: ZeRO-3 args make from_config shard
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517", "RANK": "0",
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": master_port, "RANK": "0",
                        "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
         monkeypatch.setenv(key, value)
     args = TrainingArguments(output_dir=str(tmp_path), deepspeed=str(DS_DIR / f"{name}.json"),

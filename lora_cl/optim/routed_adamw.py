@@ -114,6 +114,10 @@ class RoutedAdamW(Optimizer):
         self.global_step = 0
         self.skipped_steps = 0
         self._extras: dict[str, Any] = {}
+        # Set by a sharded stepper (lora_cl.trainer.zero) that steps one group per call and
+        # decides the skip for the whole optimizer: commits wait in _held_commit until it does.
+        self._hold_commits = False
+        self._held_commit = False
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim.Optimizer pickles (and deep-copies) only defaults, state and param_groups;
@@ -221,8 +225,10 @@ class RoutedAdamW(Optimizer):
         # changed (a replay gradient or a penalty can be non-finite where g is not).
         if self.nonfinite != "off" and not self._all_finite(entries):
             return loss
-        for modifier in self.modifiers:
-            modifier.commit()
+        if self._hold_commits:
+            self._held_commit = True
+        else:
+            self.commit_modifiers()
         self.global_step = step
         if any(m.additive for m in self.modifiers):
             # additive modifiers: v must cover what m receives (max(g^2, g~^2)); see _update_group
@@ -242,6 +248,12 @@ class RoutedAdamW(Optimizer):
         if before is not None:
             self._reproject(routed, before)
         return loss
+
+    def commit_modifiers(self) -> None:
+        """Persist what the modifier chain staged this step (called by ``step`` past the guard)."""
+        self._held_commit = False
+        for modifier in self.modifiers:
+            modifier.commit()
 
     def _collect(self) -> list[dict[str, Any]]:
         entries: list[dict[str, Any]] = []

@@ -160,7 +160,9 @@ class ZeroRoutedStep:
     def __init__(self, optimizer: RoutedAdamW, zero: Any) -> None:
         self.optimizer = optimizer
         self._zero = zero
-        self._step_after_first_group = optimizer.global_step
+        self._pending: list[tuple[int, Any]] | None = None  # this ZeRO step's deferred writes
+        self._before = (optimizer.global_step, optimizer.skipped_steps)
+        self._skip = False
 
     # DeepSpeed reads and swaps these on its client optimizer.
     @property
@@ -255,17 +257,62 @@ class ZeroRoutedStep:
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:
+        """One param group of a ZeRO step (DeepSpeed calls this once per group, in order).
+
+        Each group steps on gathered full copies; nothing is written back until the last group
+        of the ZeRO step, so the non-finite guard decides for the whole optimizer as in one
+        process: one group's NaN (a raw gradient, a replay gradient) skips every group, and the
+        modifiers commit once, only when nothing was skipped.
+        """
         if closure is not None:
             raise RuntimeError("ZeroRoutedStep: DeepSpeed does not pass a closure")
         flats = self._zero.single_partition_of_fp32_groups
         for group in list(self.optimizer.param_groups):  # DeepSpeed passes one group per call
             index = next(i for i, f in enumerate(flats) if f is group["params"][0])
-            self._step_group(index, group)
+            if index == 0 or self._pending is None:
+                self._begin()
+            try:
+                self._step_group(index, group)
+            except BaseException:  # nothing of this ZeRO step was written: leave it all as it was
+                self._pending, self.optimizer._hold_commits = None, False
+                self.optimizer.global_step, self.optimizer.skipped_steps = self._before
+                raise
+            if index == len(flats) - 1:
+                self._finish()
+
+    def _begin(self) -> None:
+        opt = self.optimizer
+        self._pending = []
+        self._before = (opt.global_step, opt.skipped_steps)
+        self._skip = False
+        opt._hold_commits, opt._held_commit = True, False
+
+    def _finish(self) -> None:
+        from deepspeed import comm as dist
+
+        opt, zero = self.optimizer, self._zero
+        pending, self._pending = self._pending or [], None
+        before_step, before_skipped = self._before
+        opt._hold_commits = False
+        if self._skip:  # every state untouched, the step counted once, as in one process
+            opt._held_commit = False
+            opt.global_step, opt.skipped_steps = before_step, before_skipped + 1
+            return
+        if opt._held_commit:
+            opt.commit_modifiers()
+        opt.global_step = before_step + 1
+        for index, write in pending:
+            write()
+            # DeepSpeed copied this group's fp32 partition into its bit16 one right after the
+            # group's step, before this write: copy again (its all-gather comes after the loop)
+            rank = dist.get_rank(group=zero.real_dp_process_group[index])
+            zero.parallel_partitioned_bit16_groups[index][rank].data.copy_(
+                zero.single_partition_of_fp32_groups[index].data)
 
     def _step_group(self, index: int, group: dict[str, Any]) -> None:
         opt, zero = self.optimizer, self._zero
         flat = group["params"][0]
-        if flat.grad is None:
+        if flat.grad is None or self._skip:
             return
         lps = list(zero.bit16_groups[index])
         state = opt.state.get(flat) or {}
@@ -281,12 +328,8 @@ class ZeroRoutedStep:
             for j, p in enumerate(params):
                 opt.state[p] = {"step": state["step"].clone(), "exp_avg": full["exp_avg"][j],
                                 "exp_avg_sq": full["exp_avg_sq"][j]}
-        # One RoutedAdamW step per ZeRO step: the groups after the first reuse its step number.
-        if index == 0:
-            before = opt.global_step
-        else:
-            opt.global_step = self._step_after_first_group - 1
-            before = opt.global_step
+        # every group of one ZeRO step steps with the same step number
+        opt.global_step = self._before[0]
         skipped = opt.skipped_steps
         # DeepSpeed may hold a group's tensors in another order than the group's param_names.
         view = {**group, "params": params, "param_names": [zero.param_names[lp] for lp in lps]}
@@ -296,20 +339,22 @@ class ZeroRoutedStep:
         finally:
             opt.param_groups = [group]
             states = [opt.state.pop(p, None) for p in params]
-        if opt.skipped_steps != skipped or opt.global_step == before:
-            if index:
-                opt.global_step = self._step_after_first_group
-            return  # non-finite: every state untouched, as in one process
-        if index == 0:
-            self._step_after_first_group = opt.global_step
-        if not state:
-            state = opt.state[flat]
-            state["step"] = torch.zeros((), dtype=torch.float32, device=flat.device)
-            state["exp_avg"] = torch.zeros_like(flat, dtype=torch.float32)
-            state["exp_avg_sq"] = torch.zeros_like(flat, dtype=torch.float32)
-        state["step"].copy_(states[0]["step"])
-        _scatter_own(lps, frags, [(flat, params)] + [(state[k], [st[k] for st in states])
-                                                     for k in ("exp_avg", "exp_avg_sq")])
+        if opt.skipped_steps != skipped:
+            self._skip = True  # non-finite: the whole ZeRO step is skipped (see step)
+            return
+
+        def write() -> None:
+            st = opt.state.get(flat) or {}
+            if not st:
+                st = opt.state[flat]
+                st["step"] = torch.zeros((), dtype=torch.float32, device=flat.device)
+                st["exp_avg"] = torch.zeros_like(flat, dtype=torch.float32)
+                st["exp_avg_sq"] = torch.zeros_like(flat, dtype=torch.float32)
+            st["step"].copy_(states[0]["step"])
+            _scatter_own(lps, frags, [(flat, params)] + [(st[k], [s[k] for s in states])
+                                                         for k in ("exp_avg", "exp_avg_sq")])
+
+        self._pending.append((index, write))
 
 
 def fragments(zero: Any, index: int) -> list[tuple[Tensor, int, int, int]]:

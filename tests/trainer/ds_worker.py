@@ -45,9 +45,9 @@ def lora_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             if p.requires_grad}
 
 
-def fresh(prep: Path | None) -> tuple[torch.nn.Module, object]:
+def fresh(prep: Path | None, modules_to_save: list[str] | None = None) -> tuple[torch.nn.Module, object]:
     torch.manual_seed(0)
-    model, tokenizer = H.lora_model(lambda: load_model("tiny"))
+    model, tokenizer = H.lora_model(lambda: load_model("tiny"), modules_to_save=modules_to_save)
     if prep is not None:
         saved = load_file(str(prep / "adapter.safetensors"))
         with torch.no_grad():
@@ -55,6 +55,30 @@ def fresh(prep: Path | None) -> tuple[torch.nn.Module, object]:
                 if name in saved:
                     p.copy_(saved[name])
     return model, tokenizer
+
+
+class NaNAt(lora_cl.GradientModifier):
+    """Test-only: g~ = NaN on the ``at``-th step it sees (a broken replay gradient, say)."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.calls = at, 0
+
+    def apply(self, batch):  # noqa: ANN001, ANN201
+        self.calls += 1
+        if self.calls != self.at:
+            return batch.grads
+        return [torch.full_like(g, float("nan")) for g in batch.grads]
+
+
+class NaNFactory(lora_cl.RoutedAdamWFactory):
+    """The method's optimizer with :class:`NaNAt` last in its chain."""
+
+    nan_at = 2
+
+    def build(self, model: torch.nn.Module, **kwargs: object) -> lora_cl.RoutedAdamW:
+        optimizer = super().build(model, **kwargs)
+        optimizer.modifiers.append(NaNAt(self.nan_at))
+        return optimizer
 
 
 class SplitFactory(lora_cl.RoutedAdamWFactory):
@@ -79,11 +103,14 @@ class SplitFactory(lora_cl.RoutedAdamWFactory):
 def second_domain(out: Path, prep: Path, *, steps: int, world: int, method: str = "ogp",
                   deepspeed: str | dict | None = None, save_steps: int = 0,
                   resume: str | None = None, state_bits: int = 32, split_groups: bool = False,
-                  bf16: bool = False, domains: tuple[str, ...] = (SECOND,)) -> lora_cl.ContinualCallback:
-    model, tokenizer = fresh(prep)
+                  bf16: bool = False, domains: tuple[str, ...] = (SECOND,),
+                  nan: bool = False) -> lora_cl.ContinualCallback:
+    # nan: the final norm trains too (a second, vanilla param group) and the routed group's g~ is
+    # NaN at step 2, so that step must be skipped for both groups, as in one process
+    model, tokenizer = fresh(prep, modules_to_save=["norm"] if nan else None)
     bank = SubspaceBank.load(prep / "bank.safetensors")
     # Under DeepSpeed the Trainer drops optimizers=(opt, None) and builds its own: hand a factory.
-    factory = (SplitFactory if split_groups else lora_cl.RoutedAdamWFactory)(
+    factory = (NaNFactory if nan else SplitFactory if split_groups else lora_cl.RoutedAdamWFactory)(
         method, lr=LR, bank=bank if method == "ogp" else None, state_bits=state_bits)
     callback = lora_cl.ContinualCallback()
     for k, domain in enumerate(domains):  # one Trainer (one DeepSpeed engine) per domain
@@ -101,8 +128,10 @@ def second_domain(out: Path, prep: Path, *, steps: int, world: int, method: str 
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         save_file(lora_tensors(model), str(out / "final.safetensors"))
-        (out / "info.json").write_text(json.dumps({"global_step": factory.optimizer.global_step,
-                                                   "world": world}))
+        info = {"global_step": factory.optimizer.global_step, "world": world}
+        if nan:
+            info["skipped_steps"] = factory.optimizer.skipped_steps
+        (out / "info.json").write_text(json.dumps(info))
         if factory.optimizer.bank is not None:
             factory.optimizer.bank.save(out / "bank.safetensors")
     return callback
@@ -120,6 +149,9 @@ def prep(out: Path) -> None:
         ref = out / f"reference{steps}"
         ref.mkdir(parents=True, exist_ok=True)
         second_domain(ref, out, steps=steps, world=1)
+    ref = out / "reference-nan"  # 4 steps, norm trained too, step 2 skipped for a NaN g~
+    ref.mkdir(parents=True, exist_ok=True)
+    second_domain(ref, out, steps=4, world=1, nan=True)
     ref = out / "reference-stream"  # two more domains, one Trainer each, 3 steps each
     ref.mkdir(parents=True, exist_ok=True)
     second_domain(ref, out, steps=3, world=1, domains=(SECOND, THIRD))
@@ -139,6 +171,7 @@ def main() -> None:
     parser.add_argument("--split-groups", action="store_true")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--stream", action="store_true", help=f"train {SECOND} then {THIRD}")
+    parser.add_argument("--nan", action="store_true", help="norm trained, NaN g~ at step 2")
     a = parser.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     if a.mode == "prep":
@@ -150,7 +183,7 @@ def main() -> None:
         second_domain(a.out, a.prep, steps=a.steps, world=world, method=a.method, deepspeed=config,
                       save_steps=a.save_steps, resume=a.resume, state_bits=a.state_bits,
                       split_groups=a.split_groups, bf16=a.bf16,
-                      domains=(SECOND, THIRD) if a.stream else (SECOND,))
+                      domains=(SECOND, THIRD) if a.stream else (SECOND,), nan=a.nan)
     except Exception as exc:
         if int(os.environ.get("RANK", "0")) == 0:
             (a.out / "error.txt").write_text(f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc()}")

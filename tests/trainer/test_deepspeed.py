@@ -82,6 +82,21 @@ def test_zero2_equals_single_process(prep: Path, zero2_run: Path) -> None:
     assert json.loads((zero2_run / "info.json").read_text()) == {"global_step": 4, "world": 2}
 
 
+def test_zero2_nonfinite_skip_is_decided_for_the_whole_optimizer(prep: Path, tmp_path: Path,
+                                                                  test_cache_dir: Path) -> None:
+    """A NaN g~ in the routed LoRA group at step 2 skips that step for the vanilla group (the final
+    norm) too, as in one process; before, the norm's group stepped on its own."""
+    got = _train(tmp_path, prep, test_cache_dir, "--config", str(CONFIGS / "zero2.json"), "--steps", "4",
+                 "--nan")
+    want = load_file(str(prep / "reference-nan" / "final.safetensors"))
+    assert any("norm" in k for k in want) and want.keys() == got.keys()
+    _assert_equal(got, want, {**load_file(str(prep / "adapter.safetensors")),
+                              **{k: v for k, v in want.items() if "norm" in k}})
+    info = {"global_step": 3, "world": 1, "skipped_steps": 1}
+    assert json.loads((prep / "reference-nan" / "info.json").read_text()) == info
+    assert json.loads((tmp_path / "info.json").read_text()) == {**info, "world": 2}
+
+
 def test_zero2_checkpoint_resumes_exactly(prep: Path, zero2_run: Path, tmp_path: Path,
                                           test_cache_dir: Path) -> None:
     checkpoint = zero2_run / "checkpoint-2"
