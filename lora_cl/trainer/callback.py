@@ -27,6 +27,7 @@ from lora_cl.trainer.replay import (
     seeded_subset,
 )
 from lora_cl.trainer.zero import SUPPORTED as ZERO_SUPPORTED
+from lora_cl.trainer.zero import _wrappers as _zero_chain
 from lora_cl.trainer.zero import release_zero, route_under_zero
 
 logger = logging.getLogger(__name__)
@@ -296,7 +297,15 @@ def check_steps_model_tensors(optimizer: RoutedAdamW, model: Any, wrapped: Any =
     if model is None:
         return
     if all(group["routing"] == "vanilla" for group in optimizer.param_groups):
-        return  # plain AdamW is element-wise: exact on flat slices too
+        # plain AdamW is element-wise: exact on flat slices too. Under ZeRO-1/2 it still steps
+        # through ZeroRoutedStep (the same math on full tensors), so that a stream's domain end
+        # can give the optimizer back its per-tensor groups for the next engine (without it the
+        # second domain's engine met the first one's flat partitions: KeyError in DeepSpeed)
+        if (wrapped is not None and getattr(optimizer, "state_bits", 32) == 32
+                and any(type(w).__module__ == "deepspeed.runtime.zero.stage_1_and_2"
+                        for w in _zero_chain(wrapped))):
+            route_under_zero(wrapped, optimizer, method_of(optimizer))
+        return
     model_ids = {id(p) for p in model.parameters()}
     names, params = optimizer.routed_named_params()
     foreign = [n for n, p in zip(names, params, strict=True) if id(p) not in model_ids]

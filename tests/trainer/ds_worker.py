@@ -146,15 +146,17 @@ def prep(out: Path) -> None:
     optimizer.bank.save(out / "bank.safetensors")
     save_file(lora_tensors(model), str(out / "adapter.safetensors"))
     for steps in (2, 4):
-        ref = out / f"reference{steps}"
-        ref.mkdir(parents=True, exist_ok=True)
-        second_domain(ref, out, steps=steps, world=1)
+        for method, suffix in (("ogp", ""), ("vanilla", "-vanilla")):  # vanilla: what routing must beat
+            ref = out / f"reference{steps}{suffix}"
+            ref.mkdir(parents=True, exist_ok=True)
+            second_domain(ref, out, steps=steps, world=1, method=method)
     ref = out / "reference-nan"  # 4 steps, norm trained too, step 2 skipped for a NaN g~
     ref.mkdir(parents=True, exist_ok=True)
     second_domain(ref, out, steps=4, world=1, nan=True)
-    ref = out / "reference-stream"  # two more domains, one Trainer each, 3 steps each
-    ref.mkdir(parents=True, exist_ok=True)
-    second_domain(ref, out, steps=3, world=1, domains=(SECOND, THIRD))
+    for method, suffix in (("ogp", ""), ("vanilla", "-vanilla")):
+        ref = out / f"reference-stream{suffix}"  # two more domains, one Trainer each, 3 steps each
+        ref.mkdir(parents=True, exist_ok=True)
+        second_domain(ref, out, steps=3, world=1, domains=(SECOND, THIRD), method=method)
 
 
 def main() -> None:

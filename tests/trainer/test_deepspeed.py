@@ -170,20 +170,42 @@ def test_unsupported_refuses_at_start(prep: Path, tmp_path: Path, test_cache_dir
     assert not (tmp_path / "final.safetensors").exists()
 
 
-def test_zero2_bf16_routes_and_follows_the_fp32_run(prep: Path, tmp_path: Path,
-                                                    test_cache_dir: Path) -> None:
-    """bf16 compute under ZeRO-2 (fp32 master LoRA weights): routing runs on 2 ranks, and the
-    update points where the fp32 single-process update points (bf16 rounding, not equality)."""
+def _distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return float(torch.cat([(a[k] - b[k]).flatten() for k in b]).norm())
+
+
+@pytest.fixture(scope="module")
+def bf16_one_rank(prep: Path, tmp_path_factory: pytest.TempPathFactory,
+                  test_cache_dir: Path) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
+    """1-rank ZeRO-2 bf16 runs of ogp and vanilla (4 steps; a 3 + 3-step stream): the same bf16
+    numerics as 2 ranks but for the gradient reduction, which bf16 rounds (fp32 runs are equal)."""
+    runs = {}
+    for method in ("ogp", "vanilla"):
+        for kind, extra in (("4", ["--steps", "4"]), ("stream", ["--steps", "3", "--stream"])):
+            out = tmp_path_factory.mktemp(f"bf16-1-{method}-{kind}")
+            runs[method, kind] = _train(out, prep, test_cache_dir, "--config", str(CONFIGS / "zero2.json"),
+                                        "--bf16", "--method", method, *extra, nproc=1)
+    return runs
+
+
+def _assert_nearer(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor],
+                   other: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> None:
+    """``got`` is the run ``want`` is, not the other method's: bf16 makes it close, not equal.
+    Measured on the tiny model: 2 ranks are 0.024 from 1 rank of the same method, 0.10 from the
+    other method, with updates of norm 0.16."""
+    near, far = _distance(got, want), _distance(got, other)
+    update = _distance(want, start)
+    assert update > 1e-2 and near < 0.3 * update and near < 0.5 * far, (near, far, update)
+
+
+def test_zero2_bf16_routes_on_2_ranks_as_on_1(prep: Path, tmp_path: Path, test_cache_dir: Path,
+                                              bf16_one_rank: dict) -> None:
+    """bf16 compute under ZeRO-2 (fp32 master LoRA weights): ogp on 2 ranks lands where ogp on one
+    rank does, and clearly not where vanilla does (cosine > 0.9 against fp32 could not tell)."""
     got = _train(tmp_path, prep, test_cache_dir, "--config", str(CONFIGS / "zero2.json"), "--steps", "4",
                  "--bf16")
-    want = load_file(str(prep / "reference4" / "final.safetensors"))
-    start = load_file(str(prep / "adapter.safetensors"))
-    d_got = torch.cat([(got[k] - start[k]).flatten() for k in want])
-    d_want = torch.cat([(want[k] - start[k]).flatten() for k in want])
-    cosine = float(torch.nn.functional.cosine_similarity(d_got, d_want, dim=0))
-    print(f"bf16 zero2 cosine {cosine:.4f} norm ratio {float(d_got.norm() / d_want.norm()):.4f}")
-    assert cosine > 0.9, cosine
-    assert 0.5 < float(d_got.norm() / d_want.norm()) < 2.0
+    _assert_nearer(got, bf16_one_rank["ogp", "4"], bf16_one_rank["vanilla", "4"],
+                   load_file(str(prep / "adapter.safetensors")))
     assert json.loads((tmp_path / "info.json").read_text()) == {"global_step": 4, "world": 2}
 
 
@@ -229,14 +251,26 @@ def test_cli_train_under_torchrun_equals_single_process(tmp_path: Path, test_cac
 
 
 def test_vanilla_trains_under_zero3(prep: Path, tmp_path: Path, test_cache_dir: Path) -> None:
-    """ZeRO-3 refuses routed methods, not the vanilla baseline (plain AdamW is exact on partitions)."""
-    _train(tmp_path, prep, test_cache_dir, "--config", str(CONFIGS / "zero3.json"), "--method", "vanilla",
-           "--steps", "2", nproc=2)
+    """ZeRO-3 refuses routed methods, not the vanilla baseline (plain AdamW is exact on partitions):
+    2 ranks equal 1 process of vanilla, and are far from ogp's run (so the check can tell)."""
+    got = _train(tmp_path, prep, test_cache_dir, "--config", str(CONFIGS / "zero3.json"),
+                 "--method", "vanilla", "--steps", "2", nproc=2)
     assert json.loads((tmp_path / "info.json").read_text())["world"] == 2
+    start = load_file(str(prep / "adapter.safetensors"))
+    _assert_equal(got, load_file(str(prep / "reference2-vanilla" / "final.safetensors")), start)
+    ogp = load_file(str(prep / "reference2" / "final.safetensors"))
+    assert _distance(got, ogp) > 1e-2  # measured: 0.15 from ogp, 3e-8 from 1-process vanilla
 
 
-def test_zero2_bf16_stream_carries_fp32_masters(prep: Path, tmp_path: Path, test_cache_dir: Path) -> None:
-    """Under bf16 the engine's fp32 master LoRA weights cross the domain boundary (release/adopt)."""
-    _train(tmp_path, prep, test_cache_dir, "--config", str(CONFIGS / "zero2.json"), "--steps", "2",
-           "--bf16", "--stream")
-    assert json.loads((tmp_path / "info.json").read_text()) == {"global_step": 4, "world": 2}
+@pytest.mark.parametrize("method", ["ogp", "vanilla"])
+def test_zero2_bf16_stream_on_2_ranks_as_on_1(prep: Path, tmp_path: Path, test_cache_dir: Path,
+                                              bf16_one_rank: dict, method: str) -> None:
+    """Two domains, one DeepSpeed engine each, bf16: the fp32 master LoRA weights and the states
+    cross the domain boundary (release/adopt), for vanilla too (its second engine used to meet
+    the first one's flat partitions and stop with a KeyError)."""
+    got = _train(tmp_path, prep, test_cache_dir, "--config", str(CONFIGS / "zero2.json"), "--steps", "3",
+                 "--bf16", "--stream", "--method", method)
+    other = "vanilla" if method == "ogp" else "ogp"
+    _assert_nearer(got, bf16_one_rank[method, "stream"], bf16_one_rank[other, "stream"],
+                   load_file(str(prep / "adapter.safetensors")))
+    assert json.loads((tmp_path / "info.json").read_text()) == {"global_step": 6, "world": 2}
