@@ -86,6 +86,14 @@ def tiny_factory(test_cache_dir: Path) -> Callable[[], ModelAndTokenizer]:
 
 
 @pytest.fixture
+def tiny_peft(tiny_factory: Callable[[], ModelAndTokenizer]) -> ModelAndTokenizer:
+    """The tiny Llama with LoRA r=4 on q_proj and v_proj (helpers.tiny_peft_model), and its tokenizer."""
+    from helpers import tiny_peft_model
+
+    return tiny_peft_model(tiny_factory)
+
+
+@pytest.fixture
 def tiny_model_and_tokenizer(tiny_factory: Callable[[], ModelAndTokenizer]) -> ModelAndTokenizer:
     """The tiny model and tokenizer, private to this test (mutate freely)."""
     return tiny_factory()

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+import helpers
 import pytest
 import torch
 
@@ -19,8 +19,7 @@ QA = [
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return str(path)
+    return str(helpers.write_jsonl(path, rows))
 
 
 @pytest.fixture

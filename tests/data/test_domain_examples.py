@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import write_jsonl
 
 from lora_cl.data.examples import DomainDataError, load_domain, pad_collate
 
@@ -15,9 +15,6 @@ SENTENCES = [f"Note {i}: the river rises after rain in the hills near town {i}."
 QA = [(f"What is {i} plus {i}?", f"{2 * i}.") for i in range(20)]
 
 
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 @pytest.fixture

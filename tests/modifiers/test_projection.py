@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import grad_batch
 
 from lora_cl import FixedStrength, OverlapAdaptiveStrength, Projection, SubspaceBank
-from lora_cl.modifiers.base import GradBatch
 
 
 def orth(d, k, seed=0):
@@ -15,9 +15,7 @@ def orth(d, k, seed=0):
 
 
 def batch_of(grads, names=None, step=1):
-    names = names or [f"t{i}" for i in range(len(grads))]
-    params = [torch.zeros_like(g) for g in grads]
-    return GradBatch(names=names, params=params, grads=list(grads), raw=list(grads), step=step)
+    return grad_batch(grads, names, step=step)
 
 
 def test_hard_projection_removes_basis_component_exactly():

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import grad_batch
 
 from lora_cl import AGEM, EWCPenalty, Importance, ImportanceRescale, ReplayMix, RoutedAdamW
-from lora_cl.modifiers.base import GradBatch
 
 
 def batch(grads, params=None, step=1, extras=None):
-    names = [f"t{i}" for i in range(len(grads))]
-    params = params or [torch.zeros_like(g) for g in grads]
-    return GradBatch(names=names, params=params, grads=list(grads), raw=list(grads), step=step,
-                     extras=extras or {})
+    return grad_batch(grads, params=params, step=step, extras=extras)
 
 
 def test_importance_rescale_uses_max_normalized_fisher():

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
+from helpers import torch_round_trip
 
 from lora_cl import (
     FixedStrength,
@@ -54,10 +53,8 @@ def test_resume_from_state_dict_is_bit_identical(stop_at):
 
     p2, opt2, buf2, bank2 = fresh()
     train(p2, opt2, buf2, bank2, 0, stop_at)
-    blob = io.BytesIO()
-    torch.save({"opt": opt2.state_dict(), "params": [p.detach() for p in p2]}, blob)
-    blob.seek(0)
-    saved = torch.load(blob, weights_only=True)  # what HF Trainer does with optimizer.pt
+    # what HF Trainer does with optimizer.pt
+    saved = torch_round_trip({"opt": opt2.state_dict(), "params": [p.detach() for p in p2]})
 
     p3, opt3, buf3, bank3 = fresh(seed=123)  # different init: everything must come from disk
     with torch.no_grad():

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
 import torch
+from helpers import torch_round_trip
 
 import lora_cl
 from lora_cl import GradientModifier, RoutedAdamW
@@ -145,11 +145,7 @@ def test_decoupled_zeroed_gradient_leaves_m_zero_while_v_grows(impl):
     assert v_means[-1] == pytest.approx((1 - 0.999**5) * 1e-4, rel=0.05)
 
 
-def _round_trip(state_dict):
-    buf = io.BytesIO()
-    torch.save(state_dict, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
+_round_trip = torch_round_trip
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

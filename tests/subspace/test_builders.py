@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import grad_batch, torch_round_trip
 from subspace_helpers import orthonormal, projection
 
-from lora_cl.modifiers.base import GradBatch
 from lora_cl.subspace import GradientRowBuffer, SubspaceBank, basis_from_rows
 
 
@@ -60,8 +60,7 @@ def test_zero_rows_and_bad_arguments():
 
 
 def _batch(names, grads, step=1):
-    return GradBatch(names=names, params=[torch.zeros_like(g) for g in grads], grads=grads,
-                     raw=grads, step=step)
+    return grad_batch(grads, names, step=step)
 
 
 def test_buffer_keeps_every_row_while_under_the_cap_and_is_an_observer():
@@ -115,7 +114,7 @@ def test_buffer_state_dict_resumes_exactly_and_builds():
         if i < 5:
             half(_batch(["w"], [g]))
     resumed = GradientRowBuffer(max_rows=16, window_steps=8, rank=3)
-    resumed.load_state_dict(torch.load(_roundtrip(half.state_dict()), weights_only=True))
+    resumed.load_state_dict(torch_round_trip(half.state_dict()))
     for g in grads[5:]:
         resumed(_batch(["w"], [g]))
     assert torch.equal(resumed.rows("w"), full.rows("w"))
@@ -136,12 +135,3 @@ def test_on_domain_start_clears():
     buf(_batch(["w"], [torch.randn(3, 5)]))
     buf.on_domain_start("next")
     assert buf.names() == [] and buf.build(SubspaceBank(), "next") == 0
-
-
-def _roundtrip(state):
-    import io
-
-    f = io.BytesIO()
-    torch.save(state, f)
-    f.seek(0)
-    return f

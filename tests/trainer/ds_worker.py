@@ -28,6 +28,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # tests/: helpers
 import trainer_helpers as H  # noqa: E402
 
 import lora_cl  # noqa: E402

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
-from peft import LoraConfig, get_peft_model
+from helpers import tiny_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import lora_cl
@@ -69,11 +69,9 @@ QA_DOMAINS: dict[str, list[tuple[str, str]]] = {
 
 
 def lora_model(tiny_factory: Any, modules_to_save: list[str] | None = None) -> tuple[Any, Any]:
-    """A fresh tiny Llama with LoRA r=4 on q_proj, v_proj (and its tokenizer)."""
-    model, tokenizer = tiny_factory()
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-                        modules_to_save=modules_to_save)
-    return get_peft_model(model, config), tokenizer
+    """A fresh tiny Llama with LoRA r=4 on q_proj, v_proj (and its tokenizer): the suite's one
+    builder, helpers.tiny_peft_model."""
+    return tiny_peft_model(tiny_factory, modules_to_save=modules_to_save)
 
 
 def lm_dataset(tokenizer: Any, texts: list[str]) -> Dataset:

@@ -1,0 +1,54 @@
+"""Helpers several test modules share (import as ``from helpers import ...``; tests/ is on the
+path through its conftest). One place for each, so a fix reaches every caller."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_cl.modifiers.base import GradBatch
+
+
+def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
+    """``rows`` as JSON lines at ``path`` (UTF-8); returns ``path``."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def torch_round_trip(obj: Any) -> Any:
+    """``obj`` through an in-memory ``torch.save`` / ``torch.load(weights_only=True)``, as the HF
+    Trainer saves and loads ``optimizer.pt``."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def grad_batch(grads: Sequence[torch.Tensor], names: Sequence[str] | None = None, *,
+               params: Sequence[torch.Tensor] | None = None, step: int = 1,
+               extras: dict[str, Any] | None = None) -> GradBatch:
+    """A GradBatch as RoutedAdamW builds one: names t0, t1, ... unless given, zero params unless
+    given, raw gradients equal to the (copied list of) gradients."""
+    names = list(names) if names is not None else [f"t{i}" for i in range(len(grads))]
+    params = list(params) if params is not None else [torch.zeros_like(g) for g in grads]
+    return GradBatch(names=names, params=params, grads=list(grads), raw=list(grads), step=step,
+                     extras=extras or {})
+
+
+def tiny_peft_model(factory: Any, *, r: int = 4, lora_alpha: int = 8,
+                    target_modules: Sequence[str] = ("q_proj", "v_proj"),
+                    modules_to_save: list[str] | None = None) -> tuple[Any, Any]:
+    """The one tiny peft model of the suite: a fresh copy of the tiny random Llama from
+    ``factory`` (the ``tiny_factory`` fixture) with LoRA r=4, alpha 8, no dropout on q_proj and
+    v_proj unless told otherwise; returns (peft model, tokenizer)."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = factory()
+    config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=list(target_modules),
+                        modules_to_save=modules_to_save)
+    return get_peft_model(model, config), tokenizer
