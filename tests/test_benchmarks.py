@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_performance_quick_writes_the_page(tmp_path, test_cache_dir):
     page = tmp_path / "performance.md"
     env = {**os.environ, "LORA_CL_CACHE": str(test_cache_dir)}

@@ -5,12 +5,15 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 
 def cli(*args, timeout=120):
     return subprocess.run([sys.executable, "-m", "lora_cl.cli", *args], capture_output=True,
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_help_and_version():
     proc = cli("--help")
     assert proc.returncode == 0 and "diagnose" in proc.stdout and "data" in proc.stdout

@@ -26,6 +26,7 @@ def run_example(name: str, *args: str, cache: Path, timeout: int = 300) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_trainer_20_lines_protects_each_finished_domain(test_cache_dir):
     out = run_example("trainer_20_lines.py", "tiny", cache=test_cache_dir)
     assert "cooking: protected domains ['cooking']" in out
@@ -34,12 +35,14 @@ def test_trainer_20_lines_protects_each_finished_domain(test_cache_dir):
     assert "subspace bank (accumulate): 12 bases" in out
 
 
+@pytest.mark.slow
 def test_sft_continual_runs_three_tasks(test_cache_dir):
     out = run_example("sft_continual.py", "tiny", "ogp", cache=test_cache_dir)
     assert "finished ['capitals', 'arithmetic', 'colours']" in out
     assert "'projection/overlap'" in out.splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_own_data_recipe_reads_all_four_formats(test_cache_dir, tmp_path):
     out = run_example("own_data_recipe.py", "tiny", "--out", str(tmp_path), "--steps", "2",
                       cache=test_cache_dir)
@@ -49,6 +52,7 @@ def test_own_data_recipe_reads_all_four_formats(test_cache_dir, tmp_path):
     assert len(list((tmp_path / "runs" / "ogp" / "domains").iterdir())) == 4
 
 
+@pytest.mark.slow
 def test_resume_continues_a_killed_run(test_cache_dir, tmp_path):
     out = run_example("resume.py", "tiny", "--out", str(tmp_path), cache=test_cache_dir)
     assert "killed: exit status -9" in out
@@ -60,6 +64,7 @@ def test_resume_continues_a_killed_run(test_cache_dir, tmp_path):
     assert (tmp_path / "tiny" / "ogp" / "domains" / "02-law" / "metrics.json").is_file()
 
 
+@pytest.mark.slow
 def test_qlora_trains_lora_on_a_4bit_base(test_cache_dir):
     pytest.importorskip("bitsandbytes")
     out = run_example("qlora.py", "tiny", cache=test_cache_dir)
@@ -70,6 +75,7 @@ def test_qlora_trains_lora_on_a_4bit_base(test_cache_dir):
     assert "subspace bank (accumulate): 12 bases" in out
 
 
+@pytest.mark.slow
 def test_memory_plan_runs_offline_for_both_setups(test_cache_dir):
     out = run_example("memory_plan.py", cache=test_cache_dir)
     assert "6,738,415,616 params, 16,777,216 LoRA" in out  # Llama-2-7B on the meta device, r 16 on q/k/v/o
@@ -80,6 +86,7 @@ def test_memory_plan_runs_offline_for_both_setups(test_cache_dir):
     assert "verdict: 4-bit base, 12 GiB: 9.62 GiB of 12 GiB, fits" in out
 
 
+@pytest.mark.slow
 def test_read_report_recomputes_the_stored_summary(test_cache_dir):
     out = run_example("read_report.py", cache=test_cache_dir)
     assert "domains ['cooking', 'astronomy', 'law'], primary metric loss, finished 3/3" in out

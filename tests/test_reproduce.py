@@ -127,6 +127,7 @@ def test_mean_ci_and_paired_on_hand_computed_values():
     assert paired({0: 3.0, 1: 3.1, 2: 2.9}, {0: 0.0, 1: 0.0, 2: 0.0}).ci.excludes_zero()
 
 
+@pytest.mark.slow
 def test_parallel_script_splits_methods_over_workers_sharing_one_cache(tmp_path, lora_cl_cache):
     """benchmarks/reproduce_parallel.sh: two workers, one method each, cells in one cache."""
     import os
@@ -186,6 +187,7 @@ def test_pool_plans_seed_major_longest_first_and_skips_finished_cells(tmp_path):
         pool.plan_jobs([2], tmp_path, settings, order="random")
 
 
+@pytest.mark.slow
 def test_pool_trains_one_process_per_cell_and_stops_at_the_deadline(tmp_path, lora_cl_cache, capsys):
     pool = _pool_module()
     cache, logs = tmp_path / "cache", tmp_path / "logs"

@@ -37,6 +37,7 @@ def test_probes_on_known_values():
     assert v_share_in_subspace(v, U, step=1e9, beta2=0.999) == pytest.approx(0.8)
 
 
+@pytest.mark.slow
 def test_cli_writes_json_and_png_and_exit_code(tmp_path):
     out = tmp_path / "p1"
     proc = subprocess.run(

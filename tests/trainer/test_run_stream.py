@@ -135,6 +135,7 @@ def test_domain_adapter_loads_with_peft(finished, tiny_factory):
     assert any(t.abs().sum() > 0 for k, t in saved.items() if "lora_B" in k)  # B trained (starts at 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["kill:1:3", "kill:0:end", "kill:2:1"])
 def test_resume_after_kill_equals_uninterrupted(finished, tmp_path, test_cache_dir, fault):
     _, runs = finished
