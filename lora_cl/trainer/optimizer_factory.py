@@ -23,7 +23,8 @@ HOW_TO_PASS = ("build it with lora_cl.make_optimizer(model, method=...) and hand
 def make_optimizer(model: nn.Module, method: str | MethodSpec = "ogp", *, lr: float = 1e-4,
                    weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
                    eps: float = 1e-8, bank: SubspaceBank | None = None, impl: str = "auto",
-                   nonfinite: str = "skip", state_bits: int = 32, **overrides: Any) -> RoutedAdamW:
+                   nonfinite: str = "skip", state_bits: int = 32, route: str = "lora",
+                   **overrides: Any) -> RoutedAdamW:
     """A RoutedAdamW for ``model`` running the preset ``method`` (fields overridden by ``overrides``).
 
     LoRA tensors go in one group with the method's routing, every other trainable tensor in a
@@ -31,11 +32,15 @@ def make_optimizer(model: nn.Module, method: str | MethodSpec = "ogp", *, lr: fl
     ``optimizer.lora_cl_method`` and ``optimizer.bank`` for :class:`~lora_cl.ContinualCallback`.
     ``lr`` is the peak rate the Trainer's scheduler starts from (``args.learning_rate`` is not used).
     ``state_bits=8`` keeps m and v as 8-bit blockwise states (bitsandbytes' format).
+    ``route="linear"`` fully finetunes a plain model: every linear layer's weight is routed
+    (:func:`~lora_cl.grouping.param_groups`); use a one-sided ``-in`` preset there (the paper's
+    full-parameter setting), since side ``"both"`` projects each weight on both of its sides.
     """
     spec = resolve_method(method, overrides)
     if bank is None and spec.needs_bank:
         bank = SubspaceBank(mode=spec.bank_mode, max_rank=spec.bank_max_rank)
-    optimizer = RoutedAdamW(param_groups(model, routing=spec.routing), lr=lr, betas=betas, eps=eps,
+    groups = param_groups(model, routing=spec.routing, route=route)
+    optimizer = RoutedAdamW(groups, lr=lr, betas=betas, eps=eps,
                             weight_decay=weight_decay, modifiers=build_modifiers(spec, bank),
                             reproject_update=spec.reproject_update, nonfinite=nonfinite, impl=impl,
                             state_bits=state_bits)
@@ -81,7 +86,7 @@ class RoutedAdamWFactory:
 
 
 _MAKE_KWARGS = frozenset({"lr", "weight_decay", "betas", "eps", "bank", "impl", "nonfinite",
-                          "state_bits"})
+                          "state_bits", "route"})
 
 
 def unwrap_optimizer(optimizer: Any) -> Any:
