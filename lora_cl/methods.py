@@ -70,6 +70,7 @@ class MethodSpec:
     beta: float = 0.98
     warmup: int = 0
     scope: str = "global"
+    bias_correction: bool = False
     weighted: bool = True
     side: str = "in"
     reproject_update: bool = False
@@ -130,6 +131,8 @@ PRESETS: dict[str, MethodSpec] = {
     "ogp-fixed-in": _preset("ogp-fixed-in", routing="decoupled", side="in", **_NSCL),
     "ogp": _preset("ogp", side="both", **_OGP),
     "ogp-in": _preset("ogp-in", side="in", **_OGP),
+    # lora-cl's variant, not the paper's: alpha from the bias-corrected overlap EMA
+    "ogp-debiased": _preset("ogp-debiased", side="both", bias_correction=True, **_OGP),
     "ogp-hard-reproject": _preset("ogp-hard-reproject", routing="decoupled", side="both",
                                   reproject_update=True, **{**_NSCL, "alpha": 1.0, "weighted": False}),
     "ewc": _preset("ewc", routing="shared", penalty="rescale", importance="fisher", lam=0.5),
@@ -251,6 +254,10 @@ def validate(spec: MethodSpec) -> None:
             raise MethodError(f"{where}: {name} must be a positive int, got {value}")
     if spec.warmup < 0:
         raise MethodError(f"{where}: warmup must be >= 0, got {spec.warmup}")
+    if spec.bias_correction and spec.strength != "overlap":
+        raise MethodError(f"{where}: bias_correction=True corrects the overlap EMA of "
+                          f"strength='overlap', but strength is {spec.strength!r}; drop it or set "
+                          "strength='overlap'")
     if spec.basis_energy is not None and not 0.0 < spec.basis_energy <= 1.0:
         raise MethodError(f"{where}: basis_energy must be in (0, 1], got {spec.basis_energy}")
     if spec.basis_rank is not None and spec.basis_energy is not None:
@@ -290,7 +297,8 @@ def make_strength(spec: MethodSpec) -> Strength:
         return FixedStrength(spec.alpha)
     if spec.strength == "overlap":
         return OverlapAdaptiveStrength(alpha_max=spec.alpha_max, beta=spec.beta,
-                                       warmup=spec.warmup, scope=spec.scope)
+                                       warmup=spec.warmup, scope=spec.scope,
+                                       bias_correction=spec.bias_correction)
     raise MethodError(f"method {spec.name!r} has no projection strength")
 
 

@@ -83,14 +83,17 @@ class OverlapAdaptiveStrength(Strength):
     """alpha_t = alpha_max * (1 - sbar_t), sbar_t an EMA of the overlap s_t.
 
     sbar_t = beta * sbar_{t-1} + (1 - beta) * s_t, reset to 0 at each domain switch;
-    alpha_t = 0 during the first ``warmup`` steps of a domain. ``scope="global"``
+    alpha_t = 0 during the first ``warmup`` steps of a domain. ``bias_correction=True`` (lora-cl's
+    variant, not the paper's rule) uses sbar_t / (1 - beta^t), as Adam corrects its moments: the
+    EMA starts at 0, so without it alpha_t sits near alpha_max for the first ~1/(1 - beta) steps
+    of every domain whatever the overlap (~50 steps at beta 0.98). ``scope="global"``
     averages s_t over all tensors with a basis (the paper's rule); ``"tensor"`` keeps
     one EMA and one alpha per tensor. High overlap -> weaker attenuation, to keep
     plasticity when the new domain needs the old directions.
     """
 
     def __init__(self, alpha_max: float = 0.5, beta: float = 0.98, warmup: int = 0,
-                 scope: str = "global") -> None:
+                 scope: str = "global", bias_correction: bool = False) -> None:
         if not 0.0 <= alpha_max <= 1.0:
             raise ValueError(f"OverlapAdaptiveStrength: alpha_max must be in [0, 1], got {alpha_max}")
         if not 0.0 <= beta < 1.0:
@@ -103,6 +106,7 @@ class OverlapAdaptiveStrength(Strength):
         self.beta = float(beta)
         self.warmup = int(warmup)
         self.scope = scope
+        self.bias_correction = bool(bias_correction)
         self.steps = 0
         self.sbar: dict[str, Tensor] = {}  # "__global__" or tensor name -> EMA (0-d)
         self._last_overlap: Tensor | None = None
@@ -127,6 +131,8 @@ class OverlapAdaptiveStrength(Strength):
             sbars = [self._ema("__global__", overlap, staged)] * len(names)
         else:
             sbars = [self._ema(n, o.float(), staged) for n, o in zip(names, overlaps, strict=True)]
+        if self.bias_correction:  # every tensor with a basis is seen every step of a domain
+            sbars = [sb / (1.0 - self.beta**steps) for sb in sbars]
         if steps <= self.warmup:
             alphas: list[float | Tensor] = [0.0] * len(names)
             mean_alpha = torch.zeros(())
@@ -187,7 +193,7 @@ class OverlapAdaptiveStrength(Strength):
 
     def __repr__(self) -> str:
         return (f"OverlapAdaptiveStrength(alpha_max={self.alpha_max}, beta={self.beta}, "
-                f"warmup={self.warmup}, scope={self.scope!r})")
+                f"warmup={self.warmup}, scope={self.scope!r}, bias_correction={self.bias_correction})")
 
 
 def as_strength(strength: float | Strength) -> Strength:

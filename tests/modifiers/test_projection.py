@@ -100,6 +100,32 @@ def test_overlap_adaptive_ema_and_reset():
     assert float(a3) == pytest.approx(0.5 * 0.9)
 
 
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+def test_bias_corrected_overlap_gives_the_steady_state_alpha_from_step_one(scope):
+    """ogp-debiased: with a constant overlap s, alpha = alpha_max (1 - s) at every step, where the
+    paper's uncorrected EMA starts near alpha_max and takes ~1/(1 - beta) steps to get there."""
+    plain = OverlapAdaptiveStrength(alpha_max=0.5, beta=0.98, scope=scope)
+    fixed = OverlapAdaptiveStrength(alpha_max=0.5, beta=0.98, scope=scope, bias_correction=True)
+    s = [torch.tensor(0.6), torch.tensor(0.6)]
+    for t in range(1, 51):
+        a_plain, a_fixed = plain.update(["a", "b"], s)[0], fixed.update(["a", "b"], s)[0]
+        assert float(a_fixed) == pytest.approx(0.5 * 0.4, rel=1e-5)
+        assert float(a_plain) == pytest.approx(0.5 * (1 - 0.6 * (1 - 0.98**t)), rel=1e-5)
+    assert float(a_plain) > 0.3  # after 50 steps the uncorrected alpha is still far from 0.2
+    assert fixed.state_dict()["sbar"].keys() == plain.state_dict()["sbar"].keys()  # same EMA state
+    fixed.reset()
+    assert float(fixed.update(["a", "b"], [torch.tensor(0.1)] * 2)[0]) == pytest.approx(0.45)
+    assert "bias_correction=True" in repr(fixed)
+
+
+def test_bias_correction_needs_the_overlap_strength():
+    from lora_cl import MethodError, resolve_method
+
+    assert resolve_method("ogp-debiased").bias_correction
+    with pytest.raises(MethodError, match="bias_correction=True corrects the overlap EMA"):
+        resolve_method("adam-nscl", {"bias_correction": True})
+
+
 def test_overlap_adaptive_global_vs_tensor_scope_and_warmup():
     glob = OverlapAdaptiveStrength(alpha_max=1.0, beta=0.0, warmup=1)
     assert glob.update(["a", "b"], [torch.tensor(0.2), torch.tensor(0.6)]) == [0.0, 0.0]

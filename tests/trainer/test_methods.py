@@ -31,6 +31,7 @@ CHAINS = {
     "ogp-fixed-in": [GradientRowBuffer, Projection],
     "ogp": B2,
     "ogp-in": [GradientRowBuffer, Projection],
+    "ogp-debiased": B2,
     "ogp-hard-reproject": B2,
     "ewc": [ImportanceRescale],
     "replay": [ReplayMix],
