@@ -124,9 +124,20 @@ def _modified_inputs_ok(params: list[Tensor], grads_m: list[Tensor], grads_v: li
     return True
 
 
+def fused_adamw_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                     exp_avg_sqs: list[Tensor], state_steps: list[Tensor], *, lr: float, beta1: float,
+                     beta2: float, eps: float, weight_decay: float, found_inf: Tensor) -> None:
+    """Plain AdamW through the fused kernel, skipped on the device where ``found_inf`` is 1:
+    p, m and v untouched and the step counts put back (torch's fused AdamW does the same)."""
+    _fused_kernel(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=lr, beta1=beta1, beta2=beta2,
+                  eps=eps, weight_decay=weight_decay, found_inf=found_inf)
+    torch._foreach_sub_(state_steps, [found_inf] * len(state_steps))
+
+
 def _fused_kernel(params: list[Tensor], grads_v: list[Tensor], exp_avgs: list[Tensor],
                   exp_avg_sqs: list[Tensor], state_steps: list[Tensor], *, lr: float, beta1: float,
-                  beta2: float, eps: float, weight_decay: float) -> None:
+                  beta2: float, eps: float, weight_decay: float,
+                  found_inf: Tensor | None = None) -> None:
     # The kernel wants params, grads and states of one dtype: lower-precision params are
     # updated through an fp32 working copy (states stay fp32).
     work = [p if p.dtype == torch.float32 else p.detach().float() for p in params]
@@ -151,7 +162,7 @@ def _fused_kernel(params: list[Tensor], grads_v: list[Tensor], exp_avgs: list[Te
             eps=eps,
             maximize=False,
             grad_scale=None,
-            found_inf=None,
+            found_inf=found_inf,
         )
     for p, w in zip(params, work, strict=True):
         if w is not p:

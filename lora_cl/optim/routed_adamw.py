@@ -14,6 +14,8 @@ from torch.optim import Optimizer
 from lora_cl.modifiers.base import GradBatch, GradientModifier
 from lora_cl.optim import quantized_state as q8
 from lora_cl.optim.functional import (
+    FUSED_MIN_BETA1,
+    fused_adamw_step,
     fused_kernel_available,
     routed_adamw_fused,
     routed_adamw_reference,
@@ -111,8 +113,13 @@ class RoutedAdamW(Optimizer):
         self.impl = impl
         self.state_bits = state_bits
         self.min_8bit_size = min_8bit_size
-        self.global_step = 0
-        self.skipped_steps = 0
+        self._host_step = 0
+        self._host_skipped = 0
+        # Steps whose skip-or-step was decided on the device (see _device_guarded): how many,
+        # and a device tensor counting the skipped ones, read only when a counter is read.
+        self._dev_steps = 0
+        self._dev_skips: Tensor | None = None
+        self._dev_bad: tuple[list[str], Tensor] | None = None
         self._extras: dict[str, Any] = {}
         # Set by a sharded stepper (lora_cl.trainer.zero) that steps one group per call and
         # decides the skip for the whole optimizer: commits wait in _held_commit until it does.
@@ -183,6 +190,45 @@ class RoutedAdamW(Optimizer):
             return q8.dequantize(state)
         return state["exp_avg"], state["exp_avg_sq"]
 
+    # -- step counters (a device-decided skip is read lazily: no host sync per step) --------------
+    def _settle(self) -> None:
+        if self._dev_skips is None:
+            return
+        skipped = int(self._dev_skips.item())
+        self._host_skipped += skipped
+        self._host_step += self._dev_steps - skipped
+        names, bad = self._dev_bad or ([], None)
+        self._dev_steps, self._dev_skips, self._dev_bad = 0, None, None
+        if skipped:
+            shown = [n for n, b in zip(names, bad.tolist(), strict=True) if b] if bad is not None else []
+            which = (f"; the last one in {len(shown)} tensor(s): {', '.join(shown[:8])}"
+                     + (f" and {len(shown) - 8} more" if len(shown) > 8 else "")) if shown else ""
+            warnings.warn(f"RoutedAdamW: skipped {skipped} step(s) with non-finite gradients (decided "
+                          f"on the device), all optimizer states untouched{which}. Check the loss "
+                          "scale, learning rate and input data.", RuntimeWarning, stacklevel=3)
+
+    @property
+    def global_step(self) -> int:
+        """Steps taken (skipped ones not counted)."""
+        self._settle()
+        return self._host_step
+
+    @global_step.setter
+    def global_step(self, value: int) -> None:
+        self._settle()
+        self._host_step = int(value)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped by the non-finite guard."""
+        self._settle()
+        return self._host_skipped
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._settle()
+        self._host_skipped = int(value)
+
     def _wants_8bit(self, p: Tensor) -> bool:
         return self.state_bits == 8 and p.numel() >= self.min_8bit_size
 
@@ -205,6 +251,8 @@ class RoutedAdamW(Optimizer):
         entries = self._collect()
         extras, self._extras = self._extras, {}
         if not entries:
+            return loss
+        if self._device_guarded(entries):
             return loss
         step = self.global_step + 1
         routed = [e for e in entries if e["routing"] != "vanilla"]
@@ -248,6 +296,50 @@ class RoutedAdamW(Optimizer):
         if before is not None:
             self._reproject(routed, before)
         return loss
+
+    def _device_guarded(self, entries: list[dict[str, Any]]) -> bool:
+        """The default step with no host sync: skip-or-step decided on the device.
+
+        Taken when nothing needs the decision on the host: ``nonfinite="skip"``, no modifier
+        acting on a routed tensor, no update re-projection, fp32 states, torch's fused kernel on
+        one device, beta1 >= FUSED_MIN_BETA1 and not inside a sharded step. The kernel gets
+        ``found_inf`` (any gradient non-finite): it leaves p, m and v as they are, and the step
+        counts are put back on the device, as torch's own fused AdamW does for its grad scaler.
+        Without a modifier every routing feeds both moments the raw gradient, so this is the
+        routed step too. Returns False where the host path must run.
+        """
+        if (self.nonfinite != "skip" or self.reproject_update or self._hold_commits
+                or (self.modifiers and any(e["routing"] != "vanilla" for e in entries))):
+            return False
+        device = entries[0]["param"].device
+        if (self.impl == "reference" or any(e["param"].device != device for e in entries)
+                or not fused_kernel_available(device) or any(q8.is_8bit(e["state"]) for e in entries)):
+            return False
+        groups = [(g, [e for e in entries if e["group"] == gi]) for gi, g in enumerate(self.param_groups)]
+        if any(float(g["betas"][0]) < FUSED_MIN_BETA1 for g, mine in groups if mine):
+            return False
+        norms = torch._foreach_norm([e["grad"] for e in entries])
+        bad = ~torch.stack(norms).isfinite()
+        found_inf = bad.any().to(torch.float32)
+        # which tensors of the latest skipped step were non-finite, named when a counter is read
+        names = [e["name"] for e in entries]
+        last = self._dev_bad
+        self._dev_bad = (names, bad if last is None or last[0] != names
+                         else torch.where(found_inf.bool(), bad, last[1]))
+        for group, mine in groups:
+            if not mine:
+                continue
+            beta1, beta2 = group["betas"]
+            steps = [e["state"]["step"] for e in mine]
+            fused_adamw_step([e["param"] for e in mine], [e["grad"] for e in mine],
+                             [e["state"]["exp_avg"] for e in mine],
+                             [e["state"]["exp_avg_sq"] for e in mine], steps,
+                             lr=_as_float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
+                             eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
+                             found_inf=found_inf)
+        self._dev_steps += 1
+        self._dev_skips = found_inf if self._dev_skips is None else self._dev_skips + found_inf
+        return True
 
     def commit_modifiers(self) -> None:
         """Persist what the modifier chain staged this step (called by ``step`` past the guard)."""
