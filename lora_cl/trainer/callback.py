@@ -321,6 +321,21 @@ def check_steps_model_tensors(optimizer: RoutedAdamW, model: Any, wrapped: Any =
         f"{ZERO_SUPPORTED}; see docs/deepspeed.md")
 
 
+def _refuse_optimizer_offload(trainer: Any) -> None:
+    """DeepSpeed's offload_optimizer makes the Trainer step DeepSpeedCPUAdam, not the RoutedAdamW:
+    refuse from the config, before the engine builds that optimizer (a minute on a CPU)."""
+    ds = getattr(getattr(trainer, "args", None), "hf_deepspeed_config", None)
+    config = getattr(ds, "config", None) or {}
+    offload = (config.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    device = offload.get("device", "none") if isinstance(offload, dict) else "none"
+    if device not in (None, "none"):
+        raise TypeError(
+            "ContinualCallback needs the Trainer to step a lora_cl.RoutedAdamW, but the DeepSpeed "
+            f"config offloads the optimizer (zero_optimization.offload_optimizer.device={device!r}), "
+            "which makes DeepSpeed step its own DeepSpeedCPUAdam; remove offload_optimizer "
+            "(deepspeed_configs/zero2.json routes LoRA on full tensors without it)")
+
+
 def attach(trainer: Any, callback: ContinualCallback | None = None, **kwargs: Any) -> ContinualCallback:
     """Put ``callback`` first in ``trainer``'s callbacks (made from ``kwargs`` if None); return it.
 
@@ -332,6 +347,7 @@ def attach(trainer: Any, callback: ContinualCallback | None = None, **kwargs: An
         callback = ContinualCallback(**kwargs)
     elif kwargs:
         raise TypeError("attach: pass either a callback or its keyword arguments, not both")
+    _refuse_optimizer_offload(trainer)
     callbacks = trainer.callback_handler.callbacks
     callbacks[:] = [cb for cb in callbacks if cb is not callback]
     callbacks.insert(0, callback)
