@@ -17,10 +17,12 @@ OFFLOAD_KEYS = ("offload_optimizer", "offload_param")
 @dataclass(frozen=True)
 class ZeroSettings:
     """What lora-cl reads of ``zero_optimization``: the stage (0 without the section) and whether
-    optimizer states or parameters are offloaded (any ``device`` other than ``none``)."""
+    optimizer states or parameters are offloaded (any ``device`` other than ``none``), and where
+    the optimizer states go (``offload_optimizer.device``, ``"none"`` when they stay)."""
 
     stage: int
     offload: bool
+    optimizer_offload: str = "none"
 
 
 def read_zero(config: str | Path | dict[str, Any]) -> ZeroSettings:
@@ -32,5 +34,7 @@ def read_zero(config: str | Path | dict[str, Any]) -> ZeroSettings:
     if not isinstance(config, dict):
         config = json.loads(Path(config).read_text(encoding="utf-8"))
     zero = (config.get("zero_optimization") or {}) if isinstance(config, dict) else {}
-    offload = any(((zero.get(key) or {}).get("device") or "none") != "none" for key in OFFLOAD_KEYS)
-    return ZeroSettings(stage=int(zero.get("stage", 0)), offload=offload)
+    devices = {key: (zero.get(key) or {}).get("device") or "none" for key in OFFLOAD_KEYS}
+    return ZeroSettings(stage=int(zero.get("stage", 0)),
+                        offload=any(d != "none" for d in devices.values()),
+                        optimizer_offload=devices["offload_optimizer"])

@@ -266,8 +266,10 @@ def test_read_zero_reads_stage_and_offload_from_a_path_or_a_dict(tmp_path):
 
     configs = Path(__file__).resolve().parents[1] / "deepspeed_configs"
     assert read_zero(configs / "zero2.json") == ZeroSettings(stage=2, offload=False)
-    assert read_zero(configs / "zero2_offload.json") == ZeroSettings(stage=2, offload=True)
-    assert read_zero(configs / "zero3_offload.json") == ZeroSettings(stage=3, offload=True)
+    assert read_zero(configs / "zero2_offload.json") == ZeroSettings(stage=2, offload=True,
+                                                             optimizer_offload="cpu")
+    assert read_zero(configs / "zero3_offload.json") == ZeroSettings(stage=3, offload=True,
+                                                             optimizer_offload="cpu")
     assert read_zero({}) == ZeroSettings(stage=0, offload=False)
     none = {"zero_optimization": {"stage": 1, "offload_optimizer": {"device": "none"}}}
     assert read_zero(none) == ZeroSettings(stage=1, offload=False)

@@ -27,8 +27,7 @@ from lora_cl.trainer.replay import (
     seeded_subset,
 )
 from lora_cl.trainer.zero import SUPPORTED as ZERO_SUPPORTED
-from lora_cl.trainer.zero import _wrappers as _zero_chain
-from lora_cl.trainer.zero import release_zero, route_under_zero
+from lora_cl.trainer.zero import release_zero, route_under_zero, zero_stage12
 
 logger = logging.getLogger(__name__)
 
@@ -302,8 +301,7 @@ def check_steps_model_tensors(optimizer: RoutedAdamW, model: Any, wrapped: Any =
         # can give the optimizer back its per-tensor groups for the next engine (without it the
         # second domain's engine met the first one's flat partitions: KeyError in DeepSpeed)
         if (wrapped is not None and getattr(optimizer, "state_bits", 32) == 32
-                and any(type(w).__module__ == "deepspeed.runtime.zero.stage_1_and_2"
-                        for w in _zero_chain(wrapped))):
+                and zero_stage12(wrapped) is not None):
             route_under_zero(wrapped, optimizer, method_of(optimizer))
         return
     model_ids = {id(p) for p in model.parameters()}
@@ -324,11 +322,13 @@ def check_steps_model_tensors(optimizer: RoutedAdamW, model: Any, wrapped: Any =
 def _refuse_optimizer_offload(trainer: Any) -> None:
     """DeepSpeed's offload_optimizer makes the Trainer step DeepSpeedCPUAdam, not the RoutedAdamW:
     refuse from the config, before the engine builds that optimizer (a minute on a CPU)."""
-    ds = getattr(getattr(trainer, "args", None), "hf_deepspeed_config", None)
-    config = getattr(ds, "config", None) or {}
-    offload = (config.get("zero_optimization") or {}).get("offload_optimizer") or {}
-    device = offload.get("device", "none") if isinstance(offload, dict) else "none"
-    if device not in (None, "none"):
+    from lora_cl.dsconfig import read_zero
+
+    config = getattr(getattr(getattr(trainer, "args", None), "hf_deepspeed_config", None), "config", None)
+    if not config:
+        return
+    device = read_zero(config).optimizer_offload
+    if device != "none":
         raise TypeError(
             "ContinualCallback needs the Trainer to step a lora_cl.RoutedAdamW, but the DeepSpeed "
             f"config offloads the optimizer (zero_optimization.offload_optimizer.device={device!r}), "

@@ -67,6 +67,12 @@ class ZeroRoutingError(RuntimeError):
     """A DeepSpeed stage or option under which lora-cl cannot route with single-process math."""
 
 
+def zero_stage12(wrapped: Any) -> Any:
+    """DeepSpeed's ZeRO-1/2 optimizer in ``wrapped``'s chain of wrappers, or None."""
+    return next((w for w in _wrappers(wrapped)
+                 if type(w).__module__ == "deepspeed.runtime.zero.stage_1_and_2"), None)
+
+
 def route_under_zero(wrapped: Any, optimizer: RoutedAdamW, spec: MethodSpec | None = None) -> bool:
     """Put :class:`ZeroRoutedStep` in DeepSpeed's ZeRO-1/2 optimizer that steps ``optimizer``.
 
@@ -78,9 +84,8 @@ def route_under_zero(wrapped: Any, optimizer: RoutedAdamW, spec: MethodSpec | No
     chain = _wrappers(wrapped)
     if any(isinstance(w, ZeroRoutedStep) for w in chain):
         return True
-    kinds = {type(w).__module__: w for w in chain}
-    zero = kinds.get("deepspeed.runtime.zero.stage_1_and_2")
-    if "deepspeed.runtime.zero.stage3" in kinds:
+    zero = zero_stage12(wrapped)
+    if any(type(w).__module__ == "deepspeed.runtime.zero.stage3" for w in chain):
         raise ZeroRoutingError(
             "lora-cl: DeepSpeed ZeRO stage 3 partitions the LoRA parameters themselves, and routing "
             "under stage 3 is not built: the routed step could not keep the single-process math. "
