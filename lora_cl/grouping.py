@@ -21,6 +21,19 @@ def is_lora_name(name: str) -> bool:
     return bool(LORA_PATTERN.search(name))
 
 
+#: What :func:`tensor_kind` tells apart.
+KINDS = ("lora_A", "lora_B", "other")
+
+
+def tensor_kind(name: str) -> str:
+    """``lora_A`` / ``lora_B`` (peft's factors, embedding variants included) or ``other``."""
+    if "lora_A" in name or "lora_embedding_A" in name:
+        return "lora_A"
+    if "lora_B" in name or "lora_embedding_B" in name:
+        return "lora_B"
+    return "other"
+
+
 #: What :func:`param_groups` can route.
 ROUTES = ("lora", "linear")
 

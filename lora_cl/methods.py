@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from lora_cl.grouping import tensor_kind
 from lora_cl.modifiers import (
     AGEM,
     EWCPenalty,
@@ -284,11 +285,11 @@ def validate(spec: MethodSpec) -> None:
 
 
 def _not_lora_b(name: str) -> bool:
-    return "lora_B" not in name and "lora_embedding_B" not in name
+    return tensor_kind(name) != "lora_B"
 
 
 def _not_lora_a(name: str) -> bool:
-    return "lora_A" not in name and "lora_embedding_A" not in name
+    return tensor_kind(name) != "lora_A"
 
 
 def make_strength(spec: MethodSpec) -> Strength:

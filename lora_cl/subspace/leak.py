@@ -7,19 +7,9 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
+from lora_cl.grouping import KINDS, tensor_kind
 from lora_cl.modifiers.base import as_matrix
 from lora_cl.subspace.bank import SubspaceBank
-
-KINDS = ("lora_A", "lora_B", "other")
-
-
-def tensor_kind(name: str) -> str:
-    """``lora_A`` / ``lora_B`` (peft's factors, embedding variants included) or ``other``."""
-    if "lora_A" in name or "lora_embedding_A" in name:
-        return "lora_A"
-    if "lora_B" in name or "lora_embedding_B" in name:
-        return "lora_B"
-    return "other"
 
 
 def protection_leak(deltas: Mapping[str, Tensor], bank: SubspaceBank) -> dict[str, float | None]:
