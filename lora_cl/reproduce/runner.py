@@ -18,6 +18,7 @@ from typing import Any
 from lora_cl.reproduce.grid import (
     ADAM_DEFAULTS,
     METHODS,
+    REGIME_DEFAULTS,
     PARTS,
     Cell,
     Settings,
@@ -40,7 +41,7 @@ def prop1_dir(cache: Path, settings: Settings) -> Path:
     keys = {k: v for k, v in settings.to_dict().items() if k not in ("seeds", "steps", "eval_examples",
                                                                         "eval_batch", "logging_steps",
                                                                         "max_new_tokens", "quick")}
-    for key, default in ADAM_DEFAULTS.items():  # settings added later: at their defaults, no change
+    for key, default in {**ADAM_DEFAULTS, **REGIME_DEFAULTS}.items():  # added later: at defaults, no change
         if keys.get(key) == default:
             keys.pop(key)
     keys["sources"] = stream_sources(PROP1_STREAM, replace(settings, max_domains=2))
@@ -130,7 +131,8 @@ def prune_cell(run_dir: Path) -> None:
         elif target.exists():
             target.unlink()
     for ddir in (run_dir / "domains").glob("*"):
-        shutil.rmtree(ddir / "adapter", ignore_errors=True)
+        for weights in ("adapter", "model"):
+            shutil.rmtree(ddir / weights, ignore_errors=True)
         for name in ("optimizer.pt", "bank.safetensors"):
             (ddir / name).unlink(missing_ok=True)
 

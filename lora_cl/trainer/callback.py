@@ -62,6 +62,9 @@ class ContinualCallback(TrainerCallback):
         self.bases_added: dict[str, int] = {}
         self.log_count = 0
         self.last_replay_loss: float | None = None
+        # (sum of the routed tensors' v, optimizer step) when the current domain began
+        self.v_start: tuple[float, int] | None = None
+        self.v_current_share: dict[str, float] = {}
         self._inputs: dict[str, Any] = {}
         self._source: Any = None  # indexable examples of the current domain (replay / basis sample)
         self._collate: Any = None
@@ -141,6 +144,8 @@ class ContinualCallback(TrainerCallback):
                           replay_source=self._inputs.get("replay_source"))
         if state.global_step == 0:  # a resumed Trainer restored the modifiers: no reset
             optimizer.start_domain(self.current)
+            mass = v_mass(optimizer)
+            self.v_start = None if mass is None else (mass, optimizer.global_step)
         self.started = True
         self._check_order(args)
 
@@ -188,6 +193,9 @@ class ContinualCallback(TrainerCallback):
         model = kwargs["model"]
         release_zero(kwargs.get("optimizer"))  # under ZeRO: per-tensor layout again, as in one process
         optimizer.end_domain(name)
+        share = current_v_share(optimizer, self.v_start)
+        if share is not None:
+            self.v_current_share[name] = share
         start = time.perf_counter()
         added = build_domain_bases(spec, optimizer, bank_of(optimizer), model, name,
                                    seed=self._seed(args) + index,
@@ -209,7 +217,8 @@ class ContinualCallback(TrainerCallback):
         self.current, self.started, self._inputs, self._source = None, False, {}, None
         logger.info("lora-cl: domain %r ended; %d bases built in %.3f s", name, added, seconds)
         self._emit(state, {"cl/basis_build_seconds": seconds, "cl/bases_added": float(added),
-                           "cl/domain_index": float(index)})
+                           "cl/domain_index": float(index),
+                           **({} if share is None else {"cl/v_current_share": share})})
 
     # -- pieces ----------------------------------------------------------------------------
     def metrics(self) -> dict[str, float]:
@@ -263,6 +272,8 @@ class ContinualCallback(TrainerCallback):
             "basis_build_seconds": dict(self.basis_build_seconds),
             "bases_added": dict(self.bases_added), "log_count": self.log_count,
             "last_replay_loss": self.last_replay_loss,
+            "v_start": None if self.v_start is None else list(self.v_start),
+            "v_current_share": dict(self.v_current_share),
         }
         if include_snapshots:
             state["snapshots"] = {d: dict(s) for d, s in self.snapshots.items()}
@@ -279,9 +290,43 @@ class ContinualCallback(TrainerCallback):
         self.bases_added = {str(k): int(v) for k, v in state["bases_added"].items()}
         self.log_count = int(state["log_count"])
         self.last_replay_loss = state["last_replay_loss"]
+        v_start = state.get("v_start")  # (absent from states written before it was kept)
+        self.v_start = None if v_start is None else (float(v_start[0]), int(v_start[1]))
+        self.v_current_share = {str(k): float(v) for k, v in state.get("v_current_share", {}).items()}
         if "snapshots" in state:
             self.snapshots = {d: dict(s) for d, s in state["snapshots"].items()}
         self._optimizer, self._inputs = None, {}
+
+
+def v_mass(optimizer: RoutedAdamW) -> float | None:
+    """Sum of Adam's second moment v over every tensor the optimizer steps (None before any has
+    a state)."""
+    total, seen = 0.0, False
+    for p in (p for group in optimizer.param_groups for p in group["params"]):
+        moments = optimizer.moments(p)
+        if moments is not None:
+            total += float(moments[1].double().sum())
+            seen = True
+    return total if seen else None
+
+
+def current_v_share(optimizer: RoutedAdamW, start: tuple[float, int] | None) -> float | None:
+    """The share of the optimizer's v (its mass, summed over tensors) that came from this domain's
+    gradients.
+
+    After k steps v = beta2^k v0 + (the EMA of this domain's g^2), so the share is
+    1 - beta2^k v0 / v; 1.0 for the first domain (v0 = 0). It stays far below 1 while k is short
+    against Adam's horizon 1 / (1 - beta2): the regime where v still holds older domains' gradients.
+    """
+    mass = v_mass(optimizer)
+    if mass is None or mass <= 0:
+        return None
+    if start is None:
+        return 1.0
+    v0, step0 = start
+    beta2 = float(optimizer.param_groups[0]["betas"][1])
+    k = optimizer.global_step - step0
+    return float(max(0.0, 1.0 - beta2**k * v0 / mass))
 
 
 def check_steps_model_tensors(optimizer: RoutedAdamW, model: Any, wrapped: Any = None) -> None:

@@ -113,7 +113,8 @@ def load_stream_data(recipe: Any, log: Log | None = None) -> tuple[list[Any], An
         data.append(load_domain(domain.source, tokenizer, name=name, seq_len=recipe.data.seq_len,
                                 train_examples=recipe.data.train_examples,
                                 eval_examples=recipe.data.eval_examples, seed=recipe.data.seed,
-                                eval_source=domain.eval_source))
+                                eval_source=domain.eval_source, train_chars=recipe.data.train_chars,
+                                eval_chars=recipe.data.eval_chars))
     return data, tokenizer
 
 
@@ -138,7 +139,8 @@ def run_method(recipe: Any, choice: Any, run_dir: str | os.PathLike[str], *,
     model, tokenizer = load_peft_model(recipe)
     spec = choice.spec()
     tr = recipe.training
-    optimizer = make_optimizer(model, spec, lr=tr.lr, weight_decay=tr.weight_decay,
+    route = "linear" if recipe.model.finetune == "full" else "lora"
+    optimizer = make_optimizer(model, spec, route=route, lr=tr.lr, weight_decay=tr.weight_decay,
                                betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_epsilon,
                                nonfinite="raise" if recipe.training.nonfinite == "stop" else "skip")
     callback = ContinualCallback(seed=recipe.training.seed)
@@ -233,7 +235,7 @@ def _save_domain(run_dir: Path, i: int, name: str, model: Any, optimizer: Routed
                  callback: ContinualCallback, record: dict[str, Any]) -> None:
     target = domain_dir(run_dir, i, name)
     with atomic_dir(target) as tmp:
-        model.save_pretrained(str(tmp / "adapter"))
+        model.save_pretrained(str(tmp / weights_dir_name(model)))
         bank = bank_of(optimizer)
         if bank is not None:
             bank.save(tmp / "bank.safetensors")
@@ -248,7 +250,7 @@ def domain_leak(run_dir: Path, i: int, names: Sequence[str],
                 optimizer: RoutedAdamW) -> dict[str, float | None] | None:
     """The protection leak of domain ``i``'s update (see :func:`lora_cl.subspace.leak.protection_leak`).
 
-    The update is the routed tensors now minus the previous domain's saved adapter; the protected
+    The update is the routed tensors now minus the previous domain's saved adapter (or model); the protected
     subspace is the bank as it stood when domain ``i`` began (the previous domain's bank file).
     None for the first domain and for methods without a bank.
     """
@@ -263,7 +265,7 @@ def domain_leak(run_dir: Path, i: int, names: Sequence[str],
     if not (prev / "bank.safetensors").is_file():
         return None
     bank = SubspaceBank.load(prev / "bank.safetensors")
-    before = load_file(str(prev / "adapter" / "adapter_model.safetensors"))
+    before = load_file(str(saved_weights_file(prev)))
     deltas = {}
     for name, p in zip(*optimizer.routed_named_params(), strict=True):
         key = name.replace(".default.", ".")  # peft saves adapter tensors without the adapter name
@@ -272,11 +274,36 @@ def domain_leak(run_dir: Path, i: int, names: Sequence[str],
     return protection_leak(deltas, bank)
 
 
+#: A domain directory's weights: a peft adapter (``adapter/``) or, under ``model.finetune: full``,
+#: the whole model (``model/``, a transformers model directory ``from_pretrained`` loads).
+WEIGHTS_DIRS = {"lora": "adapter", "full": "model"}
+_WEIGHTS_FILES = {"adapter": "adapter_model.safetensors", "model": "model.safetensors"}
+
+
+def weights_dir_name(model: Any) -> str:
+    """``adapter`` for a peft model, ``model`` for a plain (fully finetuned) one."""
+    from peft import PeftModel
+
+    return WEIGHTS_DIRS["lora" if isinstance(model, PeftModel) else "full"]
+
+
+def saved_weights_file(domain_dir_: Path) -> Path:
+    """The safetensors file of a domain directory's saved adapter or model."""
+    for sub, name in _WEIGHTS_FILES.items():
+        if (domain_dir_ / sub / name).is_file():
+            return domain_dir_ / sub / name
+    raise FileNotFoundError(f"{domain_dir_} holds neither adapter/ nor model/ weights")
+
+
 def load_adapter(model: Any, adapter_dir: str | os.PathLike[str]) -> None:
-    """Load the LoRA weights ``save_pretrained`` wrote to ``adapter_dir`` into the peft ``model``."""
-    from peft import set_peft_model_state_dict
+    """Load the weights ``save_pretrained`` wrote to ``adapter_dir`` into ``model``: a LoRA adapter
+    into a peft model, or a whole model's weights (a ``model.finetune: full`` domain) into a plain one."""
+    from peft import PeftModel, set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    if not isinstance(model, PeftModel):
+        _load_full_weights(model, Path(adapter_dir))
+        return
     weights = Path(adapter_dir) / "adapter_model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} not found: an adapter is a directory written by "
@@ -288,8 +315,31 @@ def load_adapter(model: Any, adapter_dir: str | os.PathLike[str]) -> None:
                           "the recipe's model or lora settings differ from the adapter's")
 
 
+def _load_full_weights(model: Any, folder: Path) -> None:
+    """A plain model's weights from ``folder/model.safetensors``; a key may be missing only when
+    it is tied to one that is there (save_pretrained drops a tied LM head)."""
+    from safetensors.torch import load_file
+
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} not found: a fully finetuned domain's weights are a model "
+                                "directory written by save_pretrained, e.g. runs/x/ogp/domains/00-kjv/model")
+    state = load_file(str(weights))
+    own = model.state_dict()
+    wrong = sorted(k for k in state if k not in own or own[k].shape != state[k].shape)
+    if wrong:
+        raise StreamError(f"{folder}: tensors {wrong[:3]} do not fit this model; the recipe's model "
+                          "differs from the one that was saved")
+    result = model.load_state_dict(state, strict=False)
+    loaded = {own[k].data_ptr() for k in state}
+    untied = [k for k in result.missing_keys if own[k].data_ptr() not in loaded]
+    if untied:
+        raise StreamError(f"{folder}: {len(untied)} tensor(s) of the model are not in the saved "
+                          f"weights ({', '.join(untied[:3])}); it was saved from another model")
+
+
 def _restore_domain(model: Any, optimizer: RoutedAdamW, callback: ContinualCallback, ddir: Path) -> None:
-    load_adapter(model, ddir / "adapter")
+    load_adapter(model, ddir / weights_dir_name(model))
     optimizer.load_state_dict(torch.load(ddir / "optimizer.pt", weights_only=True))
     callback.load_state_dict(read_json(ddir / "callback.json"))
 
@@ -361,7 +411,8 @@ def _write_run_json(recipe: Any, choice: Any, spec: Any, run_dir: Path, data: Se
 
 
 def load_peft_model(recipe: Any) -> tuple[Any, Any]:
-    """The recipe's model with its LoRA adapter (seeded init) and the tokenizer."""
+    """The recipe's model and tokenizer: with its LoRA adapter (seeded init), or, when
+    ``model.finetune`` is ``full``, the plain model with every weight trainable."""
     from peft import get_peft_model
 
     from lora_cl.models import load_model
@@ -369,8 +420,11 @@ def load_peft_model(recipe: Any) -> tuple[Any, Any]:
     m = recipe.model
     model, tokenizer = load_model(m.name, dtype=getattr(torch, m.dtype),
                                   trust_remote_code=m.trust_remote_code, quantization=m.quantization)
-    torch.manual_seed(recipe.training.seed)  # LoRA init
-    model = get_peft_model(model, recipe.lora.peft_config())
+    if m.finetune == "full":
+        model.requires_grad_(True)
+    else:
+        torch.manual_seed(recipe.training.seed)  # LoRA init
+        model = get_peft_model(model, recipe.lora.peft_config())
     device = _accelerator(recipe)
     if device is not None:  # so the base-model evaluation runs there too, not on the CPU
         model.to(device)

@@ -1,0 +1,128 @@
+"""The time-scale-matched regime: the grid where Adam's second moment can undo a modifier.
+
+The main grid runs 40-120 steps per domain with beta2 = 0.999 (a horizon of ~1,000 steps), so v
+never reflects the current domain and routing acts on a small share of it. Here every domain runs
+at least 5 horizons of beta2 and of the overlap EMA (``steps x (1 - beta2) >= 5``, ``steps x
+(1 - beta) >= 5``) with at most ~1 pass over its training slice: regime (a) of the evidence issue,
+the paper's own setting scaled to 2 CPU cores — full-parameter training from scratch of a small
+Llama (``scratch-5m``: d = 256, 4 layers, its own 8k BPE tokenizer) on a 4-domain stream
+(``lm4-long``), every linear weight routed with input-side gradient-row bases.
+
+The methods are like for like: the same bases (gradient rows, rank 32, one side), the same alpha
+(fixed 0.5 or alpha_max 0.5) and the same EMA, so each pair differs in routing alone: the 2 x 2 of
+routing (shared, decoupled) x strength (fixed, overlap-adaptive), hard projection (alpha = 1)
+shared vs decoupled, the v_only ablation and a bias-corrected overlap EMA (lora-cl's own rule).
+Cells live in their own cache (``benchmarks/reproduction/cells-regime``) with their own hashes.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from lora_cl.data.text_domains import LONG_EVAL_CHARS, LONG_TRAIN_CHARS
+from lora_cl.reproduce.grid import Cell, MethodRun, Settings, config_hash, default_settings, recipe_dict
+
+Log = Callable[[str], None]
+REGIME_STREAM = "lm4-long"
+REGIME_CACHE = "benchmarks/reproduction/cells-regime"
+#: Horizons every domain must span (of beta2 and of the overlap EMA) for a cell to be in regime.
+MIN_HORIZONS = 5
+
+M = MethodRun
+#: One side (full weights: the input side, as GPM protects them), gradient-row bases of rank 32.
+_IN = {"side": "in"}
+_HARD = {**_IN, "alpha": 1.0, "weighted": False}
+REGIME_METHODS: dict[str, MethodRun] = {m.label: m for m in (
+    M("vanilla", "vanilla"),
+    M("fixed-shared", "adam-nscl", _IN),
+    M("fixed-decoupled", "ogp-fixed", _IN),
+    M("overlap-shared", "ogp", {**_IN, "routing": "shared"}),
+    M("overlap-decoupled", "ogp", _IN),
+    M("hard-shared", "adam-nscl", _HARD),
+    M("hard-decoupled", "ogp-fixed", _HARD),
+    M("fixed-v_only", "ogp-fixed", {**_IN, "routing": "v_only"}),
+    M("overlap-debiased", "ogp-debiased", _IN),
+)}
+#: The routing pairs the page compares: (label, shared, decoupled), each differing in routing only.
+PAIRS = (
+    ("fixed strength (alpha 0.5)", "fixed-shared", "fixed-decoupled"),
+    ("overlap-adaptive strength (alpha_max 0.5)", "overlap-shared", "overlap-decoupled"),
+    ("hard projection (alpha 1, unweighted)", "hard-shared", "hard-decoupled"),
+)
+
+
+def regime_settings(*, quick: bool = False, model: str | None = None, **overrides: Any) -> Settings:
+    """Regime (a) on 2 CPU cores: scratch-5m trained in full, 250 steps of 8 x 128 tokens per domain
+    with beta2 = 0.98 (5 horizons of 50 steps; the overlap EMA's beta 0.98 likewise), lr 1e-3,
+    5 seeds that also draw the held-out examples. ``quick``: the tiny model on the tiny text files,
+    a few steps (a smoke test of the code path, not evidence)."""
+    s = replace(default_settings(), model="scratch-5m", finetune="full", seeds=(0, 1, 2, 3, 4), steps=250,
+                seq_len=128, batch_size=8, lr=1e-3, adam_beta2=0.98, eval_examples=32, eval_batch=16,
+                logging_steps=10, train_chars=LONG_TRAIN_CHARS, eval_chars=LONG_EVAL_CHARS,
+                vary_eval_draw=True)
+    if quick or model == "tiny":
+        s = replace(s, model="tiny", data="tiny", train_chars=None, eval_chars=None, seq_len=32,
+                    batch_size=2, eval_batch=4, eval_examples=4)
+    if quick:
+        s = replace(s, seeds=(0,), max_domains=3, steps=3, logging_steps=1, quick=True)
+    return replace(s, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def horizons(settings: Settings, beta: float = 0.98) -> dict[str, float]:
+    """Steps per domain in horizons of beta2 and of the overlap EMA (``beta``): both >= 5 in regime."""
+    return {"beta2": settings.steps * (1 - settings.adam_beta2), "overlap_ema": settings.steps * (1 - beta)}
+
+
+def regime_cells(settings: Settings, methods: Sequence[str] | None = None) -> list[Cell]:
+    """The regime grid's cells, seed-major (each seed's comparison completes before the next)."""
+    unknown = [m for m in methods or () if m not in REGIME_METHODS]
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)}: not a regime method; the regime methods are "
+                         f"{', '.join(REGIME_METHODS)}")
+    chosen = [m for m in REGIME_METHODS if methods is None or m in methods]
+    return [Cell(REGIME_STREAM, REGIME_METHODS[label], seed,
+                 config_hash(REGIME_STREAM, REGIME_METHODS[label], settings))
+            for seed in settings.seeds for label in chosen]
+
+
+def run_regime(cache: str | Path, settings: Settings, *, methods: Sequence[str] | None = None,
+               progress: bool = False, log: Log | None = None) -> dict[str, int]:
+    """Train every unfinished regime cell (an interrupted one resumes); return trained/cached counts."""
+    from lora_cl.recipe import recipe_from_dict
+    from lora_cl.reproduce.runner import run_cell
+    from lora_cl.trainer.stream import load_stream_data
+
+    log = log or _stderr
+    cache = Path(cache)
+    counts = {"trained": 0, "cached": 0}
+    cells = regime_cells(settings, methods)
+    data: dict[tuple[str, int], Any] = {}
+    for k, cell in enumerate(cells):
+        run_dir = cell.run_dir(cache)
+        if cell.complete(cache):
+            counts["cached"] += 1
+            log(f"lora-cl reproduce: regime cell {k + 1}/{len(cells)} {run_dir}: cached")
+            continue
+        log(f"lora-cl reproduce: regime cell {k + 1}/{len(cells)} -> {run_dir}")
+        key = (cell.cfg, cell.seed)  # the held-out draw follows the seed
+        if key not in data:
+            recipe = recipe_from_dict(recipe_dict(cell.stream, cell.method, cell.seed, settings, run_dir.parent))
+            data = {key: load_stream_data(recipe, log)[0]}
+        run_cell(cell, cache, settings, data=data[key], progress=progress, log=log)
+        counts["trained"] += 1
+    return counts
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def write_regime_report(cache: str | Path, settings: Settings, docs: str | Path = "docs") -> Path:
+    """Regenerate ``<docs>/reproduction/regime-a.md`` (and its plots) from the regime cache."""
+    from lora_cl.reproduce.regime_doc import write_page
+
+    return write_page(Path(cache), settings, Path(docs))
