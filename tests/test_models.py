@@ -250,3 +250,26 @@ def test_atomic_dir_sweeps_stale_leftovers(tmp_path):
         (tmp / "x").write_text("done")
     assert (tmp_path / "cache" / "x").read_text() == "done"
     assert not stale.exists() and fresh.exists()
+
+
+def test_scratch_model_has_its_own_trained_bpe_tokenizer():
+    """scratch-5m: the documented shape, an 8k byte-level BPE tokenizer trained on the long
+    stream's training slices (lossless on text it never saw), built once and then reused."""
+    from lora_cl.data.text_domains import LONG_STREAM_4, load_text_domain
+    from lora_cl.models import SCRATCH, architecture_of, scratch_tokenizer_dir
+
+    model, tok = load_model(SCRATCH)
+    arch = architecture_of(SCRATCH)
+    assert len(tok) == arch["vocab"] == 8192 and model.config.vocab_size == 8192
+    assert (model.config.hidden_size, model.config.num_hidden_layers) == (arch["hidden"], arch["layers"])
+    assert 5.0e6 < model.num_parameters() < 5.5e6 and model.config.tie_word_embeddings
+    assert tok.eos_token == tok.pad_token == "<|endoftext|>" and tok.eos_token_id == 0
+    held_out = load_text_domain(LONG_STREAM_4[0], "eval", train_chars=1_200_000, eval_chars=60_000)[:4000]
+    ids = tok(held_out)["input_ids"]
+    assert tok.decode(ids) == held_out and len(held_out) / len(ids) > 3.0  # lossless, compresses
+    folder = scratch_tokenizer_dir()
+    stamp = folder.stat().st_mtime_ns
+    again, _ = load_model(SCRATCH)
+    assert scratch_tokenizer_dir() == folder and folder.stat().st_mtime_ns == stamp  # cached
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values(),
+                                                  strict=True))  # one fixed initialisation

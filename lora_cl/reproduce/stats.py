@@ -123,3 +123,20 @@ def paired(a: dict[Any, float], b: dict[Any, float], level: float = 0.95) -> Pai
             t = ci.mean / (ci.std / math.sqrt(ci.n))
             p = 2 * (1 - t_cdf(abs(t), ci.n - 1))
     return Paired(seeds, diffs, ci, p)
+
+
+def holm(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm-Bonferroni adjusted p-values (None entries stay None and do not count as tests).
+
+    Sorted ascending, the k-th smallest of m p-values becomes max over j <= k of
+    min(1, (m - j + 1) p_(j)); a claim holds at level a when its adjusted p is below a. This
+    controls the family-wise error rate over the m claims without assuming them independent.
+    """
+    order = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
+    m = len(order)
+    out: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
+    return out

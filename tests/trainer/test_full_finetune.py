@@ -66,3 +66,112 @@ def test_full_finetune_stream_projects_every_linear_weight(tiny_factory, tmp_pat
     # full finetuning: every trainable tensor moved, routed and vanilla alike
     assert all(not torch.equal(before[n], p) for n, p in model.named_parameters())
     assert set(callback.snapshots["law"]) == set(routed)
+
+
+# -- model.finetune: full through the stream runner ------------------------------------------
+def _full_recipe(out, **training):
+    from test_run_stream import tiny_recipe
+
+    doc = tiny_recipe(out, model={"name": "tiny", "finetune": "full"}, method="ogp-in",
+                      training={"adam_beta2": 0.9, **training})
+    del doc["lora"]
+    return doc
+
+
+def _weights(run_dir):
+    from safetensors.torch import load_file
+
+    return {d.name: load_file(str(d / "model" / "model.safetensors"))
+            for d in sorted((run_dir / "domains").iterdir())}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, test_cache_dir):
+    from lora_cl.recipe import recipe_from_dict
+    from lora_cl.trainer.stream import run_stream
+
+    out = tmp_path_factory.mktemp("full")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LORA_CL_CACHE", str(test_cache_dir))
+        doc = _full_recipe(out / "runs")
+        runs = run_stream(recipe_from_dict({**doc, "compare": ["vanilla"]}), progress=False,
+                          log=lambda _: None)
+    return out, runs
+
+
+def test_full_stream_saves_whole_models_and_measures_leak_and_v_share(full_run, tiny_factory):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    _, (ogp, vanilla) = full_run
+    base, _ = tiny_factory()
+    saved = _weights(ogp)
+    assert list(saved) == ["00-cooking", "01-astronomy", "02-law"]
+    assert not (ogp / "domains" / "00-cooking" / "adapter").exists()
+    # every weight trained, routed (linear) and vanilla (norms) alike
+    first = saved["00-cooking"]
+    assert {k for k, v in base.state_dict().items() if k in first and not torch.equal(v, first[k])} == set(first)
+    # a domain's model/ is a transformers model directory
+    reloaded = AutoModelForCausalLM.from_pretrained(str(ogp / "domains" / "02-law" / "model"))
+    assert all(torch.equal(reloaded.state_dict()[k], t) for k, t in saved["02-law"].items())
+    summary = json.loads((ogp / "summary.json").read_text())
+    leak = summary["protection_leak"]
+    assert leak[0] is None and all(0.0 < row["other"] < 1.0 and row["lora_A"] is None for row in leak[1:])
+    assert json.loads((vanilla / "summary.json").read_text())["protection_leak"] == [None, None, None]
+    for run in (ogp, vanilla):
+        shares = [json.loads((d / "metrics.json").read_text())["log_history"][-1]["cl/v_current_share"]
+                  for d in sorted((run / "domains").iterdir())]
+        assert shares[0] == 1.0 and all(0.0 < s < 1.0 for s in shares[1:]), shares
+
+
+@pytest.mark.slow
+def test_full_stream_resumes_after_kill_to_the_same_weights(full_run, tmp_path, test_cache_dir):
+    from test_run_stream import run_cli, write_recipe
+
+    _, (ogp, _) = full_run
+    recipe = write_recipe(tmp_path / "r.yaml", _full_recipe(tmp_path / "runs"))
+    env = {"LORA_CL_CACHE": str(test_cache_dir)}
+    killed = run_cli("train", str(recipe), "--no-progress", env=env, fault="kill:1:3")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = run_cli("train", str(recipe), "--no-progress", "--resume", env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    got, want = _weights(tmp_path / "runs" / "ogp-in"), _weights(ogp)
+    assert got.keys() == want.keys()
+    for name in want:
+        for key, tensor in want[name].items():
+            torch.testing.assert_close(got[name][key], tensor, rtol=0, atol=0, msg=f"{name} {key}")
+
+
+def test_full_weights_refuse_another_model(full_run, tiny_factory, tmp_path):
+    from lora_cl.trainer.stream import StreamError, load_adapter
+
+    _, (ogp, _) = full_run
+    model, _ = tiny_factory()
+    load_adapter(model, ogp / "domains" / "01-astronomy" / "model")  # the plain model takes it
+    with pytest.raises(FileNotFoundError, match="model.safetensors not found"):
+        load_adapter(model, tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(ogp / "domains" / "01-astronomy" / "model" / "model.safetensors"))
+    (tmp_path / "bad").mkdir()
+    save_file({k: v for k, v in state.items() if "layers.1." not in k}, str(tmp_path / "bad" / "model.safetensors"))
+    with pytest.raises(StreamError, match=r"not in the saved weights \(model\.layers\.1\."):
+        load_adapter(model, tmp_path / "bad")
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"lora": {"r": 4}}, "model.finetune is full, which trains no LoRA adapter, but the recipe has a lora section"),
+    ({"model": {"name": "tiny", "finetune": "full", "quantization": "4bit"}},
+     "model.finetune full trains every weight, which a 4bit quantized base cannot"),
+    ({"model": {"name": "tiny", "finetune": "partial"}}, "model.finetune must be one of lora, full"),
+    ({"data": {"train_chars": 1000}}, "data.train_chars sizes the slices of built-in debian: text "
+                                      "domains, but .*cooking.txt is not one"),
+])
+def test_full_finetune_recipe_mistakes_are_refused(tmp_path, change, message):
+    from lora_cl.recipe import RecipeError, recipe_from_dict
+
+    doc = _full_recipe(tmp_path)
+    doc.update(change)
+    with pytest.raises(RecipeError, match=message):
+        recipe_from_dict(doc)
