@@ -150,3 +150,16 @@ def test_current_v_share_is_the_domains_share_of_v_mass():
     fresh = (1 - b**4) * 0.09
     assert current_v_share(opt, start) == pytest.approx(fresh / (b**4 * v0 + fresh), rel=1e-5)
     assert current_v_share(opt, None) == 1.0
+
+
+def test_a_claim_holds_only_when_its_holm_adjusted_p_does():
+    """p = 0.025 with an interval excluding 0 fails once Holm lifts it to 0.075."""
+    from lora_cl.reproduce.regime_doc import Claim
+    from lora_cl.reproduce.stats import mean_ci, paired
+
+    nats = paired({s: d for s, d in enumerate([-0.05, -0.35, -0.1, -0.3, -0.2])}, dict.fromkeys(range(5), 0.0))
+    assert 0.02 < nats.p_value < 0.03 and nats.ci.excludes_zero()
+    claim = Claim("x", "a", "b", nats, mean_ci([-20.0]), p_holm=nats.p_value)
+    assert claim.holds
+    claim.p_holm = 3 * nats.p_value
+    assert not claim.holds
