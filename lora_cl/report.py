@@ -81,11 +81,13 @@ def results_table(runs: Sequence[RunResult | str | os.PathLike[str]], *, markdow
     p = common_primary(runs)
     hib = runs[0].higher_is_better(p)
     extra = extra_metrics(runs, p)
+    general = any(general_delta(r) is not None for r in runs)
     header = ["method", "routing", f"OP ({what_label(p, direction_label(hib))})",
               f"BWT TRACE 1/T ({what_label(p, 'higher better')})",
               f"BWT GEM 1/(T-1) ({what_label(p, 'higher better')})",
               f"forgetting ({what_label(p, 'lower better')})", f"FWT ({what_label(p, 'higher better')})",
               *(f"final mean {what_label(m, direction_label(m in HIGHER_METRICS))}" for m in extra),
+              *(["general Δ (held-out loss of eval.general, final - base; > 0: lost)"] if general else []),
               "train min"]
     rows = []
     for r in runs:
@@ -98,8 +100,19 @@ def results_table(runs: Sequence[RunResult | str | os.PathLike[str]], *, markdow
         rows.append([label, str(r.meta.get("method", {}).get("routing", DASH)), fmt(p, s.get("op")),
                      fmt(p, s.get("bwt_trace"), signed=True), fmt(p, s.get("bwt_gem"), signed=True),
                      fmt(p, s.get("forgetting"), signed=True), fmt(p, s.get("fwt"), signed=True),
-                     *finals, f"{r.train_seconds() / 60:.1f}"])
+                     *finals, *([fmt("loss", general_delta(r), signed=True)] if general else []),
+                     f"{r.train_seconds() / 60:.1f}"])
     return _table(header, rows, markdown, left=2)
+
+
+def general_delta(run: RunResult, metric: str = "loss") -> float | None:
+    """eval.general's ``metric`` after the last finished domain minus the base model's (None
+    without an eval.general set)."""
+    base = (run.base_eval or {}).get("general") or {}
+    after = [d["general"][metric] for d in run.domain_metrics if metric in (d.get("general") or {})]
+    if metric not in base or not after:
+        return None
+    return float(after[-1]) - float(base[metric])
 
 
 
@@ -159,6 +172,7 @@ def _per_domain_table(run: RunResult) -> str:
     p, R, b = run.primary, run.R(), run.base()
     s = run.summary() or {}
     forg = s.get("forgetting_per_domain") or []
+    kinds = _leak_kinds(run)
     rows = []
     for i, name in enumerate(run.domains):
         d = run.domain_metrics[i] if i < len(run.domain_metrics) else {}
@@ -171,12 +185,20 @@ def _per_domain_table(run: RunResult) -> str:
             fmt(p, R[-1, i] if run.complete else None),
             fmt(p, forg[i] if i < len(forg) else None, signed=True),
             _projected(d),
-            *(f"{leak[k]:.1%}" if leak.get(k) is not None else DASH for k in ("lora_A", "lora_B")),
+            *(f"{leak[k]:.1%}" if leak.get(k) is not None else DASH for k in kinds),
         ])
     w = what_label(p, direction_label(run.higher_is_better()))
     return _table(["domain", f"base ({w})", "before training it", "right after (plasticity)",
                    "final", "forgetting (lower better)", "tensors projected",
-                   "leak lora_A", "leak lora_B"], rows, True)
+                   *(f"leak {'other weights' if k == 'other' else k}" for k in kinds)], rows, True)
+
+
+def _leak_kinds(run: RunResult) -> tuple[str, ...]:
+    """The leak columns: lora_A and lora_B; "other" alone for a fully finetuned model's weights."""
+    seen = {k for d in run.domain_metrics for k, v in (d.get("protection_leak") or {}).items() if v is not None}
+    if "other" not in seen:
+        return ("lora_A", "lora_B")
+    return ("lora_A", "lora_B", "other") if seen & {"lora_A", "lora_B"} else ("other",)
 
 
 def _projected(domain: dict[str, Any]) -> str:

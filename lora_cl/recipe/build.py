@@ -136,6 +136,8 @@ def _build(raw: Any, ctx: _Ctx, base_dir: Path | None, default_output: str) -> R
         raise ctx.error("lora", "model.finetune is full, which trains no LoRA adapter, but the recipe "
                         "has a lora section", "drop the lora section, or use model.finetune: lora")
     training = sections["training"]
+    if sections["eval"].general is not None:
+        sections["eval"].general = _path(sections["eval"].general, "eval.general", ctx, base_dir)
     if training.deepspeed is not None:
         training.deepspeed = _path(training.deepspeed, "training.deepspeed", ctx, base_dir)
     source_path = _typed(raw.get("source_path"), str | None, "source_path", ctx)

@@ -92,6 +92,17 @@ def _check_values(recipe: Recipe, ctx: _Ctx) -> None:
                             "`lora-cl data list` shows the built-in sources") from None
     recipe.domain_names()
     _check_slices(recipe, ctx)
+    if e.general is not None:
+        try:
+            resolve_source(e.general)
+        except UnknownNameError as err:
+            raise ctx.error("eval.general", f"eval.general: {err}",
+                            "`lora-cl data list` shows the built-in sources") from None
+        trained = [i for i, dom in enumerate(recipe.domains) if dom.source == e.general]
+        if trained:
+            raise ctx.error("eval.general", f"eval.general {e.general} is domains[{trained[0]}], which the "
+                            "stream trains on", "general ability is measured on text no domain trains "
+                            "on: pick another source")
     if m.finetune == "full" and m.quantization is not None:
         raise ctx.error("model.finetune", f"model.finetune full trains every weight, which a "
                         f"{m.quantization} quantized base cannot", "drop model.quantization, or use "
@@ -125,7 +136,8 @@ def check_recipe(recipe: Recipe, *, check_sources: bool = True, check_model: boo
     if check_sources:
         for i, dom in enumerate(recipe.domains):
             for key, path in ((f"domains[{i}].source", dom.source),
-                              (f"domains[{i}].eval_source", dom.eval_source)):
+                              (f"domains[{i}].eval_source", dom.eval_source),
+                              *((("eval.general", recipe.eval.general),) if i == 0 else ())):
                 if path is not None and not is_builtin(path) and not Path(path).exists():
                     fix = ("create it (a recipe's header says how) or fix the path; relative paths "
                            "resolve against the recipe's folder; `lora-cl validate --no-data` checks "

@@ -164,10 +164,15 @@ class TrainingConfig:
 
 @dataclass
 class EvalConfig:
+    """Evaluation after every domain. ``general``: a source no domain trains on (``debian:...``,
+    ``qa:...`` or a data path) whose held-out examples are scored for the base model and after
+    every domain: the general-ability retention TRACE reports, in summary.json and the reports."""
+
     batch_size: int = 8
     generate: bool = True
     max_new_tokens: int = 32
     metric: str = "auto"
+    general: str | None = None
 
 
 @dataclass

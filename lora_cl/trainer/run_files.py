@@ -128,9 +128,28 @@ def rebuild_matrices(run_dir: Path, names: Sequence[str], primary: str) -> dict[
     summary["plasticity"] = plasticity(rows)
     # per domain: the share of its update inside the earlier domains' protected subspace
     summary["protection_leak"] = [row.get("protection_leak") for row in rows]
+    general = general_summary(read_json(run_dir / "base_eval.json").get("general"), rows)
+    if general is not None:
+        summary["general"] = general
     write_json(run_dir / "matrix.json", doc)
     write_json(run_dir / "summary.json", summary)
     return doc
+
+
+def general_summary(base: Mapping[str, Any] | None,
+                    rows: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """Per metric of the eval.general set: the base model's score, the score after each domain,
+    and ``delta`` = last - base (loss: > 0 is general ability lost; exact match: < 0 is)."""
+    if base is None:
+        return None
+    out: dict[str, Any] = {}
+    for metric, value in base.items():
+        if metric not in HIGHER_IS_BETTER:
+            continue
+        after = [float(row["general"][metric]) for row in rows if metric in (row.get("general") or {})]
+        out[metric] = {"base": float(value), "after": after,
+                       "delta": after[-1] - float(value) if after else None}
+    return out
 
 
 def plasticity(rows: Sequence[Mapping[str, Any]], k: int = 5) -> dict[str, list[float | None]]:

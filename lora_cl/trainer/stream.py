@@ -50,7 +50,8 @@ from lora_cl.trainer.zero import check_stream_zero
 Log = Callable[[str], None]
 #: ``make(domain_index, domain_name) -> TrainerCallback``: one callback per domain's Trainer.
 DomainCallbacks = Callable[[int, str], Any]
-__all__ = ["StreamError", "is_main_process", "latest_checkpoint", "load_adapter", "load_peft_model",
+__all__ = ["StreamError", "is_main_process", "latest_checkpoint", "load_adapter", "load_general_data",
+           "load_peft_model",
            "load_stream_data", "make_trainer", "run_method", "run_stream"]
 
 
@@ -118,6 +119,21 @@ def load_stream_data(recipe: Any, log: Log | None = None) -> tuple[list[Any], An
     return data, tokenizer
 
 
+def load_general_data(recipe: Any, tokenizer: Any) -> Any:
+    """The held-out examples of ``eval.general`` (None when the recipe has none)."""
+    from lora_cl.data import resolve_source
+    from lora_cl.data.examples import load_domain
+
+    source = recipe.eval.general
+    if source is None:
+        return None
+    d = recipe.data
+    sizes = ({"train_chars": d.train_chars, "eval_chars": d.eval_chars}
+             if resolve_source(source).kind == "text" else {})
+    return load_domain(source, tokenizer, name="general", seq_len=d.seq_len, eval_examples=d.eval_examples,
+                       seed=d.seed, **sizes)
+
+
 def run_method(recipe: Any, choice: Any, run_dir: str | os.PathLike[str], *,
                data: Sequence[Any] | None = None, resume: bool = False, progress: bool = True,
                log: Log | None = None, callbacks: Sequence[DomainCallbacks] = ()) -> Path:
@@ -148,11 +164,14 @@ def run_method(recipe: Any, choice: Any, run_dir: str | os.PathLike[str], *,
     primary = primary_metric(recipe.eval.metric, has_generation)
     eval_kw = dict(batch_size=recipe.eval.batch_size, generate=recipe.eval.generate,
                    max_new_tokens=recipe.eval.max_new_tokens)
+    general = load_general_data(recipe, tokenizer) if main else None
     if main and not (run_dir / "base_eval.json").is_file():
         _write_run_json(recipe, choice, spec, run_dir, data, primary)
-        log(f"lora-cl: [{choice.run_label}] evaluating the base model on {len(data)} domains")
+        log(f"lora-cl: [{choice.run_label}] evaluating the base model on {len(data)} domains"
+            + (f" and the general set {recipe.eval.general}" if general is not None else ""))
         base = evaluate_all(model, data, tokenizer, **eval_kw)
-        write_json(run_dir / "base_eval.json", {"domains": names, "eval": base})
+        write_json(run_dir / "base_eval.json", {"domains": names, "eval": base,
+                                                **_general_scores(model, general, tokenizer, eval_kw)})
     done = finished_domains(run_dir, names)
     if done:
         _restore_domain(model, optimizer, callback, domain_dir(run_dir, done - 1, names[done - 1]))
@@ -164,11 +183,12 @@ def run_method(recipe: Any, choice: Any, run_dir: str | os.PathLike[str], *,
             continue  # the other ranks go on to the next domain's Trainer and wait for rank 0 there
         start = time.perf_counter()
         scores = evaluate_all(model, data, tokenizer, **eval_kw)
+        general_scores = _general_scores(model, general, tokenizer, eval_kw)
         eval_seconds = time.perf_counter() - start
         leak = domain_leak(run_dir, i, names, optimizer)
         _save_domain(run_dir, i, names[i], model, optimizer, callback,
                      {**trained, "eval_seconds": eval_seconds, "eval": scores,
-                      "protection_leak": leak})
+                      "protection_leak": leak, **general_scores})
         shutil.rmtree(checkpoint_root(run_dir, i, names[i]), ignore_errors=True)
         rebuild_matrices(run_dir, names, primary)
         log(f"lora-cl: [{choice.run_label}] domain {i + 1}/{len(names)} {names[i]!r} done: "
@@ -181,6 +201,13 @@ def run_method(recipe: Any, choice: Any, run_dir: str | os.PathLike[str], *,
     rebuild_matrices(run_dir, names, primary)
     write_run_report(run_dir)
     return run_dir
+
+
+def _general_scores(model: Any, general: Any, tokenizer: Any, eval_kw: dict[str, Any]) -> dict[str, Any]:
+    """``{"general": scores}`` of the eval.general set, or nothing when the recipe has none."""
+    from lora_cl.evaluation import evaluate_domain
+
+    return {} if general is None else {"general": evaluate_domain(model, general, tokenizer, **eval_kw)}
 
 
 # -- one domain ----------------------------------------------------------------------------

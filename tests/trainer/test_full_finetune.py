@@ -75,6 +75,8 @@ def _full_recipe(out, **training):
     doc = tiny_recipe(out, model={"name": "tiny", "finetune": "full"}, method="ogp-in",
                       training={"adam_beta2": 0.9, **training})
     del doc["lora"]
+    *doc["domains"], general = doc["domains"]  # law: scored after every domain, never trained
+    doc["eval"]["general"] = general
     return doc
 
 
@@ -107,22 +109,44 @@ def test_full_stream_saves_whole_models_and_measures_leak_and_v_share(full_run, 
     _, (ogp, vanilla) = full_run
     base, _ = tiny_factory()
     saved = _weights(ogp)
-    assert list(saved) == ["00-cooking", "01-astronomy", "02-law"]
+    assert list(saved) == ["00-cooking", "01-astronomy"]
     assert not (ogp / "domains" / "00-cooking" / "adapter").exists()
     # every weight trained, routed (linear) and vanilla (norms) alike
     first = saved["00-cooking"]
     assert {k for k, v in base.state_dict().items() if k in first and not torch.equal(v, first[k])} == set(first)
     # a domain's model/ is a transformers model directory
-    reloaded = AutoModelForCausalLM.from_pretrained(str(ogp / "domains" / "02-law" / "model"))
-    assert all(torch.equal(reloaded.state_dict()[k], t) for k, t in saved["02-law"].items())
+    reloaded = AutoModelForCausalLM.from_pretrained(str(ogp / "domains" / "01-astronomy" / "model"))
+    assert all(torch.equal(reloaded.state_dict()[k], t) for k, t in saved["01-astronomy"].items())
     summary = json.loads((ogp / "summary.json").read_text())
     leak = summary["protection_leak"]
     assert leak[0] is None and all(0.0 < row["other"] < 1.0 and row["lora_A"] is None for row in leak[1:])
-    assert json.loads((vanilla / "summary.json").read_text())["protection_leak"] == [None, None, None]
+    assert json.loads((vanilla / "summary.json").read_text())["protection_leak"] == [None, None]
+    report = (ogp / "report.md").read_text()
+    assert "| tensors projected | leak other weights |" in report and "leak lora_A" not in report
+    assert f"| {leak[1]['other']:.1%} |" in report
     for run in (ogp, vanilla):
         shares = [json.loads((d / "metrics.json").read_text())["log_history"][-1]["cl/v_current_share"]
                   for d in sorted((run / "domains").iterdir())]
         assert shares[0] == 1.0 and all(0.0 < s < 1.0 for s in shares[1:]), shares
+
+
+def test_general_set_is_scored_at_the_base_and_after_every_domain(full_run):
+    """eval.general (law, in no domain): summary.json's base, after and delta, and the column in
+    the comparison report."""
+    import json
+
+    out, (ogp, vanilla) = full_run
+    for run in (ogp, vanilla):
+        base = json.loads((run / "base_eval.json").read_text())["general"]["loss"]
+        after = [json.loads((d / "metrics.json").read_text())["general"]["loss"]
+                 for d in sorted((run / "domains").iterdir())]
+        general = json.loads((run / "summary.json").read_text())["general"]["loss"]
+        assert general == {"base": base, "after": after, "delta": after[-1] - base} and len(after) == 2
+        assert after[-1] < base  # any text teaches a random model something about English
+    table = (out / "runs" / "report.md").read_text()
+    assert "general Δ (held-out loss of eval.general, final - base; > 0: lost)" in table
+    delta = json.loads((ogp / "summary.json").read_text())["general"]["loss"]["delta"]
+    assert f"| {delta:+.4f} |" in table
 
 
 @pytest.mark.slow
@@ -167,11 +191,23 @@ def test_full_weights_refuse_another_model(full_run, tiny_factory, tmp_path):
     ({"model": {"name": "tiny", "finetune": "partial"}}, "model.finetune must be one of lora, full"),
     ({"data": {"train_chars": 1000}}, "data.train_chars sizes the slices of built-in debian: text "
                                       "domains, but .*cooking.txt is not one"),
+    ({"eval": {"general": "debian:kjvv"}}, "eval.general: unknown text domain 'kjvv'. Did you mean 'kjv'"),
 ])
 def test_full_finetune_recipe_mistakes_are_refused(tmp_path, change, message):
     from lora_cl.recipe import RecipeError, recipe_from_dict
 
     doc = _full_recipe(tmp_path)
-    doc.update(change)
+    for key, value in change.items():
+        doc[key] = {**doc.get(key, {}), **value} if key == "eval" else value
     with pytest.raises(RecipeError, match=message):
+        recipe_from_dict(doc)
+
+
+def test_general_set_that_a_domain_trains_on_is_refused(tmp_path):
+    from lora_cl.recipe import RecipeError, recipe_from_dict
+
+    doc = _full_recipe(tmp_path)
+    doc["eval"]["general"] = doc["domains"][1]
+    with pytest.raises(RecipeError, match=r"eval.general .*astronomy.txt is domains\[1\], which the stream "
+                                          "trains on; general ability is measured on text no domain"):
         recipe_from_dict(doc)
