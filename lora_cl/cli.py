@@ -240,16 +240,17 @@ def _cmd_regime(args: argparse.Namespace) -> int:
                                       ("--seq-len", args.seq_len), ("--only-seeds", args.only_seeds))
              if given]
     if clash:
-        print(f"lora-cl reproduce: error: --regime a runs its own grid; drop {', '.join(clash)}",
+        print(f"lora-cl reproduce: error: --regime {args.regime} runs its own grid; drop {', '.join(clash)}",
               file=sys.stderr)
         return 2
-    settings = regime_settings(quick=args.quick, model=args.model, steps=args.steps,
+    settings = regime_settings(args.regime, quick=args.quick, model=args.model, steps=args.steps,
                                seeds=tuple(range(args.seeds)) if args.seeds else None)
     cache = args.cache if args.cache != _MAIN_CACHE else REGIME_CACHE
     if not args.report:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
         try:
-            counts = run_regime(cache, settings, methods=methods, progress=not args.no_progress)
+            counts = run_regime(cache, settings, methods=methods, regime=args.regime,
+                                progress=not args.no_progress)
         except ValueError as err:
             print(f"lora-cl reproduce: error: {err}", file=sys.stderr)
             return 2
@@ -257,7 +258,7 @@ def _cmd_regime(args: argparse.Namespace) -> int:
               f"{counts['cached']} cached")
     if args.no_report:
         return 0
-    print(f"wrote {write_regime_report(cache, settings, args.docs)}")
+    print(f"wrote {write_regime_report(cache, settings, args.docs, args.regime)}")
     return 0
 
 
@@ -408,10 +409,11 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--only-seeds", metavar="SEEDS",
                     help="train only these of the seeds, e.g. 2 or 1,2 (to split the grid over workers; "
                          "the report still covers every seed)")
-    rp.add_argument("--regime", choices=("a",),
-                    help="the time-scale-matched grid instead (regime a: scratch-5m trained in full on "
-                         "lm4-long, every domain >= 5 horizons of beta2), cached in "
-                         "benchmarks/reproduction/cells-regime; writes docs/reproduction/regime-a.md")
+    rp.add_argument("--regime", choices=("a", "b"),
+                    help="a time-scale-matched grid instead, every domain >= 5 horizons of beta2 and of "
+                         "the overlap EMA (a: scratch-5m trained in full from scratch; b: SmolLM2-135M + "
+                         "LoRA), cached in benchmarks/reproduction/cells-regime; writes "
+                         "docs/reproduction/regime-<a|b>.md")
     rp.add_argument("--cache", default=_MAIN_CACHE,
                     help="cell cache, committed so the grid finishes across sessions "
                          "(default benchmarks/reproduction/cells)")

@@ -22,25 +22,31 @@ from lora_cl.reproduce.regime import (
 from lora_cl.reproduce.stats import holm
 
 
-def test_regime_settings_are_in_regime_and_like_for_like():
-    s = regime_settings()
-    h = horizons(s)
-    assert h["beta2"] >= 5 and h["overlap_ema"] >= 5 and len(s.seeds) >= 5
-    doc = recipe_dict(REGIME_STREAM, REGIME_METHODS["overlap-decoupled"], 3, s, Path("."))
-    assert doc["model"] == {"name": "scratch-5m", "dtype": "float32", "finetune": "full"} and "lora" not in doc
-    assert doc["data"]["seed"] == 3 and doc["data"]["train_chars"] == 1_200_000  # seed draws the held-out set
-    assert doc["training"]["adam_beta2"] == 0.98
-    # pairs differ in routing only: same bases, side, strength schedule and alpha
+@pytest.mark.parametrize("regime", ["a", "b"])
+def test_regime_settings_are_in_regime_and_like_for_like(regime):
     from lora_cl.methods import resolve_method
+    from lora_cl.reproduce.regime import PAIRS, regime_methods
 
-    for _, shared, decoupled in (("", "fixed-shared", "fixed-decoupled"), ("", "overlap-shared", "overlap-decoupled"),
-                                 ("", "hard-shared", "hard-decoupled")):
-        a, b = (resolve_method(REGIME_METHODS[m].preset, REGIME_METHODS[m].overrides).to_dict()
-                for m in (shared, decoupled))
+    s = regime_settings(regime)
+    h = horizons(s, regime)
+    assert h["beta2"] >= 5 and h["overlap_ema"] >= 5 and len(s.seeds) >= (5 if regime == "a" else 3)
+    table = regime_methods(regime)
+    doc = recipe_dict(REGIME_STREAM, table["overlap-decoupled"], 3, s, Path("."))
+    if regime == "a":
+        assert doc["model"] == {"name": "scratch-5m", "dtype": "float32", "finetune": "full"} and "lora" not in doc
+    else:
+        assert doc["model"]["name"] == "smollm2-135m" and doc["lora"]["r"] == 8
+        assert doc["eval"]["general"] == "debian:gcide"
+    assert doc["data"]["seed"] == 3 and doc["data"]["train_chars"] == 1_200_000  # seed draws the held-out set
+    # pairs differ in routing only: same bases, side, strength schedule, alpha, EMA, buffer
+    for _, shared, decoupled in PAIRS:
+        a, b = (resolve_method(table[m].preset, table[m].overrides).to_dict() for m in (shared, decoupled))
         assert a.pop("routing") == "shared" and b.pop("routing") == "decoupled"
         a.pop("name"), b.pop("name")
         assert a == b, (shared, decoupled)
-    cells = regime_cells(s)
+        if a["strength"] == "overlap":  # the EMA's horizon is matched to the steps too
+            assert a["beta"] == (0.98 if regime == "a" else 0.95)
+    cells = regime_cells(s, regime=regime)
     assert len({c.cfg for c in cells}) == 1 and [c.seed for c in cells[:2]] == [0, 0]  # seed-major
 
 
@@ -48,6 +54,26 @@ def test_holm_adjusts_by_rank_and_keeps_missing_values():
     assert holm([0.01, 0.04, 0.03, None]) == pytest.approx([0.03, 0.06, 0.06, None])
     assert holm([0.5, 0.001]) == pytest.approx([0.5, 0.002])
     assert holm([]) == []
+
+
+def test_quick_regime_b_trains_lora_cells_with_a_general_set(tmp_path, lora_cl_cache):
+    """Regime b on the tiny model: LoRA cells (both factors), and the EWC and replay pairs run."""
+    from lora_cl.reproduce.regime import regime_methods
+
+    cache, docs = tmp_path / "cache", tmp_path / "docs"
+    methods = "vanilla,ewc-decoupled,replay-decoupled"
+    with pytest.raises(SystemExit) as done:
+        main(["reproduce", "--regime", "b", "--quick", "--no-progress", "--methods", methods,
+              "--cache", str(cache), "--docs", str(docs)])
+    assert done.value.code == 0
+    cells = regime_cells(regime_settings("b", quick=True), methods.split(","), regime="b")
+    assert [c.method for c in cells] == [regime_methods("b")[m] for m in methods.split(",")]
+    for cell in cells:
+        meta = json.loads((cell.run_dir(cache) / "run.json").read_text())
+        assert meta["recipe"]["model"]["finetune"] == "lora" and meta["method"]["routing"] in ("vanilla", "decoupled")
+    replay = json.loads(next(cells[2].run_dir(cache).glob("domains/02-*/metrics.json")).read_text())
+    assert any(h.get("cl/replay_examples", 0) > 0 for h in replay["log_history"])
+    assert (docs / "reproduction" / "regime-b.md").read_text().startswith("# Regime (b)")
 
 
 def test_quick_regime_grid_trains_caches_and_writes_its_page(tmp_path, lora_cl_cache, capsys):

@@ -87,6 +87,7 @@ class Settings:
     train_chars: int | None = None   # built-in text slices (None: 200,000 / 40,000 characters)
     eval_chars: int | None = None
     vary_eval_draw: bool = False     # the held-out examples are drawn with the cell's seed
+    general: str | None = None       # eval.general: a source scored after every domain, never trained
     # Proposition 1 (part 1)
     prop1_synthetic_steps: int = 3000
     prop1_prev_steps: int = 30
@@ -101,7 +102,8 @@ class Settings:
 #: settings keep their keys).
 ADAM_DEFAULTS = {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8}
 #: The regime grid's settings at their defaults: left out of recipes, hashes and part 1's key.
-REGIME_DEFAULTS = {"finetune": "lora", "train_chars": None, "eval_chars": None, "vary_eval_draw": False}
+REGIME_DEFAULTS = {"finetune": "lora", "train_chars": None, "eval_chars": None, "vary_eval_draw": False,
+                   "general": None}
 
 
 def default_settings(*, quick: bool = False, model: str | None = None, **overrides: Any) -> Settings:
@@ -247,6 +249,8 @@ def recipe_dict(stream: str, method: MethodRun, seed: int, settings: Settings, o
     for key in ("train_chars", "eval_chars"):
         if getattr(settings, key) is not None:
             doc["data"][key] = getattr(settings, key)
+    if settings.general is not None:
+        doc["eval"]["general"] = settings.general
     if settings.vary_eval_draw:  # the held-out draw follows the seed (popped from the hash)
         doc["data"]["seed"] = seed
     return doc

@@ -12,7 +12,9 @@ The methods are like for like: the same bases (gradient rows, rank 32, one side)
 (fixed 0.5 or alpha_max 0.5) and the same EMA, so each pair differs in routing alone: the 2 x 2 of
 routing (shared, decoupled) x strength (fixed, overlap-adaptive), hard projection (alpha = 1)
 shared vs decoupled, the v_only ablation and a bias-corrected overlap EMA (lora-cl's own rule).
-Cells live in their own cache (``benchmarks/reproduction/cells-regime``) with their own hashes.
+Regime (b) is the plugin's own setting: SmolLM2-135M + LoRA (both factors protected) with beta2
+and the EMA scaled so the same rule holds at a CPU-affordable step count. Cells live in their own
+cache (``benchmarks/reproduction/cells-regime``) with their own hashes.
 """
 
 from __future__ import annotations
@@ -33,64 +35,107 @@ REGIME_CACHE = "benchmarks/reproduction/cells-regime"
 MIN_HORIZONS = 5
 
 M = MethodRun
-#: One side (full weights: the input side, as GPM protects them), gradient-row bases of rank 32.
-_IN = {"side": "in"}
-_HARD = {**_IN, "alpha": 1.0, "weighted": False}
-REGIME_METHODS: dict[str, MethodRun] = {m.label: m for m in (
-    M("vanilla", "vanilla"),
-    M("fixed-shared", "adam-nscl", _IN),
-    M("fixed-decoupled", "ogp-fixed", _IN),
-    M("overlap-shared", "ogp", {**_IN, "routing": "shared"}),
-    M("overlap-decoupled", "ogp", _IN),
-    M("hard-shared", "adam-nscl", _HARD),
-    M("hard-decoupled", "ogp-fixed", _HARD),
-    M("fixed-v_only", "ogp-fixed", {**_IN, "routing": "v_only"}),
-    M("overlap-debiased", "ogp-debiased", _IN),
-)}
+#: The regimes: (a) the paper's setting scaled down (full training from scratch), (b) the plugin's
+#: (SmolLM2-135M + LoRA, both factors protected) with beta2 and the overlap EMA scaled to the steps.
+REGIMES = ("a", "b")
+#: The overlap EMA's beta per regime (the presets' 0.98 in a; 0.95 in b, 5 horizons in 100 steps).
+EMA_BETA = {"a": 0.98, "b": 0.95}
+#: Replay's buffer: 10% of each domain's training examples (regime a: ~250 blocks of 128 tokens).
+REPLAY_FRACTION = 0.1
+
+
+def _check_regime(regime: str) -> None:
+    if regime not in REGIMES:
+        raise ValueError(f"regime must be one of {', '.join(REGIMES)}, got {regime!r}")
+
+
+def regime_methods(regime: str = "a") -> dict[str, MethodRun]:
+    """The regime's methods, like for like: one basis rule (gradient rows, rank 32), one side per
+    regime (a: the input side of each full weight, as GPM; b: both LoRA factors, the presets'
+    default), alpha 0.5 (fixed) or alpha_max 0.5 (adaptive), one EMA beta; pairs differ in routing."""
+    _check_regime(regime)
+    side = {"side": "in"} if regime == "a" else {}
+    ema = {} if regime == "a" else {"beta": EMA_BETA[regime]}
+    hard = {**side, "alpha": 1.0, "weighted": False}
+    replay = {"replay_fraction": REPLAY_FRACTION}
+    return {m.label: m for m in (
+        M("vanilla", "vanilla"),
+        M("fixed-shared", "adam-nscl", side),
+        M("fixed-decoupled", "ogp-fixed", side),
+        M("overlap-shared", "ogp", {**side, **ema, "routing": "shared"}),
+        M("overlap-decoupled", "ogp", {**side, **ema}),
+        M("hard-shared", "adam-nscl", hard),
+        M("hard-decoupled", "ogp-fixed", hard),
+        M("fixed-v_only", "ogp-fixed", {**side, "routing": "v_only"}),
+        M("overlap-debiased", "ogp-debiased", {**side, **ema}),
+        M("ewc-shared", "ewc"),
+        M("ewc-decoupled", "ewc", {"routing": "decoupled"}),
+        M("replay-shared", "replay", replay),
+        M("replay-decoupled", "replay", {**replay, "routing": "decoupled"}),
+    )}
+
+
+REGIME_METHODS = regime_methods("a")
+#: The methods most cells are spent on: vanilla and the 2 x 2 of routing x strength.
+CORE_METHODS = ("vanilla", "fixed-shared", "fixed-decoupled", "overlap-shared", "overlap-decoupled")
 #: The routing pairs the page compares: (label, shared, decoupled), each differing in routing only.
 PAIRS = (
     ("fixed strength (alpha 0.5)", "fixed-shared", "fixed-decoupled"),
     ("overlap-adaptive strength (alpha_max 0.5)", "overlap-shared", "overlap-decoupled"),
     ("hard projection (alpha 1, unweighted)", "hard-shared", "hard-decoupled"),
+    ("importance rescaling (EWC, lam 0.5)", "ewc-shared", "ewc-decoupled"),
+    (f"replay ({REPLAY_FRACTION:.0%} buffer, rho 0.5)", "replay-shared", "replay-decoupled"),
 )
 
 
-def regime_settings(*, quick: bool = False, model: str | None = None, **overrides: Any) -> Settings:
-    """Regime (a) on 2 CPU cores: scratch-5m trained in full, 250 steps of 8 x 128 tokens per domain
-    with beta2 = 0.98 (5 horizons of 50 steps; the overlap EMA's beta 0.98 likewise), lr 1e-3,
-    5 seeds that also draw the held-out examples. ``quick``: the tiny model on the tiny text files,
-    a few steps (a smoke test of the code path, not evidence)."""
-    s = replace(default_settings(), model="scratch-5m", finetune="full", seeds=(0, 1, 2, 3, 4), steps=250,
-                seq_len=128, batch_size=8, lr=1e-3, adam_beta2=0.98, eval_examples=32, eval_batch=16,
-                logging_steps=10, train_chars=LONG_TRAIN_CHARS, eval_chars=LONG_EVAL_CHARS,
-                vary_eval_draw=True)
+def regime_settings(regime: str = "a", *, quick: bool = False, model: str | None = None,
+                    **overrides: Any) -> Settings:
+    """A regime's settings on 2 CPU cores; every domain spans >= 5 horizons of beta2 and of the EMA.
+
+    (a): scratch-5m trained in full, 250 steps of 8 x 128 tokens per domain, beta2 = 0.98 (horizon
+    50), lr 1e-3, 5 seeds. (b): SmolLM2-135M + LoRA r = 8 on q, k, v, o, 100 steps of 4 x 128
+    tokens, beta2 = 0.95 (horizon 20), lr 2e-4, 3 seeds, general ability scored on gcide. Seeds also
+    draw the held-out examples. ``quick``: the tiny model on the tiny text files, a few steps (a
+    smoke test of the code path, not evidence).
+    """
+    _check_regime(regime)
+    s = replace(default_settings(), seq_len=128, train_chars=LONG_TRAIN_CHARS, eval_chars=LONG_EVAL_CHARS,
+                eval_examples=32, logging_steps=10, vary_eval_draw=True)
+    if regime == "a":
+        s = replace(s, model="scratch-5m", finetune="full", seeds=(0, 1, 2, 3, 4), steps=250, batch_size=8,
+                    lr=1e-3, adam_beta2=0.98, eval_batch=16)
+    else:
+        s = replace(s, seeds=(0, 1, 2), steps=100, batch_size=4, lr=2e-4, adam_beta2=0.95, eval_batch=8,
+                    general="debian:gcide")
     if quick or model == "tiny":
         s = replace(s, model="tiny", data="tiny", train_chars=None, eval_chars=None, seq_len=32,
-                    batch_size=2, eval_batch=4, eval_examples=4)
+                    batch_size=2, eval_batch=4, eval_examples=4, general=None, lora_r=4, lora_alpha=8,
+                    targets=("q_proj", "v_proj"), lr=1e-3 if regime == "b" else s.lr)
     if quick:
         s = replace(s, seeds=(0,), max_domains=3, steps=3, logging_steps=1, quick=True)
     return replace(s, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def horizons(settings: Settings, beta: float = 0.98) -> dict[str, float]:
-    """Steps per domain in horizons of beta2 and of the overlap EMA (``beta``): both >= 5 in regime."""
-    return {"beta2": settings.steps * (1 - settings.adam_beta2), "overlap_ema": settings.steps * (1 - beta)}
+def horizons(settings: Settings, regime: str = "a") -> dict[str, float]:
+    """Steps per domain in horizons of beta2 and of the overlap EMA: both >= 5 in regime."""
+    return {"beta2": settings.steps * (1 - settings.adam_beta2),
+            "overlap_ema": settings.steps * (1 - EMA_BETA[regime])}
 
 
-def regime_cells(settings: Settings, methods: Sequence[str] | None = None) -> list[Cell]:
+def regime_cells(settings: Settings, methods: Sequence[str] | None = None, regime: str = "a") -> list[Cell]:
     """The regime grid's cells, seed-major (each seed's comparison completes before the next)."""
-    unknown = [m for m in methods or () if m not in REGIME_METHODS]
+    table = regime_methods(regime)
+    unknown = [m for m in methods or () if m not in table]
     if unknown:
         raise ValueError(f"{', '.join(unknown)}: not a regime method; the regime methods are "
-                         f"{', '.join(REGIME_METHODS)}")
-    chosen = [m for m in REGIME_METHODS if methods is None or m in methods]
-    return [Cell(REGIME_STREAM, REGIME_METHODS[label], seed,
-                 config_hash(REGIME_STREAM, REGIME_METHODS[label], settings))
+                         f"{', '.join(table)}")
+    chosen = [m for m in table if methods is None or m in methods]
+    return [Cell(REGIME_STREAM, table[label], seed, config_hash(REGIME_STREAM, table[label], settings))
             for seed in settings.seeds for label in chosen]
 
 
 def run_regime(cache: str | Path, settings: Settings, *, methods: Sequence[str] | None = None,
-               progress: bool = False, log: Log | None = None) -> dict[str, int]:
+               regime: str = "a", progress: bool = False, log: Log | None = None) -> dict[str, int]:
     """Train every unfinished regime cell (an interrupted one resumes); return trained/cached counts."""
     from lora_cl.recipe import recipe_from_dict
     from lora_cl.reproduce.runner import run_cell
@@ -99,15 +144,15 @@ def run_regime(cache: str | Path, settings: Settings, *, methods: Sequence[str] 
     log = log or _stderr
     cache = Path(cache)
     counts = {"trained": 0, "cached": 0}
-    cells = regime_cells(settings, methods)
+    cells = regime_cells(settings, methods, regime)
     data: dict[tuple[str, int], Any] = {}
     for k, cell in enumerate(cells):
         run_dir = cell.run_dir(cache)
         if cell.complete(cache):
             counts["cached"] += 1
-            log(f"lora-cl reproduce: regime cell {k + 1}/{len(cells)} {run_dir}: cached")
+            log(f"lora-cl reproduce: regime {regime} cell {k + 1}/{len(cells)} {run_dir}: cached")
             continue
-        log(f"lora-cl reproduce: regime cell {k + 1}/{len(cells)} -> {run_dir}")
+        log(f"lora-cl reproduce: regime {regime} cell {k + 1}/{len(cells)} -> {run_dir}")
         key = (cell.cfg, cell.seed)  # the held-out draw follows the seed
         if key not in data:
             recipe = recipe_from_dict(recipe_dict(cell.stream, cell.method, cell.seed, settings, run_dir.parent))
@@ -121,8 +166,9 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def write_regime_report(cache: str | Path, settings: Settings, docs: str | Path = "docs") -> Path:
-    """Regenerate ``<docs>/reproduction/regime-a.md`` (and its plots) from the regime cache."""
+def write_regime_report(cache: str | Path, settings: Settings, docs: str | Path = "docs",
+                        regime: str = "a") -> Path:
+    """Regenerate ``<docs>/reproduction/regime-<regime>.md`` (and its plots) from the regime cache."""
     from lora_cl.reproduce.regime_doc import write_page
 
-    return write_page(Path(cache), settings, Path(docs))
+    return write_page(Path(cache), settings, Path(docs), regime)
