@@ -234,7 +234,7 @@ def _positive_int(text: str) -> int:
 
 
 def _cmd_regime(args: argparse.Namespace) -> int:
-    from lora_cl.reproduce.regime import REGIME_CACHE, regime_settings, run_regime, write_regime_report
+    from lora_cl.reproduce.regime import regime_cache, regime_settings, run_regime, write_regime_report
 
     clash = [flag for flag, given in (("--only", args.only), ("--longer", args.longer),
                                       ("--seq-len", args.seq_len), ("--only-seeds", args.only_seeds))
@@ -245,7 +245,7 @@ def _cmd_regime(args: argparse.Namespace) -> int:
         return 2
     settings = regime_settings(args.regime, quick=args.quick, model=args.model, steps=args.steps,
                                seeds=tuple(range(args.seeds)) if args.seeds else None)
-    cache = args.cache if args.cache != _MAIN_CACHE else REGIME_CACHE
+    cache = regime_cache(args.cache)  # beside the main grid's: benchmarks/reproduction/cells-regime
     if not args.report:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
         try:
@@ -412,8 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--regime", choices=("a", "b"),
                     help="a time-scale-matched grid instead, every domain >= 5 horizons of beta2 and of "
                          "the overlap EMA (a: scratch-5m trained in full from scratch; b: SmolLM2-135M + "
-                         "LoRA), cached in benchmarks/reproduction/cells-regime; writes "
-                         "docs/reproduction/regime-<a|b>.md")
+                         "LoRA), cached in <cache>-regime (benchmarks/reproduction/cells-regime); "
+                         "writes docs/reproduction/regime-<a|b>.md")
     rp.add_argument("--cache", default=_MAIN_CACHE,
                     help="cell cache, committed so the grid finishes across sessions "
                          "(default benchmarks/reproduction/cells)")

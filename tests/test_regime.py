@@ -67,6 +67,7 @@ def test_quick_regime_b_trains_lora_cells_with_a_general_set(tmp_path, lora_cl_c
               "--cache", str(cache), "--docs", str(docs)])
     assert done.value.code == 0
     cells = regime_cells(regime_settings("b", quick=True), methods.split(","), regime="b")
+    cache = tmp_path / "cache-regime"  # the regime cells live beside the main grid's cache
     assert [c.method for c in cells] == [regime_methods("b")[m] for m in methods.split(",")]
     for cell in cells:
         meta = json.loads((cell.run_dir(cache) / "run.json").read_text())
@@ -85,6 +86,7 @@ def test_quick_regime_grid_trains_caches_and_writes_its_page(tmp_path, lora_cl_c
     assert done.value.code == 0
     settings = regime_settings(quick=True)
     cells = regime_cells(settings, ["vanilla", "fixed-shared", "fixed-decoupled"])
+    cache = tmp_path / "cache-regime"  # the regime cells live beside the main grid's cache
     for cell in cells:
         run_dir = cell.run_dir(cache)
         summary = json.loads((run_dir / "summary.json").read_text())
@@ -103,6 +105,13 @@ def test_quick_regime_grid_trains_caches_and_writes_its_page(tmp_path, lora_cl_c
     with pytest.raises(SystemExit):
         main(args)
     assert "0 cells trained, 3 cached" in capsys.readouterr().out
+    # the main page opens with the regimes' answers and links their pages
+    from lora_cl.reproduce import default_settings, write_report
+
+    main_page = write_report(tmp_path / "cache", default_settings(quick=True, model="tiny"), docs).read_text()
+    assert "## The answer: decoupled against shared routing where Adam's horizon fits the stream" in main_page
+    assert "**Regime (a)** ([its page](reproduction/regime-a.md)): In this regime" in main_page
+    assert "**Regime (b)** ([its page](reproduction/regime-b.md)): **No answer yet**" in main_page
 
 
 def test_regime_refuses_the_main_grids_flags(capsys):

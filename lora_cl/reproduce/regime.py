@@ -44,6 +44,12 @@ EMA_BETA = {"a": 0.98, "b": 0.95}
 REPLAY_FRACTION = 0.1
 
 
+def regime_cache(main_cache: str | Path) -> Path:
+    """The regime cells' cache beside the main grid's (benchmarks/reproduction/cells-regime)."""
+    main_cache = Path(main_cache)
+    return main_cache.with_name(main_cache.name + "-regime")
+
+
 def _check_regime(regime: str) -> None:
     if regime not in REGIMES:
         raise ValueError(f"regime must be one of {', '.join(REGIMES)}, got {regime!r}")

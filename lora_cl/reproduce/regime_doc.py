@@ -374,7 +374,8 @@ class RegimePage:
         ax.set_ylabel("forgetting (nats)")
         ax.set_title("Stability-plasticity, one point per cell")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
         self._save(fig, plt, f"regime-{self.regime}-tradeoff.png")
 
     def _leak_plot(self) -> None:
@@ -391,7 +392,8 @@ class RegimePage:
         ax.set_ylabel("forgetting (nats)")
         ax.set_title("Forgetting against the protection leak, one point per cell")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
         self._save(fig, plt, f"regime-{self.regime}-leak.png")
 
     def _cell_leak(self, key: tuple[str, int]) -> float | None:
