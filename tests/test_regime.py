@@ -47,7 +47,9 @@ def test_regime_settings_are_in_regime_and_like_for_like(regime):
         if a["strength"] == "overlap":  # the EMA's horizon is matched to the steps too
             assert a["beta"] == (0.98 if regime == "a" else 0.95)
     cells = regime_cells(s, regime=regime)
-    assert len({c.cfg for c in cells}) == 1 and [c.seed for c in cells[:2]] == [0, 0]  # seed-major
+    # one configuration but for the lr check's own (lr is in the hash); seed-major order
+    assert len({c.cfg for c in cells if "@lr" not in c.method.label}) == 1
+    assert len({c.cfg for c in cells}) == 3 and [c.seed for c in cells[:2]] == [0, 0]
 
 
 def test_holm_adjusts_by_rank_and_keeps_missing_values():
@@ -153,15 +155,20 @@ def test_page_verdicts_are_paired_holm_corrected_and_sized_against_vanilla(tmp_p
         _hand_cell(cache, "vanilla", seed, 1.0, 1.0, 0.9)
         _hand_cell(cache, "fixed-shared", seed, 0.8 + noise, 2.0, 0.5)
         _hand_cell(cache, "fixed-decoupled", seed, 0.6 + 2 * noise, 1.0, 0.3)
+        _hand_cell(cache, "vanilla@lr2x", seed, 1.5, 1.0, 0.9)
     page = RegimePage(cache, regime_settings(), tmp_path / "docs")
     claim = next(c for c in page.claims if c.name.startswith("fixed strength"))
     assert claim.nats.ci.n == 5 and claim.nats.ci.mean == pytest.approx(-0.2)
     assert claim.pct.mean == pytest.approx(-20.0) and claim.holds
     assert len(page.claims) == 3 and claim.nats.p_value <= claim.p_holm <= 3 * claim.nats.p_value
+    assert not any("@lr" in c.name for c in page.claims)  # the lr check is its own table
     text = page.render()
     assert "**fixed strength (alpha 0.5): decoupled routing forgets less than shared** — -0.200" in text
     assert "| fixed strength (alpha 0.5) | 2.000 [2.000, 2.000] | 2.00 |" in text
     assert math.isclose(page.mech_stat("fixed-shared", "v_share").mean, 0.99)
+    assert "| vanilla | 0.001 | 5 | 1.0000 [1.0000, 1.0000] |" in text
+    assert "| vanilla | 0.002 | 5 | 1.5000 [1.5000, 1.5000] |" in text
+    assert "| vanilla | 0.0005 | 0 | — |" in text
 
 
 def test_current_v_share_is_the_domains_share_of_v_mass():

@@ -40,6 +40,8 @@ M = MethodRun
 REGIMES = ("a", "b")
 #: The overlap EMA's beta per regime (the presets' 0.98 in a; 0.95 in b, 5 horizons in 100 steps).
 EMA_BETA = {"a": 0.98, "b": 0.95}
+#: The lr check's factors on the regime's lr (its own cells: lr is in the config hash).
+LR_SCALES = (0.5, 2.0)
 #: Replay's buffer: 10% of each domain's training examples (regime a: ~250 blocks of 128 tokens).
 REPLAY_FRACTION = 0.1
 
@@ -48,6 +50,12 @@ def regime_cache(main_cache: str | Path) -> Path:
     """The regime cells' cache beside the main grid's (benchmarks/reproduction/cells-regime)."""
     main_cache = Path(main_cache)
     return main_cache.with_name(main_cache.name + "-regime")
+
+
+def lr_variant(label: str) -> tuple[str, float] | None:
+    """(base label, lr factor) of an lr-check method ``base@lr<factor>x``; None for the others."""
+    base, sep, rest = label.partition("@lr")
+    return (base, float(rest.rstrip("x"))) if sep else None
 
 
 def _check_regime(regime: str) -> None:
@@ -78,6 +86,10 @@ def regime_methods(regime: str = "a") -> dict[str, MethodRun]:
         M("ewc-decoupled", "ewc", {"routing": "decoupled"}),
         M("replay-shared", "replay", replay),
         M("replay-decoupled", "replay", {**replay, "routing": "decoupled"}),
+        # the lr check: vanilla and the paper's method at half and twice the regime's lr
+        *(M(f"{base.label}@lr{scale:g}x", base.preset, base.overrides, lr_scale=scale)
+          for base in (M("vanilla", "vanilla"), M("overlap-decoupled", "ogp", {**side, **ema}))
+          for scale in LR_SCALES),
     )}
 
 

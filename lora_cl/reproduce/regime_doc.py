@@ -25,6 +25,7 @@ from lora_cl.reproduce.regime import (
     REGIME_CACHE,
     REGIME_STREAM,
     horizons,
+    lr_variant,
     regime_cells,
     regime_methods,
 )
@@ -169,7 +170,7 @@ class RegimePage:
                                     paired(self.forgetting(decoupled), self.forgetting(shared)),
                                     self.pct_of_vanilla(decoupled, shared)))
         for m in self.methods():
-            if m != "vanilla" and self.forgetting("vanilla"):
+            if m != "vanilla" and lr_variant(m) is None and self.forgetting("vanilla"):
                 claims.append(Claim(f"{m} - vanilla", m, "vanilla",
                                     paired(self.forgetting(m), self.forgetting("vanilla")),
                                     self.pct_of_vanilla(m, None)))
@@ -259,6 +260,7 @@ class RegimePage:
                "## Mechanism beside outcome", self._mechanism(), "",
                f"![forgetting vs leak](regime-{self.regime}-leak.png)", "",
                "## The adaptive rule over domains", self._alpha_table(), "",
+               "## The learning rate", self._lr_table(), "",
                "## Compute and commands", self._compute(), ""]
         return "\n".join(out)
 
@@ -349,6 +351,21 @@ class RegimePage:
                 "bases, which only grows, so alpha = alpha_max (1 - s) can only fall as more domains "
                 "need protecting. Mean logged alpha per domain:\n\n"
                 + _table(["method"] + [f"domain {i + 1}" for i in range(1, T)], rows))
+
+    def _lr_table(self) -> str:
+        """Vanilla and the paper's method at 0.5x, 1x and 2x the regime's lr: does a verdict hang on it?"""
+        bases = ("vanilla", "overlap-decoupled")
+        rows = []
+        for base in bases:
+            variants = [(1.0, base)] + [(v[1], m) for m in self.table if (v := lr_variant(m)) and v[0] == base]
+            for scale, label in sorted(variants):
+                cells = [r for (m, _), r in self.by.items() if m == label]
+                op = mean_ci([v for r in cells if (v := summary_value(r.summary, "loss", "op")) is not None])
+                rows.append([base, f"{self.settings.lr * scale:g}", str(len(cells)),
+                             _ci(mean_ci(list(self.forgetting(label).values())), 4), _ci(op)])
+        return (f"Vanilla and overlap-decoupled at half and twice the regime's lr ({self.settings.lr:g}), "
+                "same seeds: whether the ranking of the two holds across a 4x range of lr.\n\n"
+                + _table(["method", "lr", "seeds", "forgetting (nats)", "final loss"], rows))
 
     def _compute(self) -> str:
         n = len(self.results)
