@@ -193,6 +193,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     args.no_data = True  # planning reads only the model's architecture: works before the data exists
     recipe = _load(args)
     m, t = recipe.model, recipe.training
+    if m.finetune == "full":
+        print(f"lora-cl plan: error: {args.recipe} trains every weight (model.finetune: full); the "
+              "planner plans LoRA training only (full training of a small model needs about 16 bytes "
+              "per parameter for fp32 weights, gradients and Adam states, plus activations)",
+              file=sys.stderr)
+        return 2
     stage, offload = 0, False
     if t.deepspeed:  # the recipe checks already read it: exists, valid JSON
         zero = read_zero(t.deepspeed)

@@ -39,6 +39,11 @@ def _empty_domain(doc, tmp):
     doc["domains"][1] = str(tmp / "empty.txt")
 
 
+def _full_finetune(doc, _tmp):
+    doc["model"]["finetune"] = "full"
+    doc.pop("lora", None)
+
+
 CASES = [
     ("unknown key", "validate", _set("training.learning_rate", 1e-4),
      ["training.learning_rate", "unknown key", "training.lr"]),
@@ -51,6 +56,9 @@ CASES = [
     ("replay without buffer", "validate", _set("method", {"name": "replay", "replay_fraction": 0}),
      ["replay_fraction > 0"]),
     ("unknown method", "validate", _set("method", "ogpp"), ["unknown method", "ogp"]),
+    ("plan of a full finetune", "plan", _full_finetune, ["model.finetune: full", "LoRA training only"]),
+    ("full finetune with a lora section", "validate", _set("model.finetune", "full"),
+     ["model.finetune is full", "lora section", "drop the lora section"]),
     ("ZeRO-3 stream", "train", _set("training.deepspeed", str(REPO / "deepspeed_configs" / "zero3.json")),
      ["ZeRO stage 3", "zero2.json"]),
 ]

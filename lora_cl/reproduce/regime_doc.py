@@ -219,6 +219,12 @@ class RegimePage:
             size = (f"{_ci(c.nats.ci)} nats of forgetting, {_ci(c.pct, 1)}% of vanilla's forgetting "
                     f"({n} seed{'s' if n != 1 else ''}, Holm-adjusted p = "
                     f"{'—' if c.p_holm is None else f'{c.p_holm:.3g}'})")
+            shared_label, decoupled_label = c.b, c.a
+            ratio = self.eta_ratio(shared_label, decoupled_label)
+            alpha = self.mech_stat(decoupled_label, "alpha")
+            if ratio.mean is not None and alpha.mean is not None and alpha.mean < 1:
+                size += (f"; shared routing's old-direction learning rate was {_ci(ratio, 2)}x the "
+                         f"decoupled run's (1/(1 - alpha) = {1 / (1 - alpha.mean):.2f})")
             if c.holds:
                 direction = "less" if c.nats.ci.mean < 0 else "more"
                 lines.append(f"- **{what}: decoupled routing forgets {direction} than shared** — {size}.")
