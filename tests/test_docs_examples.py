@@ -166,3 +166,36 @@ def test_readme_reproduction_summary_counts_match_the_generated_page():
                      r"[^)]*\))?, (\d+) do not, (\d+) are not testable here", readme)
     assert got and said, "the page's 'At a glance' line or the README's summary changed form"
     assert said.groups() == got.groups(), f"README says {said.group(0)!r}; the page: {got.group(0)!r}"
+
+
+def readme_results() -> list[str]:
+    """The README's results summary: the lines between its ``<!-- results -->`` markers."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    found = re.search(r"<!-- results -->\n(.*?)\n<!-- /results -->", readme, re.S)
+    assert found, "README.md lost its <!-- results --> ... <!-- /results --> block"
+    return [line for line in found.group(1).splitlines() if line.strip()]
+
+
+def figures_not_on_pages(lines: list[str], pages: list[str]) -> list[str]:
+    """Every figure (a number with a decimal point or a %, or a count before "of") of ``lines``
+    that no generated page prints exactly so."""
+    text = "\n".join(pages)
+    figures = re.findall(r"[-+]?\d+\.\d+%?|\d+%|\d+ of \d+", "\n".join(lines))
+    return [f for f in figures if f not in text]
+
+
+def test_readme_results_are_five_short_lines_whose_figures_are_on_the_generated_pages():
+    """Point 8 of the evidence issue: at most five short lines a newcomer reads, and each figure in
+    them printed on docs/reproduction.md or a regime page (which `lora-cl reproduce --report`
+    regenerates from the cells), so a new cell that moves a figure must move the README too."""
+    lines = readme_results()
+    assert 1 <= len(lines) <= 5 and all(len(line) <= 400 for line in lines), lines
+    pages = [(DOCS / "reproduction.md").read_text(encoding="utf-8"),
+             *(p.read_text(encoding="utf-8") for p in sorted((DOCS / "reproduction").glob("regime-*.md")))]
+    assert not figures_not_on_pages(lines, pages)
+
+
+def test_a_readme_figure_missing_from_the_pages_is_caught():
+    pages = ["forgetting 0.123 nats, 12.5% of vanilla's; 3 of 5 cells"]
+    assert figures_not_on_pages(["0.123 nats, 12.5%, 3 of 5"], pages) == []
+    assert figures_not_on_pages(["0.124 nats, 12.6%, 4 of 5"], pages) == ["0.124", "12.6%", "4 of 5"]

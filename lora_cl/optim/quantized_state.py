@@ -178,6 +178,8 @@ def layout_mismatch(saved: Iterable[tuple[Tensor, dict[str, Any]]], wants_8bit: 
     if saved_bits is not None and saved_bits != state_bits:
         return f"the checkpoint holds state_bits={saved_bits} optimizer states"
     for p, state in saved:
+        if "exp_avg" not in state and not is_8bit(state):
+            continue  # no moments of its own (extras only, or ZeRO's per-tensor list): no layout
         if is_8bit(state) != wants_8bit(p):
             kind = "8-bit" if is_8bit(state) else "fp32"
             return f"the checkpoint holds {kind} states for a tensor of {p.numel()} elements"

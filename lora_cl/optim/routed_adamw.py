@@ -188,6 +188,8 @@ class RoutedAdamW(Optimizer):
             return None
         if q8.is_8bit(state):
             return q8.dequantize(state)
+        if "exp_avg" not in state:  # extras only (or ZeRO's per-tensor states, kept whole elsewhere)
+            return None
         return state["exp_avg"], state["exp_avg_sq"]
 
     # -- step counters (a device-decided skip is read lazily: no host sync per step) --------------
@@ -529,11 +531,15 @@ class RoutedAdamW(Optimizer):
     def _restore_states(self, state_dict: dict[str, Any]) -> None:
         # torch casts loaded float states to the param dtype; ours stay fp32 (8-bit codes
         # stay uint8), and the step lives on the param's device, where the fused kernel reads it.
+        # Nested states (ZeRO's per-tensor list) come back as saved, on the param's device.
         for p, saved in self._saved_states(state_dict):
             for key, value in saved.items():
                 if isinstance(value, Tensor):
                     dtype = torch.uint8 if value.dtype == torch.uint8 else torch.float32
                     self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
+                elif isinstance(value, list) and all(isinstance(v, dict) for v in value):
+                    self.state[p][key] = [{k: t.to(device=p.device, copy=True) if isinstance(t, Tensor) else t
+                                           for k, t in v.items()} for v in value]
 
 
 def _as_state_input(g: Tensor, entry: dict[str, Any]) -> Tensor:

@@ -24,14 +24,15 @@ def make_optimizer(model: nn.Module, method: str | MethodSpec = "ogp", *, lr: fl
                    weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
                    eps: float = 1e-8, bank: SubspaceBank | None = None, impl: str = "auto",
                    nonfinite: str = "skip", state_bits: int = 32, route: str = "lora",
-                   **overrides: Any) -> RoutedAdamW:
+                   min_8bit_size: int | None = None, **overrides: Any) -> RoutedAdamW:
     """A RoutedAdamW for ``model`` running the preset ``method`` (fields overridden by ``overrides``).
 
     LoRA tensors go in one group with the method's routing, every other trainable tensor in a
     ``routing="vanilla"`` group (plain AdamW). The resolved spec and the bank are attached as
     ``optimizer.lora_cl_method`` and ``optimizer.bank`` for :class:`~lora_cl.ContinualCallback`.
     ``lr`` is the peak rate the Trainer's scheduler starts from (``args.learning_rate`` is not used).
-    ``state_bits=8`` keeps m and v as 8-bit blockwise states (bitsandbytes' format).
+    ``state_bits=8`` keeps m and v as 8-bit blockwise states (bitsandbytes' format), for tensors
+    of at least ``min_8bit_size`` elements (None: RoutedAdamW's default, 4096).
     ``route="linear"`` fully finetunes a plain model: every linear layer's weight is routed
     (:func:`~lora_cl.grouping.param_groups`); use a one-sided ``-in`` preset there (the paper's
     full-parameter setting), since side ``"both"`` projects each weight on both of its sides.
@@ -43,7 +44,8 @@ def make_optimizer(model: nn.Module, method: str | MethodSpec = "ogp", *, lr: fl
     optimizer = RoutedAdamW(groups, lr=lr, betas=betas, eps=eps,
                             weight_decay=weight_decay, modifiers=build_modifiers(spec, bank),
                             reproject_update=spec.reproject_update, nonfinite=nonfinite, impl=impl,
-                            state_bits=state_bits)
+                            state_bits=state_bits,
+                            **({} if min_8bit_size is None else {"min_8bit_size": min_8bit_size}))
     optimizer.lora_cl_method = spec
     optimizer.bank = bank
     return optimizer
@@ -86,7 +88,7 @@ class RoutedAdamWFactory:
 
 
 _MAKE_KWARGS = frozenset({"lr", "weight_decay", "betas", "eps", "bank", "impl", "nonfinite",
-                          "state_bits", "route"})
+                          "state_bits", "route", "min_8bit_size"})
 
 
 def unwrap_optimizer(optimizer: Any) -> Any:

@@ -63,6 +63,13 @@ def check_stream_zero(deepspeed_config: str | None) -> None:
 MASTER = "lora_cl_fp32_master"
 
 
+#: Flat-partition state key of an 8-bit optimizer's states under ZeRO-1/2: one full per-tensor state
+#: (bitsandbytes-format 8-bit m and v, or fp32 ones for tensors below min_8bit_size) per LoRA
+#: tensor of the group, in DeepSpeed's tensor order, replicated on every rank. A list, so DeepSpeed
+#: saves and restores it as it is (it trims and pads only tensor states, to its partitions).
+PER_TENSOR = "lora_cl_per_tensor_states"
+
+
 class ZeroRoutingError(RuntimeError):
     """A DeepSpeed stage or option under which lora-cl cannot route with single-process math."""
 
@@ -126,10 +133,6 @@ def release_zero(wrapped: Any) -> bool:
 
 def _check_supported(optimizer: RoutedAdamW, spec: MethodSpec | None, zero: Any) -> None:
     where = "lora-cl under DeepSpeed ZeRO-1/2"
-    if getattr(optimizer, "state_bits", 32) != 32:
-        raise ZeroRoutingError(f"{where}: state_bits={optimizer.state_bits} is not supported (8-bit "
-                               "blocks would straddle the ZeRO partitions); build the optimizer with "
-                               "state_bits=32, or train 8-bit states with plain DDP")
     if spec is not None and spec.replay is not None:
         raise ZeroRoutingError(f"{where}: method {spec.name!r} replays (replay={spec.replay!r}), and "
                                "the replay gradient's extra backward would run through DeepSpeed's "
@@ -159,7 +162,11 @@ class ZeroRoutedStep:
     """The client optimizer DeepSpeed ZeRO-1/2 steps: :class:`RoutedAdamW` on full LoRA tensors.
 
     Everything but ``step`` is the RoutedAdamW's own (param groups, flat-layout state, state_dict),
-    so checkpoints are the ones DeepSpeed writes for the bare optimizer.
+    so checkpoints are the ones DeepSpeed writes for the bare optimizer. fp32 moments live in
+    DeepSpeed's flat partitions (each rank its slice); an optimizer with ``state_bits=8`` keeps
+    per-tensor states instead (:data:`PER_TENSOR`), whole and replicated: 8-bit blocks cannot be
+    cut at partition boundaries, and every rank computes the full routed update anyway, so the
+    replicas stay identical with no extra communication (2 bytes a LoRA parameter per rank).
     """
 
     def __init__(self, optimizer: RoutedAdamW, zero: Any) -> None:
@@ -214,6 +221,9 @@ class ZeroRoutedStep:
             per = [opt.state.pop(lp, None) or {} for lp in lps]
             if opt.state.get(flat):
                 continue
+            if self.per_tensor:
+                self._adopt_per_tensor(index, flat, lps, per)
+                continue
             moments = ["exp_avg" in st for st in per]
             if any(moments) and not all(moments):
                 raise ZeroRoutingError("lora-cl under DeepSpeed ZeRO-1/2: some LoRA tensors of param group "
@@ -233,6 +243,24 @@ class ZeroRoutedStep:
                 pairs.append((flat.data, [st[MASTER] for st in per]))
             _scatter_own(lps, fragments(zero, index), pairs)
 
+    @property
+    def per_tensor(self) -> bool:
+        """Whether the states are per tensor and replicated (8-bit) rather than flat partitions."""
+        return getattr(self.optimizer, "state_bits", 32) == 8
+
+    def _adopt_per_tensor(self, index: int, flat: Tensor, lps: list[Tensor], per: list[dict[str, Any]]) -> None:
+        opt = self.optimizer
+        have = [bool(st.get("step") is not None and ("state1" in st or "exp_avg" in st)) for st in per]
+        if any(have) and not all(have):
+            raise ZeroRoutingError("lora-cl under DeepSpeed ZeRO-1/2: some LoRA tensors of param group "
+                                   f"{index} have optimizer states and some do not; resume from a "
+                                   "domain directory or checkpoint written by lora-cl")
+        if all(have):
+            opt.state[flat]["step"] = per[0]["step"].detach().to(device=flat.device).clone()
+            opt.state[flat][PER_TENSOR] = [{k: v for k, v in st.items() if k != MASTER} for st in per]
+        if all(MASTER in st for st in per):  # fp32 master weights over the domain boundary
+            _scatter_own(lps, fragments(self._zero, index), [(flat.data, [st[MASTER] for st in per])])
+
     @torch.no_grad()
     def release(self) -> None:
         """This engine's flat states back to per-tensor layout (see :func:`release_zero`)."""
@@ -241,6 +269,11 @@ class ZeroRoutedStep:
         for index, group in enumerate(opt.param_groups):
             flat, lps = group["params"][0], list(zero.bit16_groups[index])
             state = opt.state.pop(flat, None) or {}
+            per_tensor = state.pop(PER_TENSOR, None)
+            if per_tensor is not None:  # replicated whole: each tensor's state as it is
+                for lp, st in zip(lps, per_tensor, strict=True):
+                    opt.state[lp].update(st)
+                state = {}
             keys = ["exp_avg", "exp_avg_sq"] if state else []
             low_precision = any(lp.dtype != torch.float32 for lp in lps)
             if low_precision:
@@ -321,7 +354,9 @@ class ZeroRoutedStep:
             return
         lps = list(zero.bit16_groups[index])
         state = opt.state.get(flat) or {}
-        keys = ["param", "grad"] + (["exp_avg", "exp_avg_sq"] if state else [])
+        per_tensor = state.get(PER_TENSOR)
+        keys = ["param", "grad"] + (["exp_avg", "exp_avg_sq"] if state and per_tensor is None
+                                    and not self.per_tensor else [])
         sources = {"param": flat.detach(), "grad": flat.grad, **{k: state[k] for k in keys[2:]}}
         frags = fragments(zero, index)
         full = _gather_full(lps, frags, sources, keys, zero.real_dp_process_group[index])
@@ -329,7 +364,10 @@ class ZeroRoutedStep:
         params = [full["param"][j] for j in range(len(lps))]
         for p, g in zip(params, full["grad"], strict=True):
             p.grad = g
-        if state:
+        if per_tensor is not None:  # copies: a skipped or failed step leaves the saved states as they were
+            for p, st in zip(params, per_tensor, strict=True):  # (a loaded checkpoint may sit on the CPU)
+                opt.state[p] = {k: v.to(device=p.device, copy=True) for k, v in st.items()}
+        elif state and "exp_avg" in state:
             for j, p in enumerate(params):
                 opt.state[p] = {"step": state["step"].clone(), "exp_avg": full["exp_avg"][j],
                                 "exp_avg_sq": full["exp_avg_sq"][j]}
@@ -349,6 +387,12 @@ class ZeroRoutedStep:
             return
 
         def write() -> None:
+            if self.per_tensor:
+                st = opt.state[flat]
+                st["step"] = states[0]["step"].clone()
+                st[PER_TENSOR] = states
+                _scatter_own(lps, frags, [(flat, params)])
+                return
             st = opt.state.get(flat) or {}
             if not st:
                 st = opt.state[flat]

@@ -112,7 +112,8 @@ def second_domain(out: Path, prep: Path, *, steps: int, world: int, method: str 
     bank = SubspaceBank.load(prep / "bank.safetensors")
     # Under DeepSpeed the Trainer drops optimizers=(opt, None) and builds its own: hand a factory.
     factory = (NaNFactory if nan else SplitFactory if split_groups else lora_cl.RoutedAdamWFactory)(
-        method, lr=LR, bank=bank if method == "ogp" else None, state_bits=state_bits)
+        method, lr=LR, bank=bank if method == "ogp" else None, state_bits=state_bits,
+        **({"min_8bit_size": 0} if state_bits == 8 else {}))  # the tiny LoRA tensors too
     callback = lora_cl.ContinualCallback()
     for k, domain in enumerate(domains):  # one Trainer (one DeepSpeed engine) per domain
         args = H.train_args(out if len(domains) == 1 else out / f"{k}-{domain}", max_steps=steps,
@@ -158,6 +159,11 @@ def prep(out: Path) -> None:
         ref = out / f"reference-stream{suffix}"  # two more domains, one Trainer each, 3 steps each
         ref.mkdir(parents=True, exist_ok=True)
         second_domain(ref, out, steps=3, world=1, domains=(SECOND, THIRD), method=method)
+    # 8-bit states (state_bits=8), for the ZeRO-2 8-bit runs: 4 steps, and the two-domain stream
+    for ref, kw in ((out / "reference4-8bit", dict(steps=4)),
+                    (out / "reference-stream-8bit", dict(steps=3, domains=(SECOND, THIRD)))):
+        ref.mkdir(parents=True, exist_ok=True)
+        second_domain(ref, out, world=1, state_bits=8, **kw)
 
 
 def main() -> None:
