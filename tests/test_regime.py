@@ -86,6 +86,7 @@ def test_quick_regime_grid_trains_caches_and_writes_its_page(tmp_path, lora_cl_c
     with pytest.raises(SystemExit) as done:
         main(args)
     assert done.value.code == 0
+    assert "Writing model shards" not in capsys.readouterr().err  # --no-progress: no bars at saves
     settings = regime_settings(quick=True)
     cells = regime_cells(settings, ["vanilla", "fixed-shared", "fixed-decoupled"])
     cache = tmp_path / "cache-regime"  # the regime cells live beside the main grid's cache

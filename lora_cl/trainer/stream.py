@@ -11,6 +11,7 @@ checkpoint after it, so a killed run finishes with the same adapters and scores.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
@@ -139,8 +140,31 @@ def run_method(recipe: Any, choice: Any, run_dir: str | os.PathLike[str], *,
                log: Log | None = None, callbacks: Sequence[DomainCallbacks] = ()) -> Path:
     """One method's stream into ``run_dir`` (see the module docstring); returns ``run_dir``.
 
-    ``callbacks`` as in :func:`run_stream`.
+    ``callbacks`` as in :func:`run_stream`. ``progress=False`` also silences transformers' own
+    progress bars (a fully finetuned model's "Writing model shards" at every save) meanwhile.
     """
+    with _progress_bars(progress):
+        return _run_method(recipe, choice, run_dir, data=data, resume=resume, progress=progress,
+                           log=log, callbacks=callbacks)
+
+
+@contextlib.contextmanager
+def _progress_bars(enabled: bool) -> Any:
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _run_method(recipe: Any, choice: Any, run_dir: str | os.PathLike[str], *,
+                data: Sequence[Any] | None, resume: bool, progress: bool, log: Log | None,
+                callbacks: Sequence[DomainCallbacks]) -> Path:
     from lora_cl.evaluation import evaluate_all
     from lora_cl.report import write_run_report
 
