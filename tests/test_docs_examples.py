@@ -199,3 +199,18 @@ def test_a_readme_figure_missing_from_the_pages_is_caught():
     pages = ["forgetting 0.123 nats, 12.5% of vanilla's; 3 of 5 cells"]
     assert figures_not_on_pages(["0.123 nats, 12.5%, 3 of 5"], pages) == []
     assert figures_not_on_pages(["0.124 nats, 12.6%, 4 of 5"], pages) == ["0.124", "12.6%", "4 of 5"]
+
+
+def test_committed_reproduction_pages_are_what_the_committed_cells_generate(tmp_path, monkeypatch):
+    """docs/reproduction.md and the regime pages, regenerated from the committed cell caches, are
+    the committed pages (but for the --docs flag in their commands): a cell committed without its
+    regenerated pages, or a page edited by hand, fails here."""
+    from lora_cl.reproduce import default_settings, write_report
+
+    monkeypatch.chdir(ROOT)  # the pages name the caches as the command does: relative to the repo
+    write_report(Path("benchmarks/reproduction/cells"), default_settings(), tmp_path)
+    pages = ["reproduction.md", *(f"reproduction/{p.name}" for p in sorted((DOCS / "reproduction").glob("regime-*.md")))]
+    assert len(pages) >= 3
+    for page in pages:
+        got = (tmp_path / page).read_text(encoding="utf-8").replace(f" --docs {tmp_path}", "")
+        assert got == (DOCS / page).read_text(encoding="utf-8"), f"{page}: rerun `lora-cl reproduce --report`"
