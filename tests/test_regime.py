@@ -139,7 +139,8 @@ def _hand_cell(cache: Path, method: str, seed: int, forgetting: float, eta: floa
     for i, name in enumerate(("austen", "python_code")):
         d = run / "domains" / f"{i:02d}-{name}"
         d.mkdir()
-        history = [{"loss": 3.0, "epoch": 0.8, "probe/old_direction_lr": eta, "projection/alpha": 0.5},
+        history = [{"loss": 3.0, "epoch": 0.8, "probe/old_direction_lr": eta, "projection/alpha": 0.5,
+                    **({"cl/replay_examples": 125 * (i + 1)} if method.startswith("replay") else {})},
                    {"cl/v_current_share": 1.0 if i == 0 else 0.99, "epoch": 0.8}]
         (d / "metrics.json").write_text(json.dumps({"log_history": history, "train_seconds": 60.0,
                                                     "protection_leak": None if i == 0 else {"other": leak}}))
@@ -157,11 +158,12 @@ def test_page_verdicts_are_paired_holm_corrected_and_sized_against_vanilla(tmp_p
         _hand_cell(cache, "fixed-shared", seed, 0.8 + noise, 2.0, 0.5)
         _hand_cell(cache, "fixed-decoupled", seed, 0.6 + 2 * noise, 1.0, 0.3)
         _hand_cell(cache, "vanilla@lr2x", seed, 1.5, 1.0, 0.9)
+        _hand_cell(cache, "replay-shared", seed, 1.2, 1.0, 0.9)
     page = RegimePage(cache, regime_settings(), tmp_path / "docs")
     claim = next(c for c in page.claims if c.name.startswith("fixed strength"))
     assert claim.nats.ci.n == 5 and claim.nats.ci.mean == pytest.approx(-0.2)
     assert claim.pct.mean == pytest.approx(-20.0) and claim.holds
-    assert len(page.claims) == 3 and claim.nats.p_value <= claim.p_holm <= 3 * claim.nats.p_value
+    assert len(page.claims) == 4 and claim.nats.p_value <= claim.p_holm <= 3 * claim.nats.p_value
     assert not any("@lr" in c.name for c in page.claims)  # the lr check is its own table
     text = page.render()
     assert "**fixed strength (alpha 0.5): decoupled routing forgets less than shared** — -0.200" in text
@@ -170,6 +172,9 @@ def test_page_verdicts_are_paired_holm_corrected_and_sized_against_vanilla(tmp_p
     assert "| vanilla | 0.001 | 5 | 1.0000 [1.0000, 1.0000] |" in text
     assert "| vanilla | 0.002 | 5 | 1.5000 [1.5000, 1.5000] |" in text
     assert "| vanilla | 0.0005 | 0 | — |" in text
+    assert ("Replay: 10% of each domain's training blocks kept, 250 examples (32,000 tokens) in the "
+            "buffer by the last domain; replay-shared forgets 1.2000 nats against vanilla's 1.0000 "
+            "(does not beat vanilla on this stream).") in text
 
 
 def test_current_v_share_is_the_domains_share_of_v_mass():

@@ -307,13 +307,38 @@ class RegimePage:
             rows.append([m, str(len(cells)), _ci(mean_ci(list(self.forgetting(m).values())), 4),
                          _ci(op), _ci(diag), _ci(self.mech_stat(m, "leak"))])
         self._tradeoff_plot()
-        return ("Forgetting alone can be bought with plasticity, so they stand together: final loss is "
+        return (self._replay_line() + "Forgetting alone can be bought with plasticity, so they stand together: final loss is "
                 "the mean held-out loss over all domains after the last one; just-trained loss is the "
                 "mean over domains of the loss right after training that domain (plasticity); leak is "
                 "the share of each later domain's update inside the earlier domains' protected "
                 "subspace, ||P dW|| / ||dW||.\n\n"
                 + _table(["method", "seeds", "forgetting (nats)", "final loss", "just-trained loss",
                           "leak (domains 2..T)"], rows))
+
+    def _replay_line(self) -> str:
+        """The replay buffer's size (examples, tokens) and whether replay beats vanilla here."""
+        replay = [m for m in self.methods() if self.table[m].preset == "replay"]
+        if not replay:
+            return ""
+        sizes = []
+        for (m, _), r in self.by.items():
+            if m in replay:
+                doms = sorted((r.cell.run_dir(self.cache) / "domains").glob("*/metrics.json"))
+                last = json.loads(doms[-1].read_text(encoding="utf-8")).get("log_history", []) if doms else []
+                n = [int(h["cl/replay_examples"]) for h in last if "cl/replay_examples" in h]
+                if n:
+                    sizes.append(n[-1])
+        van = mean_ci(list(self.forgetting("vanilla").values()))
+        words = []
+        for m in replay:
+            f = mean_ci(list(self.forgetting(m).values()))
+            if f.mean is not None and van.mean is not None:
+                words.append(f"{m} forgets {f.mean:.4f} nats against vanilla's {van.mean:.4f} "
+                             f"({'beats' if f.mean < van.mean else 'does not beat'} vanilla on this stream)")
+        size = (f"{max(sizes)} examples ({max(sizes) * self.settings.seq_len:,} tokens) in the buffer by the "
+                "last domain" if sizes else "buffer size not logged")
+        return (f"Replay: {self.table[replay[0]].overrides.get('replay_fraction', 0):.0%} of each domain's "
+                f"training blocks kept, {size}; " + "; ".join(words) + ".\n\n")
 
     def _mechanism(self) -> str:
         rows = []
