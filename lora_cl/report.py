@@ -195,7 +195,8 @@ def _per_domain_table(run: RunResult) -> str:
 
 def _leak_kinds(run: RunResult) -> tuple[str, ...]:
     """The leak columns: lora_A and lora_B; "other" alone for a fully finetuned model's weights."""
-    seen = {k for d in run.domain_metrics for k, v in (d.get("protection_leak") or {}).items() if v is not None}
+    seen = {k for d in run.domain_metrics for k, v in (d.get("protection_leak") or {}).items()
+            if v is not None}
     if "other" not in seen:
         return ("lora_A", "lora_B")
     return ("lora_A", "lora_B", "other") if seen & {"lora_A", "lora_B"} else ("other",)

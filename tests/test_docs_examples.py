@@ -209,7 +209,8 @@ def test_committed_reproduction_pages_are_what_the_committed_cells_generate(tmp_
 
     monkeypatch.chdir(ROOT)  # the pages name the caches as the command does: relative to the repo
     write_report(Path("benchmarks/reproduction/cells"), default_settings(), tmp_path)
-    pages = ["reproduction.md", *(f"reproduction/{p.name}" for p in sorted((DOCS / "reproduction").glob("regime-*.md")))]
+    regimes = sorted((DOCS / "reproduction").glob("regime-*.md"))
+    pages = ["reproduction.md", *(f"reproduction/{p.name}" for p in regimes)]
     assert len(pages) >= 3
     for page in pages:
         got = (tmp_path / page).read_text(encoding="utf-8").replace(f" --docs {tmp_path}", "")

@@ -13,7 +13,6 @@ import torch
 from lora_cl.cli import main
 from lora_cl.reproduce.grid import recipe_dict
 from lora_cl.reproduce.regime import (
-    REGIME_METHODS,
     REGIME_STREAM,
     horizons,
     regime_cells,
@@ -33,7 +32,8 @@ def test_regime_settings_are_in_regime_and_like_for_like(regime):
     table = regime_methods(regime)
     doc = recipe_dict(REGIME_STREAM, table["overlap-decoupled"], 3, s, Path("."))
     if regime == "a":
-        assert doc["model"] == {"name": "scratch-5m", "dtype": "float32", "finetune": "full"} and "lora" not in doc
+        assert doc["model"] == {"name": "scratch-5m", "dtype": "float32", "finetune": "full"}
+        assert "lora" not in doc
     else:
         assert doc["model"]["name"] == "smollm2-135m" and doc["lora"]["r"] == 8
         assert doc["eval"]["general"] == "debian:gcide"
@@ -73,7 +73,8 @@ def test_quick_regime_b_trains_lora_cells_with_a_general_set(tmp_path, lora_cl_c
     assert [c.method for c in cells] == [regime_methods("b")[m] for m in methods.split(",")]
     for cell in cells:
         meta = json.loads((cell.run_dir(cache) / "run.json").read_text())
-        assert meta["recipe"]["model"]["finetune"] == "lora" and meta["method"]["routing"] in ("vanilla", "decoupled")
+        assert meta["recipe"]["model"]["finetune"] == "lora"
+        assert meta["method"]["routing"] in ("vanilla", "decoupled")
     replay = json.loads(next(cells[2].run_dir(cache).glob("domains/02-*/metrics.json")).read_text())
     assert any(h.get("cl/replay_examples", 0) > 0 for h in replay["log_history"])
     assert (docs / "reproduction" / "regime-b.md").read_text().startswith("# Regime (b)")
@@ -205,7 +206,8 @@ def test_a_claim_holds_only_when_its_holm_adjusted_p_does():
     from lora_cl.reproduce.regime_doc import Claim
     from lora_cl.reproduce.stats import mean_ci, paired
 
-    nats = paired({s: d for s, d in enumerate([-0.05, -0.35, -0.1, -0.3, -0.2])}, dict.fromkeys(range(5), 0.0))
+    diffs = dict(enumerate([-0.05, -0.35, -0.1, -0.3, -0.2]))
+    nats = paired(diffs, dict.fromkeys(range(5), 0.0))
     assert 0.02 < nats.p_value < 0.03 and nats.ci.excludes_zero()
     claim = Claim("x", "a", "b", nats, mean_ci([-20.0]), p_holm=nats.p_value)
     assert claim.holds

@@ -202,7 +202,8 @@ class Report:
         for regime in REGIMES:
             settings = regime_settings(regime, quick=self.settings.quick)
             page = RegimePage(regime_cache(self.cache), settings, self.docs, regime)
-            out += [f"**Regime ({regime})** ([its page]({page_path(regime).as_posix()})): {page.answer()}", ""]
+            link = page_path(regime).as_posix()
+            out += [f"**Regime ({regime})** ([its page]({link})): {page.answer()}", ""]
         return "\n".join(out)
 
     def _platforms(self) -> str:
@@ -558,7 +559,8 @@ def write_report(cache: str | Path, settings: Settings, docs: str | Path = "docs
     from lora_cl.reproduce.regime_doc import write_page
 
     for regime in REGIMES:  # the regime pages the main page opens with
-        write_page(regime_cache(Path(cache)), regime_settings(regime, quick=settings.quick), Path(docs), regime)
+        write_page(regime_cache(Path(cache)), regime_settings(regime, quick=settings.quick), Path(docs),
+                   regime)
     report = Report(Path(cache), settings, Path(docs))
     path = Path(docs) / "reproduction.md"
     atomic_write_text(path, report.render())

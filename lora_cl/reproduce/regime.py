@@ -173,7 +173,8 @@ def run_regime(cache: str | Path, settings: Settings, *, methods: Sequence[str] 
         log(f"lora-cl reproduce: regime {regime} cell {k + 1}/{len(cells)} -> {run_dir}")
         key = (cell.cfg, cell.seed)  # the held-out draw follows the seed
         if key not in data:
-            recipe = recipe_from_dict(recipe_dict(cell.stream, cell.method, cell.seed, settings, run_dir.parent))
+            recipe = recipe_from_dict(recipe_dict(cell.stream, cell.method, cell.seed, settings,
+                                                  run_dir.parent))
             data = {key: load_stream_data(recipe, log)[0]}
         run_cell(cell, cache, settings, data=data[key], progress=progress, log=log)
         counts["trained"] += 1

@@ -17,6 +17,7 @@ from typing import Any
 
 from lora_cl.paths import atomic_write_text
 from lora_cl.reproduce.collect import CellResult, forgetting_nats, load_cells, summary_value
+from lora_cl.reproduce.doc import _table
 from lora_cl.reproduce.grid import Settings
 from lora_cl.reproduce.regime import (
     EMA_BETA,
@@ -30,6 +31,7 @@ from lora_cl.reproduce.regime import (
     regime_methods,
 )
 from lora_cl.reproduce.stats import MeanCI, Paired, holm, mean_ci, paired
+
 
 def page_path(regime: str) -> Path:
     """The page of a regime, relative to the docs folder."""
@@ -103,12 +105,6 @@ def _ci(s: MeanCI | None, d: int = 3) -> str:
     if s.lo is None:
         return f"{s.mean:.{d}f} (n = 1)"
     return f"{s.mean:.{d}f} [{s.lo:.{d}f}, {s.hi:.{d}f}]"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 @dataclass
@@ -273,7 +269,8 @@ class RegimePage:
     def _domains(self) -> list[str]:
         from lora_cl.reproduce.grid import stream_sources
 
-        return [d["source"].partition(":")[2] or d.get("name", "") for d in stream_sources(REGIME_STREAM, self.settings)]
+        sources = stream_sources(REGIME_STREAM, self.settings)
+        return [d["source"].partition(":")[2] or d.get("name", "") for d in sources]
 
     def _passes(self) -> str:
         epochs = [d.epoch for doms in self.mech.values() for d in doms if d.epoch is not None]
@@ -307,7 +304,8 @@ class RegimePage:
             rows.append([m, str(len(cells)), _ci(mean_ci(list(self.forgetting(m).values())), 4),
                          _ci(op), _ci(diag), _ci(self.mech_stat(m, "leak"))])
         self._tradeoff_plot()
-        return (self._replay_line() + "Forgetting alone can be bought with plasticity, so they stand together: final loss is "
+        return (self._replay_line()
+                + "Forgetting alone can be bought with plasticity, so they stand together: final loss is "
                 "the mean held-out loss over all domains after the last one; just-trained loss is the "
                 "mean over domains of the loss right after training that domain (plasticity); leak is "
                 "the share of each later domain's update inside the earlier domains' protected "
@@ -388,7 +386,8 @@ class RegimePage:
         bases = ("vanilla", "overlap-decoupled")
         rows = []
         for base in bases:
-            variants = [(1.0, base)] + [(v[1], m) for m in self.table if (v := lr_variant(m)) and v[0] == base]
+            variants = [(1.0, base)] + [(v[1], m) for m in self.table
+                                        if (v := lr_variant(m)) and v[0] == base]
             for scale, label in sorted(variants):
                 cells = [r for (m, _), r in self.by.items() if m == label]
                 op = mean_ci([v for r in cells if (v := summary_value(r.summary, "loss", "op")) is not None])
@@ -403,46 +402,44 @@ class RegimePage:
         per = self.seconds() / n if n else 0.0
         return (f"{n} of {len(self.cells)} cells finished, {self.seconds() / 3600:.2f} CPU-hours in all "
                 f"({per / 60:.1f} minutes per cell on 2 cores). Cells cache under `{REGIME_CACHE}/"
-                f"{REGIME_STREAM}/<config hash>/<method>-s<seed>/`; `lora-cl reproduce --regime {self.regime}` "
+                f"{REGIME_STREAM}/<config hash>/<method>-s<seed>/`; "
+                f"`lora-cl reproduce --regime {self.regime}` "
                 "trains every missing one (`--methods a,b` and `--seeds N` narrow it; delete a cell's folder "
-                f"to train it again) and `lora-cl reproduce --regime {self.regime} --report` rewrites this page.")
+                f"to train it again) and `lora-cl reproduce --regime {self.regime} --report` rewrites "
+                "this page.")
 
     # -- plots ---------------------------------------------------------------------------
     def _tradeoff_plot(self) -> None:
-        from lora_cl.reproduce.plots import _plt
-
-        plt = _plt()
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for m in self.methods():
-            cells = [r for (label, _), r in self.by.items() if label == m]
-            xs = [summary_value(r.summary, "loss", "op") for r in cells]
-            ys = [forgetting_nats(r.summary) for r in cells]
-            ax.plot(xs, ys, "o", label=m, alpha=0.8)
-        ax.set_xlabel("final mean held-out loss (nats; lower: better overall)")
-        ax.set_ylabel("forgetting (nats)")
-        ax.set_title("Stability-plasticity, one point per cell")
-        ax.grid(True, alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-        self._save(fig, plt, f"regime-{self.regime}-tradeoff.png")
+        points = {m: [(summary_value(r.summary, "loss", "op"), forgetting_nats(r.summary))
+                      for (label, _), r in self.by.items() if label == m] for m in self.methods()}
+        self._scatter(points, "final mean held-out loss (nats; lower: better overall)",
+                      "Stability-plasticity, one point per cell", f"regime-{self.regime}-tradeoff.png")
 
     def _leak_plot(self) -> None:
+        points = {m: [(self._cell_leak(key), f) for key, f in self.forget.items() if key[0] == m]
+                  for m in self.methods()}
+        self._scatter(points, "leak: ||P dW|| / ||dW|| in the earlier domains' bases (mean, domains 2..T)",
+                      "Forgetting against the protection leak, one point per cell",
+                      f"regime-{self.regime}-leak.png")
+
+    def _scatter(self, points: dict[str, list[tuple[float | None, float | None]]], xlabel: str,
+                 title: str, name: str) -> None:
+        """Forgetting (y) against ``xlabel`` (x), one colour per method, one point per cell."""
         from lora_cl.reproduce.plots import _plt
 
         plt = _plt()
         fig, ax = plt.subplots(figsize=(6, 4))
-        for m in self.methods():
-            pts = [(self._cell_leak(key), f) for key, f in self.forget.items() if key[0] == m]
+        for m, pts in points.items():
             pts = [(x, y) for x, y in pts if x is not None and y is not None]
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", label=m, alpha=0.8)
-        ax.set_xlabel("leak: ||P dW|| / ||dW|| in the earlier domains' bases (mean, domains 2..T)")
+                ax.plot([x for x, _ in pts], [y for _, y in pts], "o", label=m, alpha=0.8)
+        ax.set_xlabel(xlabel)
         ax.set_ylabel("forgetting (nats)")
-        ax.set_title("Forgetting against the protection leak, one point per cell")
+        ax.set_title(title)
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-        self._save(fig, plt, f"regime-{self.regime}-leak.png")
+        self._save(fig, plt, name)
 
     def _cell_leak(self, key: tuple[str, int]) -> float | None:
         return _mean([d.leak for d in self.mech[key][1:]])

@@ -18,8 +18,8 @@ from typing import Any
 from lora_cl.reproduce.grid import (
     ADAM_DEFAULTS,
     METHODS,
-    REGIME_DEFAULTS,
     PARTS,
+    REGIME_DEFAULTS,
     Cell,
     Settings,
     part_cells,

@@ -248,7 +248,8 @@ class ZeroRoutedStep:
         """Whether the states are per tensor and replicated (8-bit) rather than flat partitions."""
         return getattr(self.optimizer, "state_bits", 32) == 8
 
-    def _adopt_per_tensor(self, index: int, flat: Tensor, lps: list[Tensor], per: list[dict[str, Any]]) -> None:
+    def _adopt_per_tensor(self, index: int, flat: Tensor, lps: list[Tensor],
+                          per: list[dict[str, Any]]) -> None:
         opt = self.optimizer
         have = [bool(st.get("step") is not None and ("state1" in st or "exp_avg" in st)) for st in per]
         if any(have) and not all(have):

@@ -191,7 +191,7 @@ def test_zero2_8bit_states_equal_the_single_process_8bit_run(prep: Path, zero2_8
     assert _distance(got, want) < 0.1 * _distance(got, fp32), (_distance(got, want), _distance(got, fp32))
     saved = next(zero2_8bit_run.glob("checkpoint-2/global_step*/*optim_states.pt"))
     state = torch.load(saved, weights_only=False)["optimizer_state_dict"]["base_optimizer_state"]
-    per = state["state"][0]["lora_cl_per_tensor_states"] if "state" in state else state[0]["lora_cl_per_tensor_states"]
+    per = (state["state"] if "state" in state else state)[0]["lora_cl_per_tensor_states"]
     assert any(st["state1"].dtype == torch.uint8 for st in per)  # 8-bit codes, whole tensors
 
 

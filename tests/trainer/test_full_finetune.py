@@ -113,7 +113,8 @@ def test_full_stream_saves_whole_models_and_measures_leak_and_v_share(full_run, 
     assert not (ogp / "domains" / "00-cooking" / "adapter").exists()
     # every weight trained, routed (linear) and vanilla (norms) alike
     first = saved["00-cooking"]
-    assert {k for k, v in base.state_dict().items() if k in first and not torch.equal(v, first[k])} == set(first)
+    moved = {k for k, v in base.state_dict().items() if k in first and not torch.equal(v, first[k])}
+    assert moved == set(first)
     # a domain's model/ is a transformers model directory
     reloaded = AutoModelForCausalLM.from_pretrained(str(ogp / "domains" / "01-astronomy" / "model"))
     assert all(torch.equal(reloaded.state_dict()[k], t) for k, t in saved["01-astronomy"].items())
@@ -179,13 +180,15 @@ def test_full_weights_refuse_another_model(full_run, tiny_factory, tmp_path):
 
     state = load_file(str(ogp / "domains" / "01-astronomy" / "model" / "model.safetensors"))
     (tmp_path / "bad").mkdir()
-    save_file({k: v for k, v in state.items() if "layers.1." not in k}, str(tmp_path / "bad" / "model.safetensors"))
+    partial = {k: v for k, v in state.items() if "layers.1." not in k}
+    save_file(partial, str(tmp_path / "bad" / "model.safetensors"))
     with pytest.raises(StreamError, match=r"not in the saved weights \(model\.layers\.1\."):
         load_adapter(model, tmp_path / "bad")
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"lora": {"r": 4}}, "model.finetune is full, which trains no LoRA adapter, but the recipe has a lora section"),
+    ({"lora": {"r": 4}},
+     "model.finetune is full, which trains no LoRA adapter, but the recipe has a lora section"),
     ({"model": {"name": "tiny", "finetune": "full", "quantization": "4bit"}},
      "model.finetune full trains every weight, which a 4bit quantized base cannot"),
     ({"model": {"name": "tiny", "finetune": "partial"}}, "model.finetune must be one of lora, full"),
