@@ -168,6 +168,7 @@ def test_page_verdicts_are_paired_holm_corrected_and_sized_against_vanilla(tmp_p
     assert not any("@lr" in c.name for c in page.claims)  # the lr check is its own table
     text = page.render()
     assert "**fixed strength (alpha 0.5): decoupled routing forgets less than shared** — -0.200" in text
+    assert "(5 seeds, decoupled lower on 5 of 5; Holm-adjusted p = " in text
     assert "| fixed strength (alpha 0.5) | 2.000 [2.000, 2.000] | 2.00 |" in text
     assert math.isclose(page.mech_stat("fixed-shared", "v_share").mean, 0.99)
     assert "| vanilla | 0.001 | 5 | 1.0000 [1.0000, 1.0000] |" in text

@@ -212,9 +212,10 @@ class RegimePage:
         for c in routing:
             n = c.nats.ci.n
             what = c.name.split(":")[0]
+            lower = sum(d < 0 for d in c.nats.diffs)
             size = (f"{_ci(c.nats.ci)} nats of forgetting, {_ci(c.pct, 1)}% of vanilla's forgetting "
-                    f"({n} seed{'s' if n != 1 else ''}, Holm-adjusted p = "
-                    f"{'—' if c.p_holm is None else f'{c.p_holm:.3g}'})")
+                    f"({n} seed{'s' if n != 1 else ''}, decoupled lower on {lower} of {n}; Holm-adjusted "
+                    f"p = {'—' if c.p_holm is None else f'{c.p_holm:.3g}'})")
             shared_label, decoupled_label = c.b, c.a
             ratio = self.eta_ratio(shared_label, decoupled_label)
             alpha = self.mech_stat(decoupled_label, "alpha")
