@@ -169,6 +169,9 @@ def test_page_verdicts_are_paired_holm_corrected_and_sized_against_vanilla(tmp_p
     text = page.render()
     assert "**fixed strength (alpha 0.5): decoupled routing forgets less than shared** — -0.200" in text
     assert "(5 seeds, decoupled lower on 5 of 5; Holm-adjusted p = " in text
+    claim.p_holm = 0.2  # the interval alone excludes 0, the family-wise test does not: said so
+    assert ("**fixed strength (alpha 0.5): decoupled routing forgets less than shared, but not "
+            "significantly once Holm corrects for the page's 4 claims** — -0.200") in page.answer()
     assert "| fixed strength (alpha 0.5) | 2.000 [2.000, 2.000] | 2.00 |" in text
     assert math.isclose(page.mech_stat("fixed-shared", "v_share").mean, 0.99)
     assert "| vanilla | 0.001 | 5 | 1.0000 [1.0000, 1.0000] |" in text

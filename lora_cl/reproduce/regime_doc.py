@@ -225,6 +225,11 @@ class RegimePage:
             if c.holds:
                 direction = "less" if c.nats.ci.mean < 0 else "more"
                 lines.append(f"- **{what}: decoupled routing forgets {direction} than shared** — {size}.")
+            elif c.nats.ci.excludes_zero():  # the interval alone would say so; the family does not
+                direction = "less" if c.nats.ci.mean < 0 else "more"
+                lines.append(f"- **{what}: decoupled routing forgets {direction} than shared, but not "
+                             f"significantly once Holm corrects for the page's {len(self.claims)} claims** "
+                             f"— {size}.")
             else:
                 lines.append(f"- **{what}: no difference detectable** between decoupled and shared "
                              f"routing — {size}.")
