@@ -183,14 +183,7 @@ class RoutedAdamW(Optimizer):
 
     def moments(self, p: Tensor) -> tuple[Tensor, Tensor] | None:
         """fp32 (m, v) of ``p`` in any storage (8-bit is dequantized); None before its first step."""
-        state = self.state.get(p)
-        if not state:
-            return None
-        if q8.is_8bit(state):
-            return q8.dequantize(state)
-        if "exp_avg" not in state:  # extras only (or ZeRO's per-tensor states, kept whole elsewhere)
-            return None
-        return state["exp_avg"], state["exp_avg_sq"]
+        return state_moments(self.state.get(p))
 
     # -- step counters (a device-decided skip is read lazily: no host sync per step) --------------
     def _settle(self) -> None:
@@ -540,6 +533,18 @@ class RoutedAdamW(Optimizer):
                 elif isinstance(value, list) and all(isinstance(v, dict) for v in value):
                     self.state[p][key] = [{k: t.to(device=p.device, copy=True) if isinstance(t, Tensor) else t
                                            for k, t in v.items()} for v in value]
+
+
+def state_moments(state: dict[str, Any] | None) -> tuple[Tensor, Tensor] | None:
+    """fp32 (m, v) of one per-tensor optimizer state in any storage (8-bit is dequantized); None
+    for a state without moments of its own (none yet, extras only, or ZeRO's per-tensor list)."""
+    if not state:
+        return None
+    if q8.is_8bit(state):
+        return q8.dequantize(state)
+    if "exp_avg" not in state:
+        return None
+    return state["exp_avg"], state["exp_avg_sq"]
 
 
 def _as_state_input(g: Tensor, entry: dict[str, Any]) -> Tensor:

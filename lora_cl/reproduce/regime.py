@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_cl.data.text_domains import LONG_EVAL_CHARS, LONG_TRAIN_CHARS
-from lora_cl.reproduce.grid import Cell, MethodRun, Settings, config_hash, default_settings, recipe_dict
+from lora_cl.reproduce.grid import Cell, MethodRun, Settings, config_hash, default_settings
 
 Log = Callable[[str], None]
 REGIME_STREAM = "lm4-long"
@@ -155,15 +155,13 @@ def regime_cells(settings: Settings, methods: Sequence[str] | None = None, regim
 def run_regime(cache: str | Path, settings: Settings, *, methods: Sequence[str] | None = None,
                regime: str = "a", progress: bool = False, log: Log | None = None) -> dict[str, int]:
     """Train every unfinished regime cell (an interrupted one resumes); return trained/cached counts."""
-    from lora_cl.recipe import recipe_from_dict
-    from lora_cl.reproduce.runner import run_cell
-    from lora_cl.trainer.stream import load_stream_data
+    from lora_cl.reproduce.runner import train_cell
 
     log = log or _stderr
     cache = Path(cache)
     counts = {"trained": 0, "cached": 0}
     cells = regime_cells(settings, methods, regime)
-    data: dict[tuple[str, int], Any] = {}
+    data: dict[tuple[Any, ...], Any] = {}
     for k, cell in enumerate(cells):
         run_dir = cell.run_dir(cache)
         if cell.complete(cache):
@@ -171,12 +169,7 @@ def run_regime(cache: str | Path, settings: Settings, *, methods: Sequence[str] 
             log(f"lora-cl reproduce: regime {regime} cell {k + 1}/{len(cells)} {run_dir}: cached")
             continue
         log(f"lora-cl reproduce: regime {regime} cell {k + 1}/{len(cells)} -> {run_dir}")
-        key = (cell.cfg, cell.seed)  # the held-out draw follows the seed
-        if key not in data:
-            recipe = recipe_from_dict(recipe_dict(cell.stream, cell.method, cell.seed, settings,
-                                                  run_dir.parent))
-            data = {key: load_stream_data(recipe, log)[0]}
-        run_cell(cell, cache, settings, data=data[key], progress=progress, log=log)
+        train_cell(cell, cache, settings, data, progress=progress, log=log)  # held-out draw: per seed
         counts["trained"] += 1
     return counts
 

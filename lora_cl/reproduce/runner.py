@@ -141,16 +141,13 @@ def run_grid(parts: Sequence[int], cache: str | Path, settings: Settings, *,
              methods: Sequence[str] | None = None, progress: bool = False,
              log: Log | None = None) -> dict[str, Any]:
     """Run every unfinished cell of ``parts``; return counts of trained, cached and skipped cells."""
-    from lora_cl.recipe import recipe_from_dict
-    from lora_cl.trainer.stream import load_stream_data
-
     log = log or _stderr
     cache = Path(cache)
     counts = {"trained": 0, "cached": 0, "not_runnable": 0, "prop1_written": 0}
     if 1 in parts:
         counts["prop1_written"] = len(run_prop1_part(cache, settings, log))
     seen: set[Path] = set()
-    data_cache: dict[tuple[str, str], Any] = {}
+    data_cache: dict[tuple[Any, ...], Any] = {}
     for part in parts:
         if part == 1 or not PARTS[part].streams:
             continue
@@ -169,12 +166,23 @@ def run_grid(parts: Sequence[int], cache: str | Path, settings: Settings, *,
                 log(f"lora-cl reproduce: part {part} cell {k + 1}/{len(cells)} {run_dir}: cached")
                 continue
             log(f"lora-cl reproduce: part {part} cell {k + 1}/{len(cells)} -> {run_dir}")
-            # data depends on the stream and the data settings only: tokenise once per process
-            key = (cell.stream, cell.cfg)
-            if key not in data_cache:
-                recipe = recipe_from_dict(recipe_dict(cell.stream, cell.method, cell.seed, settings,
-                                                      run_dir.parent))
-                data_cache = {key: load_stream_data(recipe, log)[0]}
-            run_cell(cell, cache, settings, data=data_cache[key], progress=progress, log=log)
+            train_cell(cell, cache, settings, data_cache, progress=progress, log=log)
             counts["trained"] += 1
     return counts
+
+
+def train_cell(cell: Cell, cache: Path, settings: Settings, data_cache: dict[tuple[Any, ...], Any], *,
+               progress: bool, log: Log) -> Path:
+    """:func:`run_cell` with the stream's tokenised data, tokenised once per process: the data depend
+    on the stream and the data settings only (and on the seed where it draws the held-out set).
+    ``data_cache`` keeps the latest stream's data only."""
+    from lora_cl.recipe import recipe_from_dict
+    from lora_cl.trainer.stream import load_stream_data
+
+    key = (cell.stream, cell.cfg, cell.seed if settings.vary_eval_draw else None)
+    if key not in data_cache:
+        recipe = recipe_from_dict(recipe_dict(cell.stream, cell.method, cell.seed, settings,
+                                              cell.run_dir(cache).parent))
+        data_cache.clear()
+        data_cache[key] = load_stream_data(recipe, log)[0]
+    return run_cell(cell, cache, settings, data=data_cache[key], progress=progress, log=log)

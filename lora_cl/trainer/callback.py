@@ -26,8 +26,8 @@ from lora_cl.trainer.replay import (
     replay_gradients,
     seeded_subset,
 )
+from lora_cl.trainer.zero import PER_TENSOR, release_zero, route_under_zero, zero_stage12
 from lora_cl.trainer.zero import SUPPORTED as ZERO_SUPPORTED
-from lora_cl.trainer.zero import release_zero, route_under_zero, zero_stage12
 
 logger = logging.getLogger(__name__)
 
@@ -302,19 +302,15 @@ def v_mass(optimizer: RoutedAdamW) -> float | None:
     """Sum of Adam's second moment v over every tensor the optimizer steps (None before any has
     a state). Under DeepSpeed ZeRO-1/2 the fp32 moments are this rank's partitions (rank 0 writes
     the metric) and 8-bit ones the whole per-tensor states every rank keeps."""
-    from lora_cl.optim import quantized_state as q8
+    from lora_cl.optim.routed_adamw import state_moments
 
     total, seen = 0.0, False
     for p in (p for group in optimizer.param_groups for p in group["params"]):
-        moments = optimizer.moments(p)
-        nested = [v for v in optimizer.state.get(p, {}).values()
-                  if isinstance(v, list) and all(isinstance(st, dict) for st in v)]
-        vs = [moments[1]] if moments is not None else [
-            q8.dequantize(st)[1] if q8.is_8bit(st) else st["exp_avg_sq"]
-            for lst in nested for st in lst if q8.is_8bit(st) or "exp_avg_sq" in st]
-        for v in vs:
-            total += float(v.double().sum())
-            seen = True
+        state = optimizer.state.get(p, {})
+        for moments in map(state_moments, [state, *state.get(PER_TENSOR, ())]):
+            if moments is not None:
+                total += float(moments[1].double().sum())
+                seen = True
     return total if seen else None
 
 
