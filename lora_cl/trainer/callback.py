@@ -345,12 +345,12 @@ def check_steps_model_tensors(optimizer: RoutedAdamW, model: Any, wrapped: Any =
     if model is None:
         return
     if all(group["routing"] == "vanilla" for group in optimizer.param_groups):
-        # plain AdamW is element-wise: exact on flat slices too. Under ZeRO-1/2 it still steps
-        # through ZeroRoutedStep (the same math on full tensors), so that a stream's domain end
-        # can give the optimizer back its per-tensor groups for the next engine (without it the
-        # second domain's engine met the first one's flat partitions: KeyError in DeepSpeed)
-        if (wrapped is not None and getattr(optimizer, "state_bits", 32) == 32
-                and zero_stage12(wrapped) is not None):
+        # plain fp32 AdamW is element-wise: exact on flat slices too. Under ZeRO-1/2 it still
+        # steps through ZeroRoutedStep (the same math on full tensors), so that a stream's domain
+        # end can give the optimizer back its per-tensor groups for the next engine (without it
+        # the second domain's engine met the first one's flat partitions: KeyError in DeepSpeed),
+        # and so that 8-bit states quantize the blocks of each tensor as one process does
+        if wrapped is not None and zero_stage12(wrapped) is not None:
             route_under_zero(wrapped, optimizer, method_of(optimizer))
         return
     model_ids = {id(p) for p in model.parameters()}

@@ -161,7 +161,9 @@ def prep(out: Path) -> None:
         second_domain(ref, out, steps=3, world=1, domains=(SECOND, THIRD), method=method)
     # 8-bit states (state_bits=8), for the ZeRO-2 8-bit runs: 4 steps, and the two-domain stream
     for ref, kw in ((out / "reference4-8bit", dict(steps=4)),
-                    (out / "reference-stream-8bit", dict(steps=3, domains=(SECOND, THIRD)))):
+                    (out / "reference-stream-8bit", dict(steps=3, domains=(SECOND, THIRD))),
+                    (out / "reference-stream-8bit-vanilla",
+                     dict(steps=3, domains=(SECOND, THIRD), method="vanilla"))):
         ref.mkdir(parents=True, exist_ok=True)
         second_domain(ref, out, world=1, state_bits=8, **kw)
 

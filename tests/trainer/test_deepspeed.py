@@ -213,6 +213,17 @@ def test_zero2_8bit_stream_of_two_domains_equals_single_process(prep: Path, tmp_
                   load_file(str(prep / "adapter.safetensors")))
 
 
+def test_zero2_8bit_vanilla_stream_equals_single_process(prep: Path, tmp_path: Path,
+                                                         test_cache_dir: Path) -> None:
+    """Vanilla with 8-bit states steps full tensors under ZeRO-2 too: blockwise 8-bit states of
+    DeepSpeed's flat slices would quantize other blocks than one process does, and the second
+    domain's engine would meet the first one's flat partitions."""
+    got = _train(tmp_path, prep, test_cache_dir, "--config", str(CONFIGS / "zero2.json"), "--steps", "3",
+                 "--stream", "--state-bits", "8", "--method", "vanilla")
+    _assert_equal(got, load_file(str(prep / "reference-stream-8bit-vanilla" / "final.safetensors")),
+                  load_file(str(prep / "adapter.safetensors")))
+
+
 @pytest.fixture(scope="module")
 def bf16_one_rank(prep: Path, tmp_path_factory: pytest.TempPathFactory,
                   test_cache_dir: Path) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
