@@ -24,8 +24,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from lora_cl import OverlapAdaptiveStrength, Projection, RoutedAdamW, SubspaceBank
+from lora_cl import GradientRowBuffer, OverlapAdaptiveStrength, Projection, RoutedAdamW, SubspaceBank
 from lora_cl.optim.quantized_state import state_nbytes
 
 BNB_8BIT = "bitsandbytes AdamW8bit"
@@ -33,6 +34,33 @@ NO_MODIFIER = "RoutedAdamW decoupled, no modifier (fused path)"
 NO_MODIFIER_OFF = "RoutedAdamW decoupled, no modifier, nonfinite='off' (fused path)"
 PROJECTION = "RoutedAdamW decoupled + rank-{rank} projection, overlap-adaptive (fused path)"
 ROUTED_8BIT = "RoutedAdamW decoupled, no modifier, state_bits=8 (fused path)"
+OGP_CHAIN = "the ogp preset's chain: gradient-row buffers + the projection"
+
+
+class _CountSyncs(TorchDispatchMode):
+    """Counts host syncs: .item(), bool(), float(), .tolist() all dispatch to _local_scalar_dense."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.syncs += 1
+        return func(*args, **(kwargs or {}))
+
+
+def host_syncs(make: Callable[[], torch.optim.Optimizer], params, grads, steps: int = 3) -> float:  # noqa: ANN001
+    """Host syncs per step() after the first (device-independent: the op count is the same on GPU)."""
+    opt = make()
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt.step()
+    mode = _CountSyncs()
+    with mode:
+        for _ in range(steps):
+            opt.step()
+    return mode.syncs / steps
 
 
 def lora_tensors(layers: int, hidden: int, r: int, device: str) -> tuple[list[str], list[torch.Tensor]]:
@@ -138,6 +166,13 @@ def main() -> None:
             times[key].append(time_steps(make(), params, grads, args.steps, args.device, nbytes, key))
         print(f"round {rnd + 1}/{args.rounds} done", flush=True)
 
+    bank = bank_for(names, params, args.rank)
+    groups = [{"params": params, "param_names": names}]
+    syncs = {key: host_syncs(makers[key], params, grads)
+             for key in (NO_MODIFIER, PROJECTION.format(rank=args.rank))}
+    syncs[OGP_CHAIN] = host_syncs(lambda: RoutedAdamW(groups, lr=1e-4, impl="fused", modifiers=[
+        GradientRowBuffer("in", rank=args.rank), Projection(bank, OverlapAdaptiveStrength())]), params, grads)
+    print(f"host syncs per step: {syncs}", flush=True)
     if args.profile:
         profile_projection(makers[PROJECTION.format(rank=args.rank)], params, grads, args.profile, times,
                            args.rank)
@@ -180,6 +215,10 @@ def main() -> None:
             f"ratios {min(ratios):.2f}x-{max(ratios):.2f}x over {len(ratios)} rounds); ratio of "
             f"the fastest rounds {min(times[ROUTED_8BIT]) / min(times[BNB_8BIT]):.2f}x.",
         ]
+    lines += ["", "Host syncs per `step()` (`aten._local_scalar_dense` calls, counted over 3 steps after "
+              "the first; the op count is the device's too):", "",
+              "| optimizer | host syncs per step |", "|---|---|",
+              *(f"| {k} | {v:g} |" for k, v in syncs.items())]
     text = "\n".join(lines)
     print("\n" + text)
     if args.out:
@@ -194,7 +233,7 @@ def main() -> None:
                "ratio": {k: statistics.median(ts) / base for k, ts in times.items()},
                "routed_8bit": ROUTED_8BIT, "bnb_8bit": BNB_8BIT,
                "projection": PROJECTION.format(rank=args.rank), "no_modifier": NO_MODIFIER,
-               "no_modifier_off": NO_MODIFIER_OFF}
+               "no_modifier_off": NO_MODIFIER_OFF, "syncs_per_step": syncs, "ogp_chain": OGP_CHAIN}
         if BNB_8BIT in times:
             doc["ratio_8bit_vs_bnb"] = statistics.median(ratios)
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,9 @@ class GradBatch:
     raw: list[Tensor]
     step: int
     extras: dict[str, Any] = field(default_factory=dict)
+    #: squared norms of raw gradients a modifier computed anyway (batch index -> 0-d or (n,)
+    #: stacked tensor with the indices of its items), which the device guard reuses
+    raw_sq_norms: list[tuple[list[int], Tensor]] = field(default_factory=list)
 
 
 class GradientModifier:
@@ -45,10 +48,22 @@ class GradientModifier:
     add a term that can be far larger than g, so v takes max(g^2, g~^2) per coordinate and
     the step keeps Adam's bound. ``needs_names`` marks modifiers keyed by tensor name
     (bases, replay gradients): the optimizer refuses unnamed routed tensors for them.
+
+    ``device_commit`` marks modifiers whose :meth:`commit` takes ``keep``, a 0-d bool tensor the
+    optimizer decided on the device (False: the step is skipped), and persists the staged state
+    only where it holds, with no host read (``torch.where``): with every modifier of the chain so,
+    RoutedAdamW's default guard needs no host sync (docs/performance.md). Others are committed
+    on the host, once the guard has read its flag.
+
+    ``contracts`` marks modifiers whose g~ is never larger than the g it came from (a projection
+    with strengths and weights in [0, 1]: ||g~|| <= ||g|| per tensor, each intermediate bounded by
+    ||g||), so a finite norm of g makes g~ finite: the device guard then checks g alone.
     """
 
     additive: bool = False
     needs_names: bool = False
+    device_commit: bool = False
+    contracts: bool = False
 
     def apply(self, batch: GradBatch) -> list[Tensor]:
         raise NotImplementedError
@@ -59,8 +74,9 @@ class GradientModifier:
         self.commit()
         return out
 
-    def commit(self) -> None:
-        """Persist what the last :meth:`apply` staged (called only for a step that is taken)."""
+    def commit(self, keep: Tensor | None = None) -> None:
+        """Persist what the last :meth:`apply` staged (called only for a step that is taken, or
+        with ``keep`` where ``device_commit`` is True)."""
 
     def on_domain_start(self, domain: str) -> None:
         """Called when training on ``domain`` begins (reset per-domain statistics)."""

@@ -63,6 +63,9 @@ class Projection(GradientModifier):
         self._checked: tuple[int, tuple[str, ...]] | None = None
 
     needs_names = True
+    #: g~ = g - alpha * G U diag(s) U^T with alpha, s in [0, 1] (the strengths and the bank enforce
+    #: both): an orthogonal projection's component, scaled by at most 1, so ||g~|| <= ||g||
+    contracts = True
 
     def _bases(self, name: str, g: Tensor) -> list[tuple[str, Tensor, Tensor]]:
         if g.ndim < 2:
@@ -107,7 +110,10 @@ class Projection(GradientModifier):
             coords = [_coords(G, side, U) for side, U, _ in group.bases]
             overlaps = [_energy(c) for c in coords]
             overlap = overlaps[0] if len(overlaps) == 1 else torch.stack(overlaps).mean(0)
-            overlap = overlap / _energy(G).clamp_min(1e-30)
+            energy = _energy(G)
+            if all(batch.grads[i] is batch.raw[i] for i in group.idx):
+                batch.raw_sq_norms.append((group.idx, energy))  # the guard's check of these g
+            overlap = overlap / energy.clamp_min(1e-30)
             found += list(zip(group.idx, overlap.unbind(0), strict=True))
             work.append((group, G, coords[0]))
         found.sort(key=lambda t: t[0])
@@ -171,8 +177,14 @@ class Projection(GradientModifier):
         self._staged = (dict(zip(names, alphas, strict=True)), len(taken),
                         sum(g.numel() for _, g in taken))
 
-    def commit(self) -> None:
-        self.strength.commit()
+    @property
+    def device_commit(self) -> bool:  # type: ignore[override]
+        return self.strength.device_commit
+
+    def commit(self, keep: Tensor | None = None) -> None:
+        # projected_tensors / projected_elements follow the alphas the host knows (a float 0
+        # projects nothing): with ``keep`` they are the last step's that ran, skipped or not
+        self.strength.commit() if keep is None else self.strength.commit(keep)
         if self._staged is not None:
             self._last_alphas, self.projected_tensors, self.projected_elements = self._staged
             self._staged = None

@@ -16,14 +16,22 @@ class Strength:
     ``propose(names, overlaps)`` is called once per optimizer step with the overlap
     s = ||G U||^2 / ||G||^2 of every tensor that has a basis (0-d tensors, kept on the
     device: no host sync) and returns one alpha per tensor (float or 0-d tensor).
+
+    ``device_commit`` says whether :meth:`commit` takes ``keep``, a 0-d bool tensor that the
+    optimizer decided on the device (False: the step was skipped), and persists the staged
+    state only where it is True without reading it on the host; then RoutedAdamW's guard needs
+    no host sync. A schedule that says False is committed on the host, after the guard.
     """
+
+    device_commit: bool = False
 
     def propose(self, names: list[str], overlaps: list[Tensor]) -> list[float | Tensor]:
         """This step's alphas, with the EMAs and step count staged until :meth:`commit`."""
         raise NotImplementedError
 
-    def commit(self) -> None:
-        """Persist the last :meth:`propose` (its EMAs and step count): the step was taken."""
+    def commit(self, keep: Tensor | None = None) -> None:
+        """Persist the last :meth:`propose` (its EMAs and step count): the step was taken (or,
+        with ``keep``, where the device says it was)."""
 
     def update(self, names: list[str], overlaps: list[Tensor]) -> list[float | Tensor]:
         """Propose and commit at once (a schedule used on its own)."""
@@ -47,6 +55,8 @@ class Strength:
 class FixedStrength(Strength):
     """alpha_t = alpha for every tensor and step (alpha = 1: hard projection)."""
 
+    device_commit = True
+
     def __init__(self, alpha: float) -> None:
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"FixedStrength: alpha must be in [0, 1], got {alpha}")
@@ -58,8 +68,9 @@ class FixedStrength(Strength):
         self._staged = torch.stack(overlaps).mean() if overlaps else None
         return [self.alpha] * len(names)
 
-    def commit(self) -> None:
-        self._overlap = self._staged
+    def commit(self, keep: Tensor | None = None) -> None:
+        staged, self._staged = self._staged, None
+        self._overlap = staged if keep is None or staged is None else _kept(keep, staged, self._overlap)
 
     @property
     def current_alpha(self) -> float:
@@ -67,12 +78,13 @@ class FixedStrength(Strength):
 
     @property
     def current_overlap(self) -> float | None:
-        return None if self._overlap is None else float(self._overlap)
+        return _read(self._overlap)
 
     def metrics(self) -> dict[str, float]:
         out = {"alpha": self.alpha}
-        if self._overlap is not None:
-            out["overlap"] = float(self._overlap)
+        overlap = self.current_overlap
+        if overlap is not None:
+            out["overlap"] = overlap
         return out
 
     def __repr__(self) -> str:
@@ -133,7 +145,7 @@ class OverlapAdaptiveStrength(Strength):
             sbars = [self._ema(n, o.float(), staged) for n, o in zip(names, overlaps, strict=True)]
         if self.bias_correction:  # every tensor with a basis is seen every step of a domain
             sbars = [sb / (1.0 - self.beta**steps) for sb in sbars]
-        if steps <= self.warmup:
+        if self.warmup and steps <= self.warmup:  # (steps is on the device after a device commit)
             alphas: list[float | Tensor] = [0.0] * len(names)
             mean_alpha = torch.zeros(())
         elif self.scope == "global":  # one alpha for every tensor: computed once
@@ -146,12 +158,30 @@ class OverlapAdaptiveStrength(Strength):
         self._staged = (steps, staged, overlap, mean_alpha)
         return alphas
 
-    def commit(self) -> None:
+    @property
+    def device_commit(self) -> bool:  # type: ignore[override]
+        # warmup decides alpha = 0 on the host from the step count, which a masked commit keeps
+        # on the device: with warmup the schedule commits after the host's guard
+        return self.warmup == 0
+
+    def commit(self, keep: Tensor | None = None) -> None:
         if self._staged is None:
             return
-        self.steps, staged, self._last_overlap, self._last_alpha = self._staged
-        self.sbar.update(staged)
+        steps, staged, overlap, alpha = self._staged
         self._staged = None
+        if keep is None:
+            self.steps, self._last_overlap, self._last_alpha = steps, overlap, alpha
+            self.sbar.update(staged)
+            return
+        # decided on the device: the step count becomes a 0-d tensor there (read on the host
+        # only by state_dict and the metrics); an EMA with no previous value keeps 0, the value
+        # the EMA's recursion starts from
+        self.steps = torch.where(keep, steps, torch.as_tensor(self.steps, device=keep.device))
+        for key, new in staged.items():
+            old = self.sbar.get(key)
+            self.sbar[key] = torch.where(keep, new, torch.zeros_like(new) if old is None else old.to(new))
+        self._last_overlap = _kept(keep, overlap, self._last_overlap)
+        self._last_alpha = _kept(keep, torch.as_tensor(alpha, dtype=torch.float32), self._last_alpha)
 
     def reset(self) -> None:
         self.steps = 0
@@ -163,13 +193,14 @@ class OverlapAdaptiveStrength(Strength):
     @property
     def current_alpha(self) -> float:
         """Mean alpha of the last step (alpha_max before any step of the domain)."""
-        if self._last_alpha is None:
+        alpha = _read(self._last_alpha)
+        if alpha is None:
             return 0.0 if self.warmup > 0 else self.alpha_max
-        return float(self._last_alpha)
+        return alpha
 
     @property
     def current_overlap(self) -> float | None:
-        return None if self._last_overlap is None else float(self._last_overlap)
+        return _read(self._last_overlap)
 
     @property
     def smoothed_overlap(self) -> float | None:
@@ -179,13 +210,14 @@ class OverlapAdaptiveStrength(Strength):
 
     def metrics(self) -> dict[str, float]:
         out = {"alpha": self.current_alpha}
-        if self._last_overlap is not None:
-            out["overlap"] = float(self._last_overlap)
+        overlap = self.current_overlap
+        if overlap is not None:
+            out["overlap"] = overlap
             out["overlap_ema"] = float(self.smoothed_overlap or 0.0)
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "sbar": {k: v.detach().cpu().clone() for k, v in self.sbar.items()}}
+        return {"steps": int(self.steps), "sbar": {k: v.detach().cpu().clone() for k, v in self.sbar.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps = int(state["steps"])
@@ -194,6 +226,20 @@ class OverlapAdaptiveStrength(Strength):
     def __repr__(self) -> str:
         return (f"OverlapAdaptiveStrength(alpha_max={self.alpha_max}, beta={self.beta}, "
                 f"warmup={self.warmup}, scope={self.scope!r}, bias_correction={self.bias_correction})")
+
+
+def _kept(keep: Tensor, new: Tensor, old: Tensor | None) -> Tensor:
+    """``new`` where the device kept the step, else ``old`` (NaN standing for "none yet")."""
+    new = new.to(keep.device)
+    return torch.where(keep, new, torch.full_like(new, float("nan")) if old is None else old.to(new))
+
+
+def _read(value: Tensor | None) -> float | None:
+    """A logged 0-d value on the host (a sync: metrics only); NaN is "none yet" (see _kept)."""
+    if value is None:
+        return None
+    value = float(value)
+    return None if value != value else value
 
 
 def as_strength(strength: float | Strength) -> Strength:

@@ -115,7 +115,7 @@ class RoutedAdamW(Optimizer):
         self.min_8bit_size = min_8bit_size
         self._host_step = 0
         self._host_skipped = 0
-        # Steps whose skip-or-step was decided on the device (see _device_guarded): how many,
+        # Steps whose skip-or-step was decided on the device (see _device_step): how many,
         # and a device tensor counting the skipped ones, read only when a counter is read.
         self._dev_steps = 0
         self._dev_skips: Tensor | None = None
@@ -247,23 +247,11 @@ class RoutedAdamW(Optimizer):
         extras, self._extras = self._extras, {}
         if not entries:
             return loss
-        if self._device_guarded(entries):
+        if self._device_decides(entries):
+            self._device_step(entries, extras)
             return loss
         step = self.global_step + 1
-        routed = [e for e in entries if e["routing"] != "vanilla"]
-        raw = [e["grad"] for e in routed]
-        mod = list(raw)
-        if routed and self.modifiers:
-            # The chain only stages what it observes (GradientModifier.commit), so a step the
-            # guard below skips leaves every modifier's state as it was.
-            batch = GradBatch(names=[e["name"] for e in routed], params=[e["param"] for e in routed],
-                              grads=mod, raw=raw, step=step, extras=extras)
-            for modifier in self.modifiers:
-                mod = modifier.apply(batch)
-                batch.grads = mod
-        for e, g_mod in zip(routed, mod, strict=True):
-            if g_mod is not e["grad"]:
-                e["mod"] = _as_state_input(g_mod, e)
+        routed = self._apply_chain(entries, step, extras)
         # One guard over what reaches the states: every raw gradient and every g~ the chain
         # changed (a replay gradient or a penalty can be non-finite where g is not).
         if self.nonfinite != "off" and not self._all_finite(entries):
@@ -292,49 +280,106 @@ class RoutedAdamW(Optimizer):
             self._reproject(routed, before)
         return loss
 
-    def _device_guarded(self, entries: list[dict[str, Any]]) -> bool:
-        """The default step with no host sync: skip-or-step decided on the device.
+    def _apply_chain(self, entries: list[dict[str, Any]], step: int,
+                     extras: dict[str, Any]) -> list[dict[str, Any]]:
+        """Run the modifier chain on the routed entries; each g~ that differs from g goes to the
+        entry's ``"mod"``. The chain only stages what it observes (GradientModifier.commit), so
+        a step the guard skips leaves every modifier's state as it was. Returns the routed entries."""
+        routed = [e for e in entries if e["routing"] != "vanilla"]
+        if not (routed and self.modifiers):
+            return routed
+        raw = [e["grad"] for e in routed]
+        batch = GradBatch(names=[e["name"] for e in routed], params=[e["param"] for e in routed],
+                          grads=list(raw), raw=raw, step=step, extras=extras)
+        for modifier in self.modifiers:
+            batch.grads = modifier.apply(batch)
+        for e, g_mod in zip(routed, batch.grads, strict=True):
+            if g_mod is not e["grad"]:
+                e["mod"] = _as_state_input(g_mod, e)
+        for idx, sq in batch.raw_sq_norms:  # squared norms of g the chain computed anyway
+            for i, s in zip(idx, sq.unbind(0) if sq.dim() else [sq], strict=True):
+                routed[i]["raw_sq_norm"] = s
+        return routed
 
-        Taken when nothing needs the decision on the host: ``nonfinite="skip"``, no modifier
-        acting on a routed tensor, no update re-projection, fp32 states, torch's fused kernel on
-        one device, beta1 >= FUSED_MIN_BETA1 and not inside a sharded step. The kernel gets
-        ``found_inf`` (any gradient non-finite): it leaves p, m and v as they are, and the step
-        counts are put back on the device, as torch's own fused AdamW does for its grad scaler.
-        Without a modifier every routing feeds both moments the raw gradient, so this is the
-        routed step too. Returns False where the host path must run.
+    def _device_decides(self, entries: list[dict[str, Any]]) -> bool:
+        """Whether this step's skip-or-step can be decided on the device (no host sync).
+
+        So when nothing needs the decision on the host: ``nonfinite="skip"``, every modifier
+        acting on a routed tensor commits on the device (``device_commit``: a projection with a
+        fixed or overlap-adaptive strength), none is additive, no update re-projection, fp32
+        states, torch's fused kernel on one device, beta1 >= FUSED_MIN_BETA1 and not inside a
+        sharded step.
         """
-        if (self.nonfinite != "skip" or self.reproject_update or self._hold_commits
-                or (self.modifiers and any(e["routing"] != "vanilla" for e in entries))):
+        if self.nonfinite != "skip" or self.reproject_update or self._hold_commits:
+            return False
+        if self.modifiers and any(e["routing"] != "vanilla" for e in entries) and not all(
+                getattr(m, "device_commit", False) and not m.additive for m in self.modifiers):
             return False
         device = entries[0]["param"].device
         if (self.impl == "reference" or any(e["param"].device != device for e in entries)
                 or not fused_kernel_available(device) or any(q8.is_8bit(e["state"]) for e in entries)):
             return False
-        groups = [(g, [e for e in entries if e["group"] == gi]) for gi, g in enumerate(self.param_groups)]
-        if any(float(g["betas"][0]) < FUSED_MIN_BETA1 for g, mine in groups if mine):
-            return False
-        norms = torch._foreach_norm([e["grad"] for e in entries])
-        bad = ~torch.stack(norms).isfinite()
-        found_inf = bad.any().to(torch.float32)
+        return all(float(g["betas"][0]) >= FUSED_MIN_BETA1
+                   for gi, g in enumerate(self.param_groups) if any(e["group"] == gi for e in entries))
+
+    def _device_step(self, entries: list[dict[str, Any]], extras: dict[str, Any]) -> None:
+        """The step with skip-or-step decided on the device.
+
+        The chain runs as on the host path; ``found_inf`` (any raw gradient or g~ non-finite)
+        stays on the device: the modifiers commit masked by it, the first-moment pre-correction
+        of tensors whose moments see different gradients is zeroed by it, and torch's fused
+        kernel, given it, leaves p, m and v as they are, the step counts put back (as torch's
+        own fused AdamW does for its grad scaler). The step counters and the warning naming the
+        non-finite tensors are settled when a counter is read.
+        """
+        routed = self._apply_chain(entries, self._host_step + self._dev_steps + 1, extras)
+        # g~ of a contracting chain (a projection) is finite where g is: only g is read then
+        mods = [] if all(m.contracts for m in self.modifiers) else [e for e in entries if "mod" in e]
+        # g whose squared norm the chain computed (a projection's overlap) is not read again
+        known = [e for e in entries if "raw_sq_norm" in e]
+        read = [e for e in entries if "raw_sq_norm" not in e]
+        unread = [e["grad"] for e in read] + [e["mod"] for e in mods]
+        norms = torch._foreach_norm(unread) if unread else ()
+        bad = ~torch.stack([*norms, *(e["raw_sq_norm"] for e in known)]).isfinite()
+        skip = bad.any()
+        found_inf = skip.to(torch.float32)
         # which tensors of the latest skipped step were non-finite, named when a counter is read
-        names = [e["name"] for e in entries]
+        names = ([e["name"] for e in read] + [f"{e['name']} (modified gradient)" for e in mods]
+                 + [e["name"] for e in known])
         last = self._dev_bad
         self._dev_bad = (names, bad if last is None or last[0] != names
-                         else torch.where(found_inf.bool(), bad, last[1]))
-        for group, mine in groups:
+                         else torch.where(skip, bad, last[1]))
+        if routed:  # (with no routed tensor the chain did not run: nothing staged)
+            keep = ~skip
+            for modifier in self.modifiers:
+                modifier.commit(keep)
+        for gi, group in enumerate(self.param_groups):
+            mine = [e for e in entries if e["group"] == gi]
             if not mine:
                 continue
-            beta1, beta2 = group["betas"]
-            steps = [e["state"]["step"] for e in mine]
-            fused_adamw_step([e["param"] for e in mine], [e["grad"] for e in mine],
-                             [e["state"]["exp_avg"] for e in mine],
-                             [e["state"]["exp_avg_sq"] for e in mine], steps,
-                             lr=_as_float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
-                             eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
-                             found_inf=found_inf)
+            m_src, v_src = ROUTINGS[group["routing"]]
+            beta1, beta2 = (float(b) for b in group["betas"])
+            g_m = [e["grad"] if m_src == "raw" else e.get("mod", e["grad"]) for e in mine]
+            g_v = [e["grad"] if v_src == "raw" else e.get("mod", e["grad"]) for e in mine]
+            ms = [e["state"]["exp_avg"] for e in mine]
+            differ = [i for i, (a, b) in enumerate(zip(g_m, g_v, strict=True)) if a is not b]
+            if differ:
+                # the kernel feeds m from g_v: m += (1-b1)/b1 * (g_m - g_v) lands it on g_m
+                # (functional.routed_adamw_fused), zeroed where the step is skipped
+                if m_src == "mod":  # decoupled: g~ (the chain's own buffer) feeds only m, so
+                    delta = [g_m[i] for i in differ]  # g~ - g is formed in it: no fresh pages
+                    torch._foreach_sub_(delta, [g_v[i] for i in differ])
+                else:
+                    delta = torch._foreach_sub([g_m[i] for i in differ], [g_v[i] for i in differ])
+                for d in delta:
+                    d.masked_fill_(skip, 0.0)
+                torch._foreach_add_([ms[i] for i in differ], delta, alpha=(1 - beta1) / beta1)
+            fused_adamw_step([e["param"] for e in mine], g_v, ms, [e["state"]["exp_avg_sq"] for e in mine],
+                             [e["state"]["step"] for e in mine], lr=_as_float(group["lr"]),
+                             beta1=beta1, beta2=beta2, eps=float(group["eps"]),
+                             weight_decay=float(group["weight_decay"]), found_inf=found_inf)
         self._dev_steps += 1
         self._dev_skips = found_inf if self._dev_skips is None else self._dev_skips + found_inf
-        return True
 
     def commit_modifiers(self) -> None:
         """Persist what the modifier chain staged this step (called by ``step`` past the guard)."""

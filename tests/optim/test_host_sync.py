@@ -1,7 +1,10 @@
 """The default step decides skip-or-step on the device: no host sync per ``step()``.
 
 A host sync is any op that copies a device value to Python (``.item()``, ``bool()``, ``float()``,
-``.tolist()``): all of them dispatch to ``aten._local_scalar_dense``, which the mode below counts.
+``.tolist()``): all of them dispatch to ``aten._local_scalar_dense``, which the dispatch mode below
+counts. The function mode beside it names the Python-level calls that would sync on a GPU
+(``item``, ``tolist``, ``__bool__``, ``__float__``, ``__int__``, ``cpu``, ``numpy``), which on
+this CPU cost nothing and so would pass unseen by the dispatch count alone.
 """
 
 from __future__ import annotations
@@ -10,9 +13,10 @@ import warnings
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lora_cl import FixedStrength, Projection, RoutedAdamW, SubspaceBank
+from lora_cl import FixedStrength, OverlapAdaptiveStrength, Projection, RoutedAdamW, SubspaceBank
 
 ROUTINGS = ["vanilla", "shared", "decoupled", "v_only"]
 
@@ -25,6 +29,21 @@ class CountSyncs(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         if func is torch.ops.aten._local_scalar_dense.default:
             self.syncs += 1
+        return func(*args, **(kwargs or {}))
+
+
+SYNCING = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
+           torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.cpu, torch.Tensor.numpy}
+
+
+class NameSyncs(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        if func in SYNCING:
+            self.calls.append(func.__name__)
         return func(*args, **(kwargs or {}))
 
 
@@ -42,14 +61,46 @@ def set_grads(ps: list[torch.Tensor], t: int, nan: bool = False) -> None:
 
 
 def syncs_per_step(opt: RoutedAdamW, ps: list[torch.Tensor], steps: int = 3) -> int:
+    """Host syncs over ``steps`` steps after the first: the dispatch count, asserted equal to the
+    Python-level calls the function mode saw (so neither can miss what the other sees)."""
     set_grads(ps, 0)
     opt.step()  # the first step creates the states
-    mode = CountSyncs()
-    with mode:
+    syncs, named = CountSyncs(), NameSyncs()
+    with syncs, named:
         for t in range(1, steps + 1):
             set_grads(ps, t)
             opt.step()
-    return mode.syncs
+    assert (syncs.syncs == 0) == (not named.calls), (syncs.syncs, named.calls)
+    return syncs.syncs + len([c for c in named.calls if c in ("cpu", "numpy")])
+
+
+def bank(sides: tuple[str, ...] = ("in",)) -> SubspaceBank:
+    """Bases of rank 4 for t0 (8 x 64) and t1 (64 x 8) on the given sides."""
+    gen = torch.Generator().manual_seed(1)
+    out = SubspaceBank()
+    for name, shape in (("t0", (8, 64)), ("t1", (64, 8))):
+        for side in sides:
+            dim = shape[1] if side == "in" else shape[0]
+            k = min(4, dim)
+            out.add("old", name, torch.linalg.qr(torch.randn(dim, k, generator=gen))[0], side=side)
+    return out
+
+
+def projected(ps: list[torch.Tensor], routing: str, strength, side: str = "in",  # noqa: ANN001
+              **kw) -> RoutedAdamW:
+    sides = ("in", "out") if side == "both" else (side,)
+    return RoutedAdamW([{"params": ps, "param_names": ["t0", "t1", "t2"]}], lr=1e-2, weight_decay=0.1,
+                       routing=routing, modifiers=[Projection(bank(sides), strength=strength, side=side)],
+                       **kw)
+
+
+STRENGTHS = {
+    "fixed": lambda: FixedStrength(0.5),
+    "hard": lambda: FixedStrength(1.0),
+    "overlap": lambda: OverlapAdaptiveStrength(0.5, beta=0.9),
+    "overlap-tensor": lambda: OverlapAdaptiveStrength(0.5, beta=0.9, scope="tensor"),
+    "overlap-debiased": lambda: OverlapAdaptiveStrength(0.5, beta=0.9, bias_correction=True),
+}
 
 
 @pytest.mark.parametrize("routing", ROUTINGS)
@@ -58,17 +109,23 @@ def test_default_step_has_no_host_sync(routing):
     assert syncs_per_step(RoutedAdamW(ps, lr=1e-2, weight_decay=0.1, routing=routing), ps) == 0
 
 
-def test_host_path_is_where_the_decision_needs_the_host():
-    """With a projection (and with nonfinite='raise') the guard still reads its flag: one sync a
-    step, the cost the device path removes from the default."""
+@pytest.mark.parametrize("routing", ROUTINGS)
+@pytest.mark.parametrize("strength", sorted(STRENGTHS))
+@pytest.mark.parametrize("side", ["in", "out", "both"])
+def test_projection_step_has_no_host_sync(routing, strength, side):
     ps = params()
-    bank = SubspaceBank()
-    bank.add("old", "t0", torch.linalg.qr(torch.randn(64, 4, generator=torch.Generator().manual_seed(1)))[0])
-    opt = RoutedAdamW([{"params": ps, "param_names": ["t0", "t1", "t2"]}], lr=1e-2,
-                      modifiers=[Projection(bank, strength=FixedStrength(0.5))])
-    assert syncs_per_step(opt, ps) >= 3
+    assert syncs_per_step(projected(ps, routing, STRENGTHS[strength](), side), ps) == 0
+
+
+def test_host_path_is_where_the_decision_needs_the_host():
+    """With nonfinite='raise', a strength with warmup or a modifier without a device commit the
+    guard still reads its flag: one sync a step, the cost the device path removes."""
     ps = params()
     assert syncs_per_step(RoutedAdamW(ps, lr=1e-2, nonfinite="raise"), ps) == 3
+    ps = params()
+    assert syncs_per_step(projected(ps, "decoupled", FixedStrength(0.5), nonfinite="raise"), ps) >= 3
+    ps = params()
+    assert syncs_per_step(projected(ps, "decoupled", OverlapAdaptiveStrength(0.5, warmup=2)), ps) >= 3
 
 
 @pytest.mark.parametrize("routing", ROUTINGS)
@@ -102,3 +159,57 @@ def test_device_guard_skips_a_nonfinite_step_with_states_untouched(routing):
         warnings.simplefilter("error")
         assert opt.global_step == 6 and opt.skipped_steps == 1
     assert opt.state_dict()["lora_cl"]["global_step"] == 6
+
+
+def _run(opt: RoutedAdamW, ps: list[torch.Tensor], ts: list[int], nan_at: int | None = None) -> None:
+    for t in ts:
+        set_grads(ps, t, nan=t == nan_at)
+        opt.step()
+
+
+@pytest.mark.parametrize("routing", ROUTINGS)
+@pytest.mark.parametrize("strength", sorted(STRENGTHS))
+def test_projection_device_path_equals_the_host_path(routing, strength):
+    """The same steps decided on the device and on the host (nonfinite='raise' keeps it there)."""
+    dev_ps, host_ps = params(), params()
+    dev = projected(dev_ps, routing, STRENGTHS[strength](), "both")
+    host = projected(host_ps, routing, STRENGTHS[strength](), "both", nonfinite="raise")
+    _run(dev, dev_ps, list(range(6))), _run(host, host_ps, list(range(6)))
+    for a, b in zip(dev_ps, host_ps, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        for x, y in zip(dev.moments(a), host.moments(b), strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)  # (the pre-correction rounds)
+    assert dev.metrics() == pytest.approx(host.metrics(), rel=1e-6)
+    saved, want = dev.state_dict()["lora_cl"], host.state_dict()["lora_cl"]
+    assert (saved["global_step"], saved["skipped_steps"]) == (want["global_step"], want["skipped_steps"])
+    got_s, want_s = (st["modifiers"][0]["state"]["strength"] for st in (saved, want))
+    assert got_s.get("steps") == want_s.get("steps")
+    assert got_s.get("sbar", {}).keys() == want_s.get("sbar", {}).keys()
+    for key, value in want_s.get("sbar", {}).items():
+        torch.testing.assert_close(got_s["sbar"][key], value, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("routing", ["shared", "decoupled", "v_only"])
+@pytest.mark.parametrize("strength", sorted(STRENGTHS))
+def test_projection_device_guard_skips_with_every_state_untouched(routing, strength):
+    """A NaN step decided on the device leaves p, m, v, the step counts and the strength's EMAs
+    and step count as they were: the run equals one that never saw the bad step."""
+    ps, ref = params(), params()
+    opt = projected(ps, routing, STRENGTHS[strength](), "both")
+    ref_opt = projected(ref, routing, STRENGTHS[strength](), "both")
+    _run(opt, ps, [0, 1, 2]), _run(ref_opt, ref, [0, 1, 2])
+    strength_before = opt.modifiers[0].strength.state_dict()
+    mode = CountSyncs()
+    with mode:
+        _run(opt, ps, [3], nan_at=3)
+    assert mode.syncs == 0
+    after = opt.modifiers[0].strength.state_dict()
+    assert after.get("steps") == strength_before.get("steps")
+    for key, value in strength_before.get("sbar", {}).items():
+        assert torch.equal(after["sbar"][key], value)
+    with pytest.warns(RuntimeWarning, match=r"skipped 1 step\(s\).*t1"):
+        assert opt.skipped_steps == 1
+    _run(opt, ps, [4, 5]), _run(ref_opt, ref, [4, 5])
+    for a, b in zip(ps, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert opt.metrics() == ref_opt.metrics() | {"optim/skipped_steps": 1.0}
