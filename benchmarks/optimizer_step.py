@@ -32,6 +32,8 @@ from lora_cl.optim.quantized_state import state_nbytes
 BNB_8BIT = "bitsandbytes AdamW8bit"
 NO_MODIFIER = "RoutedAdamW decoupled, no modifier (fused path)"
 NO_MODIFIER_OFF = "RoutedAdamW decoupled, no modifier, nonfinite='off' (fused path)"
+NO_MODIFIER_FED = ("RoutedAdamW decoupled, no modifier, guard fed the clipping norm "
+                   "(a Trainer under lora_cl.attach)")
 PROJECTION = "RoutedAdamW decoupled + rank-{rank} projection, overlap-adaptive (fused path)"
 ROUTED_8BIT = "RoutedAdamW decoupled, no modifier, state_bits=8 (fused path)"
 OGP_CHAIN = "the ogp preset's chain: gradient-row buffers + the projection"
@@ -87,6 +89,25 @@ def bank_for(names: list[str], params: list[torch.Tensor], rank: int) -> Subspac
     return bank
 
 
+class ClipNormFed:
+    """RoutedAdamW stepped as a Trainer under ``lora_cl.attach`` steps it: before each step the
+    norm of the Trainer's gradient clipping is handed to its guard (supply_grad_norm). The norm
+    itself is taken once, outside the timing: a Trainer takes it for every optimizer."""
+
+    def __init__(self, opt: RoutedAdamW, params: list[torch.Tensor]) -> None:
+        self.opt, self.params, self.norm = opt, params, None
+
+    @property
+    def state(self):  # noqa: ANN201
+        return self.opt.state
+
+    def step(self) -> None:
+        if self.norm is None:
+            self.norm = torch.nn.utils.get_total_norm([p.grad for p in self.params])
+        self.opt.supply_grad_norm(self.norm, self.params)
+        self.opt.step()
+
+
 def variants(names, params, rank, device) -> dict[str, Callable[[], torch.optim.Optimizer]]:
     groups = [{"params": params, "param_names": names}]
     out: dict[str, Callable[[], torch.optim.Optimizer]] = {
@@ -97,6 +118,8 @@ def variants(names, params, rank, device) -> dict[str, Callable[[], torch.optim.
             lambda: RoutedAdamW(groups, lr=1e-4, impl="fused"),
         NO_MODIFIER_OFF:
             lambda: RoutedAdamW(groups, lr=1e-4, impl="fused", nonfinite="off"),
+        NO_MODIFIER_FED:
+            lambda: ClipNormFed(RoutedAdamW(groups, lr=1e-4, impl="fused"), params),
         "RoutedAdamW decoupled, no modifier (reference path)":
             lambda: RoutedAdamW(groups, lr=1e-4, impl="reference"),
     }
@@ -169,7 +192,7 @@ def main() -> None:
     bank = bank_for(names, params, args.rank)
     groups = [{"params": params, "param_names": names}]
     syncs = {key: host_syncs(makers[key], params, grads)
-             for key in (NO_MODIFIER, PROJECTION.format(rank=args.rank))}
+             for key in (NO_MODIFIER, NO_MODIFIER_FED, PROJECTION.format(rank=args.rank))}
     syncs[OGP_CHAIN] = host_syncs(lambda: RoutedAdamW(groups, lr=1e-4, impl="fused", modifiers=[
         GradientRowBuffer("in", rank=args.rank), Projection(bank, OverlapAdaptiveStrength())]), params, grads)
     print(f"host syncs per step: {syncs}", flush=True)
@@ -233,7 +256,8 @@ def main() -> None:
                "ratio": {k: statistics.median(ts) / base for k, ts in times.items()},
                "routed_8bit": ROUTED_8BIT, "bnb_8bit": BNB_8BIT,
                "projection": PROJECTION.format(rank=args.rank), "no_modifier": NO_MODIFIER,
-               "no_modifier_off": NO_MODIFIER_OFF, "syncs_per_step": syncs, "ogp_chain": OGP_CHAIN}
+               "no_modifier_off": NO_MODIFIER_OFF, "no_modifier_fed": NO_MODIFIER_FED,
+               "syncs_per_step": syncs, "ogp_chain": OGP_CHAIN}
         if BNB_8BIT in times:
             doc["ratio_8bit_vs_bnb"] = statistics.median(ratios)
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

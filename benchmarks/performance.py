@@ -66,6 +66,10 @@ def targets_table(opt: dict | None, trainer: dict | None, basis: dict | None) ->
         off = r[opt["no_modifier_off"]]
         lines.append(_row("same without the inf/nan guard (nonfinite='off', as torch AdamW)",
                           opt["baseline"], "<= 1.10x", f"{off:.2f}x", off <= 1.10))
+        fed = r.get(opt.get("no_modifier_fed", ""))
+        if fed is not None:
+            lines.append(_row("same, guard on, fed the Trainer's clipping norm (lora_cl.attach)",
+                              opt["baseline"], "<= 1.10x", f"{fed:.2f}x", fed <= 1.10))
         lines.append(_row("same + rank-32 projection, overlap-adaptive, guard on", opt["baseline"],
                           "<= 2.6x", f"{pj:.2f}x", pj <= 2.6))
         syncs = opt.get("syncs_per_step")

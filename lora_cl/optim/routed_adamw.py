@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -121,6 +122,8 @@ class RoutedAdamW(Optimizer):
         self._dev_skips: Tensor | None = None
         self._dev_bad: tuple[list[str], Tensor] | None = None
         self._extras: dict[str, Any] = {}
+        # supply_grad_norm: (the norm, {id(p): (weakref to p.grad, its _version)}), one step's worth
+        self._given_norm: tuple[Tensor, dict[int, tuple[Any, int]]] | None = None
         # Set by a sharded stepper (lora_cl.trainer.zero) that steps one group per call and
         # decides the skip for the whole optimizer: commits wait in _held_commit until it does.
         self._hold_commits = False
@@ -134,6 +137,7 @@ class RoutedAdamW(Optimizer):
         for key, value in self.__dict__.items():
             if key not in state and not key.startswith("_optimizer_") and key != "_zero_grad_profile_name":
                 state[key] = value
+        state["_given_norm"] = None  # one step's hint, about gradients the copy does not have
         return state
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -168,6 +172,39 @@ class RoutedAdamW(Optimizer):
     def supply(self, **extras: Any) -> None:
         """Hand per-step inputs to the modifiers (e.g. ``replay_grads={name: tensor}``)."""
         self._extras.update(extras)
+
+    def supply_grad_norm(self, total_norm: Tensor, params: Iterable[Tensor]) -> None:
+        """Let the next ``step()``'s guard use ``total_norm``, the norm of ``params``' gradients as
+        they are now (what gradient clipping returned), instead of reading them again.
+
+        The norm is finite exactly when every one of those gradients is, so the guard reads only
+        the gradients it does not cover: a parameter with no gradient at this call, or whose
+        gradient was replaced or written in place since (``Tensor._version``). ``lora_cl.attach``
+        hands over the norm of the Trainer's clipping, which the Trainer computes every step. A
+        norm that is not a plain float32, float64 or bfloat16 tensor is not used (float16's range
+        would read an overflowing sum of squares of finite gradients as non-finite).
+        """
+        if (type(total_norm) is not torch.Tensor or total_norm.numel() != 1
+                or total_norm.dtype not in (torch.float32, torch.float64, torch.bfloat16)):
+            self._given_norm = None
+            return
+        covered = {id(p): (weakref.ref(p.grad), p.grad._version) for p in params
+                   if isinstance(p, Tensor) and p.grad is not None}
+        self._given_norm = (total_norm.detach().reshape(()), covered)
+
+    def _split_given(self, entries: list[dict[str, Any]]) -> tuple[Tensor | None, set[int]]:
+        """Consume the supplied norm: it and the indices of the entries whose gradient it covers."""
+        given, self._given_norm = self._given_norm, None
+        if given is None:
+            return None, set()
+        norm, covered = given
+        hit = set()
+        for i, e in enumerate(entries):
+            rec = covered.get(id(e["param"]))
+            grad = e["param"].grad
+            if rec is not None and rec[0]() is grad and grad._version == rec[1]:
+                hit.add(i)
+        return (norm if hit else None), hit
 
     def routed_named_params(self) -> tuple[list[str], list[Tensor]]:
         """Names and tensors of every parameter in a routed (non-vanilla) group."""
@@ -246,6 +283,7 @@ class RoutedAdamW(Optimizer):
         entries = self._collect()
         extras, self._extras = self._extras, {}
         if not entries:
+            self._given_norm = None
             return loss
         if self._device_decides(entries):
             self._device_step(entries, extras)
@@ -254,7 +292,8 @@ class RoutedAdamW(Optimizer):
         routed = self._apply_chain(entries, step, extras)
         # One guard over what reaches the states: every raw gradient and every g~ the chain
         # changed (a replay gradient or a penalty can be non-finite where g is not).
-        if self.nonfinite != "off" and not self._all_finite(entries):
+        given, covered = self._split_given(entries)
+        if self.nonfinite != "off" and not self._all_finite(entries, given, covered):
             return loss
         if self._hold_commits:
             self._held_commit = True
@@ -335,17 +374,22 @@ class RoutedAdamW(Optimizer):
         routed = self._apply_chain(entries, self._host_step + self._dev_steps + 1, extras)
         # g~ of a contracting chain (a projection) is finite where g is: only g is read then
         mods = [] if all(m.contracts for m in self.modifiers) else [e for e in entries if "mod" in e]
-        # g whose squared norm the chain computed (a projection's overlap) is not read again
+        # g whose squared norm the chain computed (a projection's overlap) or whose norm was
+        # supplied (gradient clipping's, supply_grad_norm) is not read again
+        given, covered = self._split_given(entries)
         known = [e for e in entries if "raw_sq_norm" in e]
-        read = [e for e in entries if "raw_sq_norm" not in e]
+        read = [e for i, e in enumerate(entries) if "raw_sq_norm" not in e and i not in covered]
         unread = [e["grad"] for e in read] + [e["mod"] for e in mods]
         norms = torch._foreach_norm(unread) if unread else ()
-        bad = ~torch.stack([*norms, *(e["raw_sq_norm"] for e in known)]).isfinite()
+        device = entries[0]["param"].device
+        extra = [] if given is None else [given.to(device, torch.float32, non_blocking=True)]
+        bad = ~torch.stack([*norms, *(e["raw_sq_norm"] for e in known), *extra]).isfinite()
         skip = bad.any()
         found_inf = skip.to(torch.float32)
         # which tensors of the latest skipped step were non-finite, named when a counter is read
         names = ([e["name"] for e in read] + [f"{e['name']} (modified gradient)" for e in mods]
-                 + [e["name"] for e in known])
+                 + [e["name"] for e in known]
+                 + [f"{len(covered)} gradient(s) under the supplied norm" for _ in extra])
         last = self._dev_bad
         self._dev_bad = (names, bad if last is None or last[0] != names
                          else torch.where(skip, bad, last[1]))
@@ -410,10 +454,14 @@ class RoutedAdamW(Optimizer):
                                     grad=grad, routing=group["routing"], state=state))
         return entries
 
-    def _all_finite(self, entries: list[dict[str, Any]]) -> bool:
-        checked = [(e["name"], "gradient", e["grad"]) for e in entries]
+    def _all_finite(self, entries: list[dict[str, Any]], given: Tensor | None = None,
+                    covered: set[int] | frozenset[int] = frozenset()) -> bool:
+        checked = [(e["name"], "gradient", e["grad"]) for i, e in enumerate(entries) if i not in covered]
         checked += [(e["name"], "modified gradient", e["mod"]) for e in entries if "mod" in e]
-        norms = torch._foreach_norm([t for _, _, t in checked])
+        norms = list(torch._foreach_norm([t for _, _, t in checked])) if checked else []
+        if given is not None:
+            checked.append((f"{len(covered)} gradient(s) under the supplied norm", "gradient", given))
+            norms.append(given)
         device = norms[0].device
         same = all(n.device == device for n in norms)
         if bool(torch.stack(norms if same else [n.to(device) for n in norms]).isfinite().all()):

@@ -17,7 +17,7 @@ from lora_cl.methods import MethodSpec
 from lora_cl.optim import RoutedAdamW
 from lora_cl.subspace import SubspaceBank
 from lora_cl.trainer.domain_data import adapter_snapshot, build_domain_bases, check_domain_data
-from lora_cl.trainer.optimizer_factory import bank_of, method_of, routed_optimizer
+from lora_cl.trainer.optimizer_factory import bank_of, method_of, routed_optimizer, unwrap_optimizer
 from lora_cl.trainer.replay import (
     ReplayBuffer,
     ReplayDataError,
@@ -130,6 +130,9 @@ class ContinualCallback(TrainerCallback):
                                "the earlier domains; the stream needs one optimizer (its bank and "
                                "modifier state): pass the same optimizer to every Trainer")
         self._optimizer = optimizer
+        trainer = self._trainer() if self._trainer is not None else None
+        if trainer is not None:
+            feed_clip_norm(trainer)  # (a Trainer that re-made its accelerator since attach)
         check_steps_model_tensors(optimizer, kwargs.get("model"), kwargs.get("optimizer"))
         spec = method_of(optimizer)
         if spec.basis is not None and bank_of(optimizer) is None:
@@ -401,4 +404,35 @@ def attach(trainer: Any, callback: ContinualCallback | None = None, **kwargs: An
     callbacks[:] = [cb for cb in callbacks if cb is not callback]
     callbacks.insert(0, callback)
     callback._trainer = weakref.ref(trainer)
+    feed_clip_norm(trainer)
     return callback
+
+
+def feed_clip_norm(trainer: Any) -> None:
+    """Hand the norm the Trainer's gradient clipping computes to its RoutedAdamW's guard.
+
+    The Trainer takes the total gradient norm before every optimizer step (with
+    ``max_grad_norm > 0`` it clips with it; else it takes it with an infinite bound), through
+    ``trainer.accelerator.clip_grad_norm_``. This wraps that method of this Trainer's
+    accelerator so the norm also reaches ``RoutedAdamW.supply_grad_norm``: the non-finite guard
+    then reads no gradient a second time. Not under DeepSpeed, whose engine clips its own flat
+    buffers. Idempotent.
+    """
+    accelerator = getattr(trainer, "accelerator", None)
+    clip = getattr(accelerator, "clip_grad_norm_", None)
+    if clip is None or getattr(clip, "_lora_cl_feeds", False) or getattr(
+            trainer, "is_deepspeed_enabled", False):
+        return
+    owner = weakref.ref(trainer)
+
+    def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float, norm_type: float = 2) -> Any:
+        params = list(parameters)
+        norm = clip(params, max_norm, norm_type=norm_type)
+        held = owner()
+        optimizer = unwrap_optimizer(getattr(held, "optimizer", None)) if held is not None else None
+        if isinstance(optimizer, RoutedAdamW) and isinstance(norm, Tensor):
+            optimizer.supply_grad_norm(norm, params)
+        return norm
+
+    clip_grad_norm_._lora_cl_feeds = True  # type: ignore[attr-defined]
+    accelerator.clip_grad_norm_ = clip_grad_norm_

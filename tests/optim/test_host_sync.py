@@ -16,7 +16,14 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lora_cl import FixedStrength, OverlapAdaptiveStrength, Projection, RoutedAdamW, SubspaceBank
+from lora_cl import (
+    FixedStrength,
+    NonFiniteGradientError,
+    OverlapAdaptiveStrength,
+    Projection,
+    RoutedAdamW,
+    SubspaceBank,
+)
 
 ROUTINGS = ["vanilla", "shared", "decoupled", "v_only"]
 
@@ -213,3 +220,120 @@ def test_projection_device_guard_skips_with_every_state_untouched(routing, stren
     for a, b in zip(ps, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert opt.metrics() == ref_opt.metrics() | {"optim/skipped_steps": 1.0}
+
+
+# -- the guard fed the norm gradient clipping computed (supply_grad_norm) -----------------------
+class CountNorms(TorchDispatchMode):
+    """Counts the ops a guard reads gradients with (a norm of any kind)."""
+
+    NORMS = {torch.ops.aten._foreach_norm.Scalar, torch.ops.aten.linalg_vector_norm.default}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norms = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        if func in self.NORMS:
+            self.norms += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _clipped_step(opt: RoutedAdamW, ps: list[torch.Tensor], supply: bool) -> CountNorms:
+    norm = torch.nn.utils.clip_grad_norm_(ps, 1.0)
+    if supply:
+        opt.supply_grad_norm(norm, ps)
+    mode = CountNorms()
+    with mode:
+        opt.step()
+    return mode
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "raise"])  # the device and the host path
+def test_supplied_norm_spares_the_guard_its_read(nonfinite):
+    ps, ref = params(), params()
+    opt, ref_opt = (RoutedAdamW(x, lr=1e-2, weight_decay=0.1, nonfinite=nonfinite) for x in (ps, ref))
+    for t in range(3):
+        set_grads(ps, t), set_grads(ref, t)
+        fed, read = _clipped_step(opt, ps, supply=True), _clipped_step(ref_opt, ref, supply=False)
+        assert fed.norms == 0 and read.norms > 0, (fed.norms, read.norms)
+    for a, b in zip(ps, ref, strict=True):
+        assert torch.equal(a, b)
+
+
+def _nan_after_supply(ps: list[torch.Tensor], how: str) -> None:
+    if how == "in place":
+        ps[1].grad[0, 0] = float("nan")  # bumps the gradient's _version
+    elif how == "replaced":
+        ps[1].grad = torch.full_like(ps[1], float("nan"))
+    else:  # "not covered": ps[2] had no gradient when the norm was taken
+        ps[2].grad = torch.full_like(ps[2], float("nan"))
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "raise"])
+@pytest.mark.parametrize("how", ["in place", "replaced", "not covered"])
+def test_supplied_norm_covers_only_the_gradients_it_was_taken_over(nonfinite, how):
+    """A finite norm, then a NaN the norm never saw: the guard still catches it."""
+    ps = params()
+    opt = RoutedAdamW(ps, lr=1e-2, nonfinite=nonfinite)
+    set_grads(ps, 0)
+    opt.step()
+    before = [p.detach().clone() for p in ps]
+    set_grads(ps, 1)
+    if how == "not covered":
+        ps[2].grad = None
+    opt.supply_grad_norm(torch.nn.utils.clip_grad_norm_([p for p in ps if p.grad is not None], 1.0), ps)
+    _nan_after_supply(ps, how)
+    if nonfinite == "raise":
+        with pytest.raises(NonFiniteGradientError):
+            opt.step()
+    else:
+        opt.step()
+        with pytest.warns(RuntimeWarning, match="skipped 1 step"):
+            assert opt.skipped_steps == 1
+    for p, b in zip(ps, before, strict=True):
+        assert torch.equal(p, b)
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "raise"])
+def test_nonfinite_supplied_norm_skips_the_step(nonfinite):
+    ps = params()
+    opt = RoutedAdamW(ps, lr=1e-2, nonfinite=nonfinite)
+    set_grads(ps, 0)
+    opt.step()
+    before = [p.detach().clone() for p in ps]
+    set_grads(ps, 1)
+    opt.supply_grad_norm(torch.tensor(float("inf")), ps)
+    if nonfinite == "raise":
+        with pytest.raises(NonFiniteGradientError, match="under the supplied norm"):
+            opt.step()
+    else:
+        opt.step()
+        with pytest.warns(RuntimeWarning, match="3 gradient\\(s\\) under the supplied norm"):
+            assert opt.skipped_steps == 1
+    for p, b in zip(ps, before, strict=True):
+        assert torch.equal(p, b)
+
+
+@pytest.mark.parametrize("norm", [torch.tensor(1.0, dtype=torch.float16), torch.tensor([1.0, 2.0])])
+def test_a_norm_the_guard_cannot_trust_is_not_used(norm):
+    """float16 (its range reads a large finite sum of squares as inf) or not one scalar: read."""
+    ps = params()
+    opt = RoutedAdamW(ps, lr=1e-2)
+    set_grads(ps, 0)
+    opt.supply_grad_norm(norm, ps)
+    mode = CountNorms()
+    with mode:
+        opt.step()
+    assert mode.norms > 0
+
+
+def test_a_supplied_norm_lasts_one_step():
+    ps = params()
+    opt = RoutedAdamW(ps, lr=1e-2)
+    set_grads(ps, 0)
+    opt.supply_grad_norm(torch.tensor(1.0), ps)
+    opt.step()
+    mode = CountNorms()
+    with mode:
+        opt.step()  # the same gradient objects, unchanged: but the hint was for one step
+    assert mode.norms > 0
