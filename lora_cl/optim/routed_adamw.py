@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lora_cl.modifiers.base import GradBatch, GradientModifier
+from lora_cl.optim import dtensor as dt
 from lora_cl.optim import quantized_state as q8
 from lora_cl.optim.functional import (
     FUSED_MIN_BETA1,
@@ -200,8 +201,8 @@ class RoutedAdamW(Optimizer):
         norm, covered = given
         hit = set()
         for i, e in enumerate(entries):
-            rec = covered.get(id(e["param"]))
-            grad = e["param"].grad
+            rec = covered.get(id(e["key"]))
+            grad = e["key"].grad
             if rec is not None and rec[0]() is grad and grad._version == rec[1]:
                 hit.add(i)
         return (norm if hit else None), hit
@@ -327,13 +328,18 @@ class RoutedAdamW(Optimizer):
         routed = [e for e in entries if e["routing"] != "vanilla"]
         if not (routed and self.modifiers):
             return routed
-        raw = [e["grad"] for e in routed]
-        batch = GradBatch(names=[e["name"] for e in routed], params=[e["param"] for e in routed],
+        # FSDP2 shards: the chain sees whole tensors, as in one process (lora_cl.optim.dtensor)
+        raw = [dt.whole(e["dtensor"].grad).float() if "dtensor" in e else e["grad"] for e in routed]
+        params = [dt.whole(e["dtensor"]) if "dtensor" in e else e["param"] for e in routed]
+        batch = GradBatch(names=[e["name"] for e in routed], params=params,
                           grads=list(raw), raw=raw, step=step, extras=extras)
         for modifier in self.modifiers:
             batch.grads = modifier.apply(batch)
-        for e, g_mod in zip(routed, batch.grads, strict=True):
-            if g_mod is not e["grad"]:
+        for e, g, g_mod in zip(routed, raw, batch.grads, strict=True):
+            if g_mod is not g:
+                if "dtensor" in e:
+                    _as_state_input(g_mod, {**e, "param": e["dtensor"]})  # (the shape check)
+                    g_mod = dt.shard_like(g_mod.float(), e["dtensor"])
                 e["mod"] = _as_state_input(g_mod, e)
         for idx, sq in batch.raw_sq_norms:  # squared norms of g the chain computed anyway
             for i, s in zip(idx, sq.unbind(0) if sq.dim() else [sq], strict=True):
@@ -384,7 +390,7 @@ class RoutedAdamW(Optimizer):
         device = entries[0]["param"].device
         extra = [] if given is None else [given.to(device, torch.float32, non_blocking=True)]
         bad = ~torch.stack([*norms, *(e["raw_sq_norm"] for e in known), *extra]).isfinite()
-        skip = bad.any()
+        skip = dt.any_rank(bad.any(), entries)  # FSDP2: every rank skips together
         found_inf = skip.to(torch.float32)
         # which tensors of the latest skipped step were non-finite, named when a counter is read
         names = ([e["name"] for e in read] + [f"{e['name']} (modified gradient)" for e in mods]
@@ -440,7 +446,11 @@ class RoutedAdamW(Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError("RoutedAdamW does not support sparse gradients")
                 state = self.state[p]
+                sharded = dt.is_dtensor(p)
                 if "exp_avg" not in state and not q8.is_8bit(state):  # (a state may hold only extras)
+                    if sharded:
+                        dt.check_param(p, state_bits=self.state_bits,
+                                       reproject_update=self.reproject_update)
                     state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device)
                     if self._wants_8bit(p):
                         state.update(q8.init_8bit(p))
@@ -449,9 +459,15 @@ class RoutedAdamW(Optimizer):
                                                             memory_format=torch.preserve_format)
                         state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32,
                                                                memory_format=torch.preserve_format)
-                grad = p.grad if p.grad.dtype == torch.float32 else p.grad.float()
-                entries.append(dict(group=gi, name=_param_name(group, gi, pi), param=p,
-                                    grad=grad, routing=group["routing"], state=state))
+                grad = dt.local(p.grad)
+                grad = grad if grad.dtype == torch.float32 else grad.float()
+                entry = dict(group=gi, name=_param_name(group, gi, pi), param=dt.local(p), key=p,
+                             grad=grad, routing=group["routing"], state=state)
+                if sharded:  # FSDP2: step the local shards (lora_cl.optim.dtensor)
+                    entry["dtensor"] = p
+                    entry["state"] = {"step": state["step"], "exp_avg": dt.local(state["exp_avg"]),
+                                      "exp_avg_sq": dt.local(state["exp_avg_sq"])}
+                entries.append(entry)
         return entries
 
     def _all_finite(self, entries: list[dict[str, Any]], given: Tensor | None = None,
@@ -464,10 +480,11 @@ class RoutedAdamW(Optimizer):
             norms.append(given)
         device = norms[0].device
         same = all(n.device == device for n in norms)
-        if bool(torch.stack(norms if same else [n.to(device) for n in norms]).isfinite().all()):
+        finite = torch.stack(norms if same else [n.to(device) for n in norms]).isfinite().all()
+        if not bool(dt.any_rank(~finite, entries)):  # FSDP2: every rank decides the same
             return True
         bad = [f"{name} ({what})" for (name, what, _), n in zip(checked, norms, strict=True)
-               if not torch.isfinite(n)]
+               if not torch.isfinite(n)] or ["(on another rank)"]
         shown = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
         raw_bad = any(b.endswith("(gradient)") for b in bad)
         cause = ("Check the loss scale, learning rate and input data." if raw_bad else

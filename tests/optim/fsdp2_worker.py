@@ -1,0 +1,198 @@
+"""Worker for test_fsdp2.py: RoutedAdamW on FSDP2 (``fully_shard``) parameters, 2 gloo ranks.
+
+Run under ``torchrun --nproc_per_node 2``. For every case it trains the same model twice: once
+sharded with ``fully_shard`` on a 1-D CPU mesh (each rank its half of every batch: FSDP2
+averages the gradients) and once whole in this process (the full batch), and writes, from rank
+0, the largest difference of the final weights and what the test checks beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+from lora_cl import FixedStrength, OverlapAdaptiveStrength, Projection, RoutedAdamW, SubspaceBank
+
+# LoRA-like shapes, one with an odd first dim (uneven Shard(0) chunks), and a 1-D weight
+SHAPES = {"a": (16, 64), "b": (64, 16), "odd": (7, 16)}
+STEPS = 4
+BATCH = 8
+
+
+class Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Linear(64, 16, bias=False)
+        self.b = torch.nn.Linear(16, 64, bias=False)
+        self.odd = torch.nn.Linear(16, 7, bias=False)
+        self.norm = torch.nn.Parameter(torch.ones(64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        return (self.b(h) * self.norm).square().mean() + self.odd(h).square().mean()
+
+
+def bank(side: str) -> SubspaceBank:
+    gen = torch.Generator().manual_seed(1)
+    out = SubspaceBank()
+    for name, (rows, cols) in SHAPES.items():
+        for s in (("in", "out") if side == "both" else (side,)):
+            dim = cols if s == "in" else rows
+            out.add("old", f"{name}.weight", torch.linalg.qr(torch.randn(dim, 4, generator=gen))[0], side=s)
+    return out
+
+
+def optimizer(model: torch.nn.Module, routing: str, side: str | None, strength: str | None) -> RoutedAdamW:
+    named = dict(model.named_parameters())
+    routed = [n for n in named if n != "norm"]
+    mods = []
+    if side is not None:
+        make = {"fixed": lambda: FixedStrength(0.5),
+                "overlap": lambda: OverlapAdaptiveStrength(0.5, beta=0.9)}[strength]
+        mods = [Projection(bank(side), strength=make(), side=side)]
+    groups = [{"params": [named[n] for n in routed], "param_names": routed},
+              {"params": [named["norm"]], "param_names": ["norm"], "routing": "vanilla"}]
+    return RoutedAdamW(groups, lr=1e-2, weight_decay=0.1, routing=routing, modifiers=mods)
+
+
+def batches() -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(7)
+    return [torch.randn(BATCH, 64, generator=gen) for _ in range(STEPS)]
+
+
+def train(model: torch.nn.Module, opt: RoutedAdamW, rank: int | None, nan_at: int | None) -> None:
+    for t, x in enumerate(batches()):
+        halves = x[:BATCH // 2], x[BATCH // 2:]
+        if rank is not None:  # this rank's half of the batch; FSDP2 averages the two gradients
+            model(halves[rank]).backward()
+        else:  # the same two halves' gradients, averaged (as FSDP2's reduce-scatter does)
+            for half in halves:
+                model(half).backward()
+            for p in model.parameters():
+                p.grad.mul_(0.5)
+        if t == nan_at:
+            if rank is None:
+                opt.zero_grad()  # the whole-model run: the step the sharded run skips, not taken
+                continue
+            if rank == 1:  # a NaN in rank 1's shard only: both ranks must skip
+                model.a.weight.grad.to_local()[0, 0] = float("nan")
+        opt.step()
+        opt.zero_grad()
+
+
+def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for n, p in model.named_parameters():
+        out[n] = (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+    return out
+
+
+def strength_state(opt: RoutedAdamW) -> Any:
+    for m in opt.modifiers:
+        if isinstance(m, Projection):
+            return m.strength.state_dict()
+    return None
+
+
+def peft_ogp(mesh: Any, rank: int) -> dict[str, Any]:
+    """The guide's example: a tiny peft Llama, fully_shard per decoder layer, make_optimizer("ogp");
+    a domain's gradient-row bases built from the (whole, gathered) rows, then a projected domain."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import lora_cl
+    from lora_cl.subspace import GradientRowBuffer
+    from lora_cl.trainer.optimizer_factory import bank_of
+
+    def build() -> Any:
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=4)
+        return get_peft_model(LlamaForCausalLM(cfg), LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(3))
+
+    def train(model: Any, sharded: bool) -> tuple[dict[str, torch.Tensor], Any]:
+        opt = lora_cl.make_optimizer(model, "ogp", lr=1e-2)
+        for t in range(6):
+            if t == 3:  # the end of domain 0: bases from the buffered rows
+                for buf in (m for m in opt.modifiers if isinstance(m, GradientRowBuffer)):
+                    buf.build(bank_of(opt), "d0")
+            if sharded:
+                model(input_ids=ids[2 * rank:2 * rank + 2], labels=ids[2 * rank:2 * rank + 2]).loss.backward()
+            else:
+                for half in (ids[:2], ids[2:]):
+                    model(input_ids=half, labels=half).loss.backward()
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(0.5)
+            opt.step()
+            opt.zero_grad()
+        return ({n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+                 for n, p in model.named_parameters() if p.requires_grad}, opt)
+
+    want, whole_opt = train(build(), False)
+    model = build()
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    got, opt = train(model, True)
+    names, params = opt.routed_named_params()
+    return {"routed": len(names), "sharded": type(params[0]).__name__,
+            "bases": len(bank_of(opt).names()) if hasattr(bank_of(opt), "names") else None,
+            "projected": opt.metrics().get("projection/projected_tensors"),
+            "max_err": max(float((got[n] - want[n]).abs().max()) for n in want),
+            "max_abs": max(float(want[n].abs().max()) for n in want)}
+
+
+def main() -> None:
+    out_path = sys.argv[1]
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    cases = [(r, None, None, None) for r in ("vanilla", "shared", "decoupled", "v_only")]
+    cases += [(r, side, st, None) for r in ("shared", "decoupled", "v_only")
+              for side in ("in", "out", "both") for st in ("fixed", "overlap")]
+    cases += [("decoupled", None, None, 1), ("decoupled", "both", "overlap", 1)]
+    results = []
+    for routing, side, strength, nan_at in cases:
+        whole = Net()
+        whole_opt = optimizer(whole, routing, side, strength)
+        train(whole, whole_opt, None, nan_at)
+        sharded = Net()
+        for module in (sharded.a, sharded.b, sharded.odd, sharded):
+            fully_shard(module, mesh=mesh)
+        opt = optimizer(sharded, routing, side, strength)
+        train(sharded, opt, rank, nan_at)
+        got, want = weights(sharded), weights(whole)
+        states = [None] * dist.get_world_size()
+        dist.all_gather_object(states, json.dumps(strength_state(opt), default=str))
+        results.append({
+            "routing": routing, "side": side, "strength": strength, "nan_at": nan_at,
+            "sharded": type(sharded.a.weight).__name__,
+            "placements": str(sharded.odd.weight.placements),
+            "max_err": max(float((got[n] - want[n]).abs().max()) for n in got),
+            "max_abs": max(float(want[n].abs().max()) for n in want),
+            "skipped": opt.skipped_steps, "global_step": opt.global_step,
+            "whole_global_step": whole_opt.global_step,
+            "strength_same_on_ranks": len(set(states)) == 1,
+            "strength_same_as_whole": states[0] == json.dumps(strength_state(whole_opt), default=str),
+            "final": {n: got[n].tolist() for n in ("a.weight",)},
+        })
+    peft_row = peft_ogp(mesh, rank)
+    if rank == 0:
+        with open(out_path, "w", encoding="utf-8") as fh:
+            json.dump({"cases": results, "peft_ogp": peft_row}, fh)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
