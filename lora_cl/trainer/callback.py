@@ -129,6 +129,7 @@ class ContinualCallback(TrainerCallback):
             raise RuntimeError("ContinualCallback: this Trainer steps a different RoutedAdamW than "
                                "the earlier domains; the stream needs one optimizer (its bank and "
                                "modifier state): pass the same optimizer to every Trainer")
+        _refuse_fsdp(args)
         self._optimizer = optimizer
         trainer = self._trainer() if self._trainer is not None else None
         if trainer is not None:
@@ -386,6 +387,19 @@ def _refuse_optimizer_offload(trainer: Any) -> None:
             f"config offloads the optimizer (zero_optimization.offload_optimizer.device={device!r}), "
             "which makes DeepSpeed step its own DeepSpeedCPUAdam; remove offload_optimizer "
             "(deepspeed_configs/zero2.json routes LoRA on full tensors without it)")
+
+
+def _refuse_fsdp(args: TrainingArguments) -> None:
+    """The stream under the Trainer's FSDP is not built yet: refuse rather than train otherwise.
+
+    (On a CPU the Trainer does not even shard: it trains ``fsdp=...`` as plain DDP, silently.)
+    """
+    if getattr(args, "fsdp", None):
+        raise RuntimeError(
+            "ContinualCallback does not run under the Trainer's FSDP yet (TrainingArguments.fsdp="
+            f"{args.fsdp!r}; on a CPU the Trainer would train it unsharded, as DDP): train the "
+            "stream with DDP or DeepSpeed ZeRO-1/2 (deepspeed_configs/zero2.json); RoutedAdamW "
+            "itself steps fully_shard parameters in your own loop (docs/guides/fsdp.md)")
 
 
 def attach(trainer: Any, callback: ContinualCallback | None = None, **kwargs: Any) -> ContinualCallback:

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +20,8 @@ from transformers import Trainer, TrainerControl, TrainerState, TrainingArgument
 import lora_cl
 from lora_cl import ReplayDataError
 from lora_cl.modifiers import ReplayMix
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 class Stream(IterableDataset):
@@ -99,6 +107,24 @@ def test_reentrant_checkpointing_is_refused_not_silently_unmixed(tiny_factory, t
     with pytest.raises(RuntimeError, match="use_reentrant"):
         run_domain(model, tok, optimizer, callback, "cooking", DOMAINS["cooking"], tmp_path,
                    **reentrant)
+
+
+def test_trainer_fsdp_is_refused_not_silently_trained_as_ddp(tmp_path):
+    """On 2 CPU ranks the Trainer trains fsdp=True unsharded, as DDP (../shared/STACK.md);
+    the callback refuses at the domain's start, naming what works."""
+    out = tmp_path / "result.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", str(Path(__file__).with_name("fsdp_trainer_worker.py")),
+                           str(out)], capture_output=True, text=True, timeout=240, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["world_size"] == 2 and result["is_fsdp_enabled"] is False  # the silent drop
+    assert re.search(r"does not run under the Trainer's FSDP yet .* DDP or DeepSpeed ZeRO-1/2 .*"
+                     r"docs/guides/fsdp.md", result["error"] or ""), result
 
 
 def test_gpm_needs_a_sample_of_a_streaming_domain(tiny_factory, tmp_path):
