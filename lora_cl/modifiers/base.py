@@ -29,6 +29,12 @@ class GradBatch:
     #: squared norms of raw gradients a modifier computed anyway (batch index -> 0-d or (n,)
     #: stacked tensor with the indices of its items), which the device guard reuses
     raw_sq_norms: list[tuple[list[int], Tensor]] = field(default_factory=list)
+    #: set by the optimizer when g~ feeds only the first moment (decoupled routing, decided on the
+    #: device) and no modifier after this one changes g: a modifier may then leave ``grads[i]``
+    #: as it is and put g~ - g in ``m_deltas[i]`` instead, which the optimizer adds to m before
+    #: the fused kernel (g~ itself is never formed; see RoutedAdamW._device_step)
+    m_only: bool = False
+    m_deltas: dict[int, Tensor] = field(default_factory=dict)
 
 
 class GradientModifier:

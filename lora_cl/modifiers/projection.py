@@ -128,6 +128,13 @@ class Projection(GradientModifier):
                 continue  # g~ = g exactly: the incoming tensor objects stay
             alpha = _alpha_vector(group_alphas, G)
             side, U, s = group.bases[0]
+            if batch.m_only and len(group.bases) == 1:
+                # g~ - g = -alpha * comp is all the optimizer needs: G is not read again
+                d = _expand(coords, side, U, self._scale(s, alpha), out=group.output(G))
+                for i, k, di in zip(group.idx, keep, d.unbind(0), strict=True):
+                    if k:
+                        batch.m_deltas[i] = di
+                continue
             # g~ = G - alpha * comp, written into the group's output buffer (no fresh pages)
             g = _expand(coords, side, U, self._scale(s, alpha), out=group.output(G), add=G)
             # side="both": the out-side component is taken of the in-projected gradient.

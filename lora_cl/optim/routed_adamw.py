@@ -320,8 +320,8 @@ class RoutedAdamW(Optimizer):
             self._reproject(routed, before)
         return loss
 
-    def _apply_chain(self, entries: list[dict[str, Any]], step: int,
-                     extras: dict[str, Any]) -> list[dict[str, Any]]:
+    def _apply_chain(self, entries: list[dict[str, Any]], step: int, extras: dict[str, Any],
+                     m_only: bool = False) -> list[dict[str, Any]]:
         """Run the modifier chain on the routed entries; each g~ that differs from g goes to the
         entry's ``"mod"``. The chain only stages what it observes (GradientModifier.commit), so
         a step the guard skips leaves every modifier's state as it was. Returns the routed entries."""
@@ -333,8 +333,18 @@ class RoutedAdamW(Optimizer):
         params = [dt.whole(e["dtensor"]) if "dtensor" in e else e["param"] for e in routed]
         batch = GradBatch(names=[e["name"] for e in routed], params=params,
                           grads=list(raw), raw=raw, step=step, extras=extras)
-        for modifier in self.modifiers:
+        for k, modifier in enumerate(self.modifiers):
+            # the last modifier may hand over g~ - g for m alone (GradBatch.m_only) when g~
+            # feeds only m and nothing before it changed g
+            batch.m_only = (m_only and k == len(self.modifiers) - 1
+                            and all(g is r for g, r in zip(batch.grads, raw, strict=True)))
             batch.grads = modifier.apply(batch)
+        for i, d in batch.m_deltas.items():
+            e = routed[i]
+            if "dtensor" in e:
+                _as_state_input(d, {**e, "param": e["dtensor"]})
+                d = dt.shard_like(d.float(), e["dtensor"])
+            e["m_delta"] = _as_state_input(d, e)
         for e, g, g_mod in zip(routed, raw, batch.grads, strict=True):
             if g_mod is not g:
                 if "dtensor" in e:
@@ -377,7 +387,9 @@ class RoutedAdamW(Optimizer):
         own fused AdamW does for its grad scaler). The step counters and the warning naming the
         non-finite tensors are settled when a counter is read.
         """
-        routed = self._apply_chain(entries, self._host_step + self._dev_steps + 1, extras)
+        m_only = all(self.param_groups[e["group"]]["routing"] == "decoupled"
+                     for e in entries if e["routing"] != "vanilla")
+        routed = self._apply_chain(entries, self._host_step + self._dev_steps + 1, extras, m_only)
         # g~ of a contracting chain (a projection) is finite where g is: only g is read then
         mods = [] if all(m.contracts for m in self.modifiers) else [e for e in entries if "mod" in e]
         # g whose squared norm the chain computed (a projection's overlap) or whose norm was
@@ -413,17 +425,21 @@ class RoutedAdamW(Optimizer):
             g_v = [e["grad"] if v_src == "raw" else e.get("mod", e["grad"]) for e in mine]
             ms = [e["state"]["exp_avg"] for e in mine]
             differ = [i for i, (a, b) in enumerate(zip(g_m, g_v, strict=True)) if a is not b]
+            # the kernel feeds m from g_v: m += (1-b1)/b1 * (g_m - g_v) lands it on g_m
+            # (functional.routed_adamw_fused), zeroed where the step is skipped
+            delta: list[Tensor] = []
             if differ:
-                # the kernel feeds m from g_v: m += (1-b1)/b1 * (g_m - g_v) lands it on g_m
-                # (functional.routed_adamw_fused), zeroed where the step is skipped
                 if m_src == "mod":  # decoupled: g~ (the chain's own buffer) feeds only m, so
                     delta = [g_m[i] for i in differ]  # g~ - g is formed in it: no fresh pages
                     torch._foreach_sub_(delta, [g_v[i] for i in differ])
                 else:
-                    delta = torch._foreach_sub([g_m[i] for i in differ], [g_v[i] for i in differ])
+                    delta = list(torch._foreach_sub([g_m[i] for i in differ], [g_v[i] for i in differ]))
+            handed = [i for i, e in enumerate(mine) if "m_delta" in e]  # g~ - g from the chain
+            delta += [mine[i]["m_delta"] for i in handed]
+            if delta:
                 for d in delta:
                     d.masked_fill_(skip, 0.0)
-                torch._foreach_add_([ms[i] for i in differ], delta, alpha=(1 - beta1) / beta1)
+                torch._foreach_add_([ms[i] for i in differ + handed], delta, alpha=(1 - beta1) / beta1)
             fused_adamw_step([e["param"] for e in mine], g_v, ms, [e["state"]["exp_avg_sq"] for e in mine],
                              [e["state"]["step"] for e in mine], lr=_as_float(group["lr"]),
                              beta1=beta1, beta2=beta2, eps=float(group["eps"]),

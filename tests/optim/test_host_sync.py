@@ -176,11 +176,12 @@ def _run(opt: RoutedAdamW, ps: list[torch.Tensor], ts: list[int], nan_at: int | 
 
 @pytest.mark.parametrize("routing", ROUTINGS)
 @pytest.mark.parametrize("strength", sorted(STRENGTHS))
-def test_projection_device_path_equals_the_host_path(routing, strength):
+@pytest.mark.parametrize("side", ["in", "out", "both"])  # one side: decoupled hands m its delta
+def test_projection_device_path_equals_the_host_path(routing, strength, side):
     """The same steps decided on the device and on the host (nonfinite='raise' keeps it there)."""
     dev_ps, host_ps = params(), params()
-    dev = projected(dev_ps, routing, STRENGTHS[strength](), "both")
-    host = projected(host_ps, routing, STRENGTHS[strength](), "both", nonfinite="raise")
+    dev = projected(dev_ps, routing, STRENGTHS[strength](), side)
+    host = projected(host_ps, routing, STRENGTHS[strength](), side, nonfinite="raise")
     _run(dev, dev_ps, list(range(6))), _run(host, host_ps, list(range(6)))
     for a, b in zip(dev_ps, host_ps, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
@@ -198,12 +199,13 @@ def test_projection_device_path_equals_the_host_path(routing, strength):
 
 @pytest.mark.parametrize("routing", ["shared", "decoupled", "v_only"])
 @pytest.mark.parametrize("strength", sorted(STRENGTHS))
-def test_projection_device_guard_skips_with_every_state_untouched(routing, strength):
+@pytest.mark.parametrize("side", ["in", "both"])
+def test_projection_device_guard_skips_with_every_state_untouched(routing, strength, side):
     """A NaN step decided on the device leaves p, m, v, the step counts and the strength's EMAs
     and step count as they were: the run equals one that never saw the bad step."""
     ps, ref = params(), params()
-    opt = projected(ps, routing, STRENGTHS[strength](), "both")
-    ref_opt = projected(ref, routing, STRENGTHS[strength](), "both")
+    opt = projected(ps, routing, STRENGTHS[strength](), side)
+    ref_opt = projected(ref, routing, STRENGTHS[strength](), side)
     _run(opt, ps, [0, 1, 2]), _run(ref_opt, ref, [0, 1, 2])
     strength_before = opt.modifiers[0].strength.state_dict()
     mode = CountSyncs()
@@ -337,3 +339,28 @@ def test_a_supplied_norm_lasts_one_step():
     with mode:
         opt.step()  # the same gradient objects, unchanged: but the hint was for one step
     assert mode.norms > 0
+
+
+@pytest.mark.parametrize("routing", ["shared", "decoupled", "v_only"])
+def test_decoupled_projection_hands_m_its_delta_not_g_tilde(routing):
+    """Decoupled on the device path: g~ feeds only m, so the projection hands over g~ - g
+    (GradBatch.m_deltas) and leaves g as it is; the step equals the host path's (parity test
+    above). Shared and v_only need g~ itself for v."""
+    ps = params()
+    opt = projected(ps, routing, FixedStrength(0.5), "in")
+    proj = opt.modifiers[0]
+    seen = []
+    apply = proj.apply
+
+    def spy(batch):  # noqa: ANN001, ANN202
+        out = apply(batch)
+        seen.append((batch.m_only, sorted(batch.m_deltas), [o is r for o, r in zip(out, batch.raw)]))
+        return out
+
+    proj.apply = spy
+    _run(opt, ps, [0, 1])
+    m_only, handed, unchanged = seen[-1]
+    if routing == "decoupled":
+        assert m_only and handed == [0, 1] and unchanged == [True, True, True]
+    else:
+        assert not m_only and handed == [] and unchanged == [False, False, True]
