@@ -11,6 +11,7 @@ skips together. Every rank runs the same chain on the same whole tensors, so mod
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import torch
@@ -66,3 +67,38 @@ def any_rank(flag: Tensor, entries: list[dict[str, Any]]) -> Tensor:
     as_float = flag.to(torch.float32).reshape(1)
     dist.all_reduce(as_float, op=dist.ReduceOp.MAX, group=owners[0].device_mesh.get_group())
     return as_float[0] > 0
+
+
+def sharded_state_dict(model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
+    """What ``torch.distributed.checkpoint`` saves (and loads into) for an FSDP2 model and its
+    RoutedAdamW: the model's and optimizer's sharded states from torch's ``get_state_dict`` (each
+    rank writes its shards) and RoutedAdamW's own state (counters, the modifier chain: equal on
+    every rank) as one serialized entry, which torch's optimizer state dict would drop.
+
+    Save: ``dcp.save(sharded_state_dict(model, opt), checkpoint_id=path)``. Resume into the same
+    model and optimizer built afresh: ``state = sharded_state_dict(model, opt)``,
+    ``dcp.load(state, checkpoint_id=path)``, ``load_sharded_state_dict(model, opt, state)``.
+    """
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    buf = io.BytesIO()
+    torch.save(optimizer.extra_state_dict(), buf)  # before get_state_dict's state-creating step
+    model_state, optim_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optim": optim_state, "lora_cl": buf}
+
+
+def load_sharded_state_dict(model: torch.nn.Module, optimizer: Any, state: dict[str, Any]) -> None:
+    """Put a loaded :func:`sharded_state_dict` back into ``model`` and ``optimizer``.
+
+    torch's ``set_state_dict`` creates the optimizer's states with one zero-gradient step at
+    lr 0, which a modifier chain observes; RoutedAdamW's own state is restored after it, so
+    the counters and the chain are the checkpoint's.
+    """
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    extra = state["lora_cl"]
+    if isinstance(extra, io.BytesIO):  # (not loaded: the entry as sharded_state_dict made it)
+        extra.seek(0)
+        extra = torch.load(extra, weights_only=False)
+    optimizer.load_extra_state_dict(extra)

@@ -566,7 +566,13 @@ class RoutedAdamW(Optimizer):
     # -- state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["lora_cl"] = {
+        state["lora_cl"] = self.extra_state_dict()
+        return state
+
+    def extra_state_dict(self) -> dict[str, Any]:
+        """What RoutedAdamW keeps beyond AdamW's state: counters and the modifier chain (bank,
+        strength EMAs, buffered rows); ``state_dict()["lora_cl"]``."""
+        return {
             "format": 1,
             "global_step": self.global_step,
             "skipped_steps": self.skipped_steps,
@@ -576,7 +582,6 @@ class RoutedAdamW(Optimizer):
                 {"type": type(m).__name__, "state": m.state_dict()} for m in self.modifiers
             ],
         }
-        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a RoutedAdamW checkpoint, or a ``torch.optim.AdamW`` one (its m, v and step).
@@ -592,8 +597,11 @@ class RoutedAdamW(Optimizer):
         self._check_state_bits(state_dict, extra)
         super().load_state_dict(state_dict)
         self._restore_states(state_dict)
-        if extra is None:
-            return
+        if extra is not None:
+            self.load_extra_state_dict(extra)
+
+    def load_extra_state_dict(self, extra: dict[str, Any]) -> None:
+        """Restore what :meth:`extra_state_dict` saved (counters, the modifier chain)."""
         saved = extra["modifiers"]
         if [s["type"] for s in saved] != [type(m).__name__ for m in self.modifiers]:
             raise ValueError(

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from lora_cl import RoutedAdamW
 
@@ -23,16 +24,20 @@ WORKER = Path(__file__).with_name("fsdp2_worker.py")
 REPO = WORKER.parents[2]
 
 
+def _torchrun(worker: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(WORKER.parent), os.environ.get("PYTHONPATH", "")])}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", str(worker), *args],
+                          capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out = tmp_path_factory.mktemp("fsdp2") / "results.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(key, None)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node", "2", str(WORKER), str(out)],
-                          capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    proc = _torchrun(WORKER, str(out))
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())
 
@@ -91,6 +96,23 @@ def test_peft_model_with_the_ogp_preset_equals_one_process(results):
     assert row["sharded"] == "DTensor" and row["routed"] == 8, row
     assert row["projected"] and row["projected"] > 0, row
     assert row["max_err"] <= 1e-4 * row["max_abs"], row
+
+
+def test_kill_9_and_resume_from_a_sharded_checkpoint_equals_the_uninterrupted_run(tmp_path):
+    """3 steps, a torch.distributed.checkpoint save (lora_cl.optim.dtensor.sharded_state_dict),
+    rank 1 SIGKILLed; a fresh launch loads it and finishes: the same weights as 6 steps straight
+    (the modifier chain's state, which torch's optimizer state dict drops, included)."""
+    worker = WORKER.with_name("fsdp2_resume_worker.py")
+    full = _torchrun(worker, "full", str(tmp_path / "full.safetensors"))
+    assert full.returncode == 0, full.stderr[-4000:]
+    killed = _torchrun(worker, "kill", str(tmp_path / "ckpt"))
+    assert killed.returncode != 0 and (tmp_path / "ckpt").is_dir()
+    resumed = _torchrun(worker, "resume", str(tmp_path / "ckpt"), str(tmp_path / "resumed.safetensors"))
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    want, got = (load_file(str(tmp_path / f"{k}.safetensors")) for k in ("full", "resumed"))
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
 
 
 def test_dtensor_refusals_name_what_works():
