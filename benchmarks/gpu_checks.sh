@@ -5,7 +5,8 @@
 # settings), so a device bug shows in seconds rather than after a grid's worth of device time,
 # 1. optimizer parity on the device (benchmarks/gpu_parity.py), 2. optimizer-step ratios on the
 # device (benchmarks/optimizer_step.py), 3. a Llama-2-7B-shaped model, bf16 and 4-bit, against the
-# memory planner and against peft + fused AdamW (benchmarks/gpu_7b.py). Each has its own time limit,
+# memory planner and against peft + fused AdamW (benchmarks/gpu_7b.py), 4. FSDP2 parity
+# (tests/optim/fsdp2_worker.py over every GPU, into fsdp2_parity.json). Each has its own time limit,
 # so one that hangs does not take the others' results with it. SKIP_SMOKE=1 skips step 0.
 set -uo pipefail
 out=${1:-docs/gpu}
@@ -36,6 +37,12 @@ fi
 timeout 120 $py benchmarks/gpu_parity.py --out "$out/gpu_parity.md" --json "$out/gpu_parity.json" || status=1
 timeout 150 $py benchmarks/optimizer_step.py --device cuda --out "$out/optimizer_step_gpu.md" \
     --json "$out/optimizer_step_gpu.json" || status=1
+# 4. RoutedAdamW on FSDP2 (fully_shard) DTensors over every GPU (a world of 1 on one GPU still runs
+# the sharded code path, nccl): every routing and projection side against the unsharded run
+gpus=$($py -c 'import torch; print(max(1, torch.cuda.device_count()))')
+LORA_CL_FSDP_DEVICE=cuda PYTHONPATH="tests/optim${PYTHONPATH:+:$PYTHONPATH}" timeout 180 \
+    $py -m torch.distributed.run --standalone --nproc_per_node "$gpus" tests/optim/fsdp2_worker.py \
+    "$out/fsdp2_parity.json" || status=1
 timeout ${GPU_7B_TIMEOUT:-330} $py benchmarks/gpu_7b.py --out "$out/gpu_7b.md" --json "$out/gpu_7b.json" \
     --steps 6 || status=1
 exit $status

@@ -9,6 +9,7 @@ averages the gradients) and once whole in this process (the full batch), and wri
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -23,6 +24,8 @@ from lora_cl import FixedStrength, OverlapAdaptiveStrength, Projection, RoutedAd
 SHAPES = {"a": (16, 64), "b": (64, 16), "odd": (7, 16)}
 STEPS = 4
 BATCH = 8
+#: LORA_CL_FSDP_DEVICE=cuda (benchmarks/gpu_checks.sh): nccl and a CUDA mesh, one rank per GPU
+DEVICE = os.environ.get("LORA_CL_FSDP_DEVICE", "cpu")
 
 
 class Net(torch.nn.Module):
@@ -64,24 +67,24 @@ def optimizer(model: torch.nn.Module, routing: str, side: str | None, strength: 
 
 def batches() -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(7)
-    return [torch.randn(BATCH, 64, generator=gen) for _ in range(STEPS)]
+    return [torch.randn(BATCH, 64, generator=gen).to(DEVICE) for _ in range(STEPS)]
 
 
 def train(model: torch.nn.Module, opt: RoutedAdamW, rank: int | None, nan_at: int | None) -> None:
     for t, x in enumerate(batches()):
-        halves = x[:BATCH // 2], x[BATCH // 2:]
-        if rank is not None:  # this rank's half of the batch; FSDP2 averages the two gradients
+        halves = x.chunk(WORLD)
+        if rank is not None:  # this rank's share of the batch; FSDP2 averages the gradients
             model(halves[rank]).backward()
-        else:  # the same two halves' gradients, averaged (as FSDP2's reduce-scatter does)
+        else:  # the same shares' gradients, averaged (as FSDP2's reduce-scatter does)
             for half in halves:
                 model(half).backward()
             for p in model.parameters():
-                p.grad.mul_(0.5)
+                p.grad.mul_(1 / WORLD)
         if t == nan_at:
             if rank is None:
                 opt.zero_grad()  # the whole-model run: the step the sharded run skips, not taken
                 continue
-            if rank == 1:  # a NaN in rank 1's shard only: both ranks must skip
+            if rank == WORLD - 1:  # a NaN in the last rank's shard only: every rank must skip
                 model.a.weight.grad.to_local()[0, 0] = float("nan")
         opt.step()
         opt.zero_grad()
@@ -118,7 +121,7 @@ def peft_ogp(mesh: Any, rank: int) -> dict[str, Any]:
         return get_peft_model(LlamaForCausalLM(cfg), LoraConfig(
             r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
 
-    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(3)).to(DEVICE)
 
     def train(model: Any, sharded: bool) -> tuple[dict[str, torch.Tensor], Any]:
         opt = lora_cl.make_optimizer(model, "ogp", lr=1e-2)
@@ -127,20 +130,21 @@ def peft_ogp(mesh: Any, rank: int) -> dict[str, Any]:
                 for buf in (m for m in opt.modifiers if isinstance(m, GradientRowBuffer)):
                     buf.build(bank_of(opt), "d0")
             if sharded:
-                model(input_ids=ids[2 * rank:2 * rank + 2], labels=ids[2 * rank:2 * rank + 2]).loss.backward()
+                share = ids.chunk(WORLD)[rank]
+                model(input_ids=share, labels=share).loss.backward()
             else:
-                for half in (ids[:2], ids[2:]):
+                for half in ids.chunk(WORLD):
                     model(input_ids=half, labels=half).loss.backward()
                 for p in model.parameters():
                     if p.grad is not None:
-                        p.grad.mul_(0.5)
+                        p.grad.mul_(1 / WORLD)
             opt.step()
             opt.zero_grad()
         return ({n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
                  for n, p in model.named_parameters() if p.requires_grad}, opt)
 
-    want, whole_opt = train(build(), False)
-    model = build()
+    want, whole_opt = train(build().to(DEVICE), False)
+    model = build().to(DEVICE)
     for layer in model.base_model.model.model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -153,21 +157,27 @@ def peft_ogp(mesh: Any, rank: int) -> dict[str, Any]:
             "max_abs": max(float(want[n].abs().max()) for n in want)}
 
 
+WORLD = 2
+
+
 def main() -> None:
     out_path = sys.argv[1]
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    global WORLD
+    if DEVICE == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo")
+    rank, WORLD = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh(DEVICE, (WORLD,))
     cases = [(r, None, None, None) for r in ("vanilla", "shared", "decoupled", "v_only")]
     cases += [(r, side, st, None) for r in ("shared", "decoupled", "v_only")
               for side in ("in", "out", "both") for st in ("fixed", "overlap")]
     cases += [("decoupled", None, None, 1), ("decoupled", "both", "overlap", 1)]
     results = []
     for routing, side, strength, nan_at in cases:
-        whole = Net()
+        whole = Net().to(DEVICE)
         whole_opt = optimizer(whole, routing, side, strength)
         train(whole, whole_opt, None, nan_at)
-        sharded = Net()
+        sharded = Net().to(DEVICE)
         for module in (sharded.a, sharded.b, sharded.odd, sharded):
             fully_shard(module, mesh=mesh)
         opt = optimizer(sharded, routing, side, strength)
