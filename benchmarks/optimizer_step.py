@@ -24,9 +24,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lora_cl import GradientRowBuffer, OverlapAdaptiveStrength, Projection, RoutedAdamW, SubspaceBank
+from lora_cl.diagnostics import CountSyncs
 from lora_cl.optim.quantized_state import state_nbytes
 
 BNB_8BIT = "bitsandbytes AdamW8bit"
@@ -39,26 +39,13 @@ ROUTED_8BIT = "RoutedAdamW decoupled, no modifier, state_bits=8 (fused path)"
 OGP_CHAIN = "the ogp preset's chain: gradient-row buffers + the projection"
 
 
-class _CountSyncs(TorchDispatchMode):
-    """Counts host syncs: .item(), bool(), float(), .tolist() all dispatch to _local_scalar_dense."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.syncs = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.syncs += 1
-        return func(*args, **(kwargs or {}))
-
-
 def host_syncs(make: Callable[[], torch.optim.Optimizer], params, grads, steps: int = 3) -> float:  # noqa: ANN001
     """Host syncs per step() after the first (device-independent: the op count is the same on GPU)."""
     opt = make()
     for p, g in zip(params, grads):
         p.grad = g
     opt.step()
-    mode = _CountSyncs()
+    mode = CountSyncs()
     with mode:
         for _ in range(steps):
             opt.step()

@@ -1,7 +1,7 @@
 """The default step decides skip-or-step on the device: no host sync per ``step()``.
 
 A host sync is any op that copies a device value to Python (``.item()``, ``bool()``, ``float()``,
-``.tolist()``): all of them dispatch to ``aten._local_scalar_dense``, which the dispatch mode below
+``.tolist()``): all of them dispatch to ``aten._local_scalar_dense``, which lora_cl.diagnostics.CountSyncs
 counts. The function mode beside it names the Python-level calls that would sync on a GPU
 (``item``, ``tolist``, ``__bool__``, ``__float__``, ``__int__``, ``cpu``, ``numpy``), which on
 this CPU cost nothing and so would pass unseen by the dispatch count alone.
@@ -24,19 +24,9 @@ from lora_cl import (
     RoutedAdamW,
     SubspaceBank,
 )
+from lora_cl.diagnostics import CountSyncs
 
 ROUTINGS = ["vanilla", "shared", "decoupled", "v_only"]
-
-
-class CountSyncs(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.syncs = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.syncs += 1
-        return func(*args, **(kwargs or {}))
 
 
 SYNCING = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
@@ -285,12 +275,19 @@ def test_supplied_norm_covers_only_the_gradients_it_was_taken_over(nonfinite, ho
         ps[2].grad = None
     opt.supply_grad_norm(torch.nn.utils.clip_grad_norm_([p for p in ps if p.grad is not None], 1.0), ps)
     _nan_after_supply(ps, how)
+    _step_is_skipped(opt, ps, before, nonfinite, "skipped 1 step")
+
+
+def _step_is_skipped(opt: RoutedAdamW, ps: list[torch.Tensor], before: list[torch.Tensor],
+                     nonfinite: str, match: str) -> None:
+    """The next step raises ("raise") or is skipped with a warning matching ``match``; either
+    way every parameter stays as ``before``."""
     if nonfinite == "raise":
         with pytest.raises(NonFiniteGradientError):
             opt.step()
     else:
         opt.step()
-        with pytest.warns(RuntimeWarning, match="skipped 1 step"):
+        with pytest.warns(RuntimeWarning, match=match):
             assert opt.skipped_steps == 1
     for p, b in zip(ps, before, strict=True):
         assert torch.equal(p, b)
@@ -305,15 +302,7 @@ def test_nonfinite_supplied_norm_skips_the_step(nonfinite):
     before = [p.detach().clone() for p in ps]
     set_grads(ps, 1)
     opt.supply_grad_norm(torch.tensor(float("inf")), ps)
-    if nonfinite == "raise":
-        with pytest.raises(NonFiniteGradientError, match="under the supplied norm"):
-            opt.step()
-    else:
-        opt.step()
-        with pytest.warns(RuntimeWarning, match="3 gradient\\(s\\) under the supplied norm"):
-            assert opt.skipped_steps == 1
-    for p, b in zip(ps, before, strict=True):
-        assert torch.equal(p, b)
+    _step_is_skipped(opt, ps, before, nonfinite, "3 gradient\\(s\\) under the supplied norm")
 
 
 @pytest.mark.parametrize("norm", [torch.tensor(1.0, dtype=torch.float16), torch.tensor([1.0, 2.0])])
