@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,10 +32,12 @@ class GradBatch:
     raw_sq_norms: list[tuple[list[int], Tensor]] = field(default_factory=list)
     #: set by the optimizer when g~ feeds only the first moment (decoupled routing, decided on the
     #: device) and no modifier after this one changes g: a modifier may then leave ``grads[i]``
-    #: as it is and put g~ - g in ``m_deltas[i]`` instead, which the optimizer adds to m before
-    #: the fused kernel (g~ itself is never formed; see RoutedAdamW._device_step)
+    #: as it is and hand over g~ - g instead, as a function in ``m_delta_fns``. The optimizer
+    #: calls each once, past its guard, with the step's ``keep`` flag (a 0-d bool tensor; False
+    #: must give exact zeros, NaN inputs included), and adds the returned {batch index: g~ - g}
+    #: to m before the fused kernel: g~ itself is never formed (RoutedAdamW._device_step)
     m_only: bool = False
-    m_deltas: dict[int, Tensor] = field(default_factory=dict)
+    m_delta_fns: list[Callable[[Tensor], dict[int, Tensor]]] = field(default_factory=list)
 
 
 class GradientModifier:

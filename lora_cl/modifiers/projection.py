@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -129,11 +130,10 @@ class Projection(GradientModifier):
             alpha = _alpha_vector(group_alphas, G)
             side, U, s = group.bases[0]
             if batch.m_only and len(group.bases) == 1:
-                # g~ - g = -alpha * comp is all the optimizer needs: G is not read again
-                d = _expand(coords, side, U, self._scale(s, alpha), out=group.output(G))
-                for i, k, di in zip(group.idx, keep, d.unbind(0), strict=True):
-                    if k:
-                        batch.m_deltas[i] = di
+                # g~ - g = -alpha * comp is all the optimizer needs, expanded once it knows the
+                # step stands (a skipped step zeroes the small coordinates, not the delta)
+                batch.m_delta_fns.append(_delta_fn(group, coords, side, U, self._scale(s, alpha),
+                                                   keep, group.output(G)))
                 continue
             # g~ = G - alpha * comp, written into the group's output buffer (no fresh pages)
             g = _expand(coords, side, U, self._scale(s, alpha), out=group.output(G), add=G)
@@ -330,15 +330,29 @@ def _coords(G: Tensor, side: str, U: Tensor) -> Tensor:
     return torch.bmm(U.transpose(1, 2), G.reshape(n, G.shape[1], -1))
 
 
+def _delta_fn(group: _Group, coords: Tensor, side: str, U: Tensor, scale: Tensor, taken: list[bool],
+              out: Tensor) -> Callable[[Tensor], dict[int, Tensor]]:
+    """GradBatch.m_delta_fns entry of one group: g~ - g = -alpha comp into ``out``, given keep."""
+    def expand(keep: Tensor) -> dict[int, Tensor]:
+        d = _expand(coords, side, U, scale, out=out, keep=keep)
+        return {i: di for i, k, di in zip(group.idx, taken, d.unbind(0), strict=True) if k}
+    return expand
+
+
 def _expand(coords: Tensor, side: str, U: Tensor, scale: Tensor, out: Tensor | None = None,
-            add: Tensor | None = None) -> Tensor:
+            add: Tensor | None = None, keep: Tensor | None = None) -> Tensor:
     """(coords * scale) mapped back: (C diag(scale)) U^T ("in") or U diag(scale) C ("out"), plus
-    ``add`` (same shape as ``out``) in the same kernel when given."""
+    ``add`` (same shape as ``out``) in the same kernel when given. ``keep`` False (a 0-d bool)
+    zeroes the small scaled coordinates first, so the result is exactly 0 even from NaNs."""
     n = coords.shape[0]
     if side == "in":
         a, b = coords * scale[:, None, :], U.transpose(1, 2)
+        if keep is not None:
+            a = torch.where(keep, a, 0.0)
     else:
         a, b = U, coords * scale[:, :, None]
+        if keep is not None:
+            b = torch.where(keep, b, 0.0)
     if out is None:
         return torch.bmm(a, b)
     shape = (n, a.shape[1], b.shape[2])

@@ -125,6 +125,8 @@ class RoutedAdamW(Optimizer):
         self._extras: dict[str, Any] = {}
         # supply_grad_norm: (the norm, {id(p): (weakref to p.grad, its _version)}), one step's worth
         self._given_norm: tuple[Tensor, dict[int, tuple[Any, int]]] | None = None
+        # the chain's GradBatch.m_delta_fns of this step and the entries they index
+        self._delta_fns: tuple[list[dict[str, Any]], list[Any]] = ([], [])
         # Set by a sharded stepper (lora_cl.trainer.zero) that steps one group per call and
         # decides the skip for the whole optimizer: commits wait in _held_commit until it does.
         self._hold_commits = False
@@ -339,12 +341,8 @@ class RoutedAdamW(Optimizer):
             batch.m_only = (m_only and k == len(self.modifiers) - 1
                             and all(g is r for g, r in zip(batch.grads, raw, strict=True)))
             batch.grads = modifier.apply(batch)
-        for i, d in batch.m_deltas.items():
-            e = routed[i]
-            if "dtensor" in e:
-                _as_state_input(d, {**e, "param": e["dtensor"]})
-                d = dt.shard_like(d.float(), e["dtensor"])
-            e["m_delta"] = _as_state_input(d, e)
+        if batch.m_delta_fns:  # (only when m_only: the device step expands them past its guard)
+            self._delta_fns = (routed, batch.m_delta_fns)
         for e, g, g_mod in zip(routed, raw, batch.grads, strict=True):
             if g_mod is not g:
                 if "dtensor" in e:
@@ -411,10 +409,19 @@ class RoutedAdamW(Optimizer):
         last = self._dev_bad
         self._dev_bad = (names, bad if last is None or last[0] != names
                          else torch.where(skip, bad, last[1]))
+        keep = ~skip
         if routed:  # (with no routed tensor the chain did not run: nothing staged)
-            keep = ~skip
             for modifier in self.modifiers:
                 modifier.commit(keep)
+        chained, fns = self._delta_fns
+        self._delta_fns = ([], [])
+        for fn in fns:  # g~ - g handed over by the chain (GradBatch.m_only), zero if skipped
+            for i, d in fn(keep).items():
+                e = chained[i]
+                if "dtensor" in e:
+                    _as_state_input(d, {**e, "param": e["dtensor"]})
+                    d = dt.shard_like(d.float(), e["dtensor"])
+                e["m_delta"] = _as_state_input(d, e)
         for gi, group in enumerate(self.param_groups):
             mine = [e for e in entries if e["group"] == gi]
             if not mine:
@@ -434,11 +441,11 @@ class RoutedAdamW(Optimizer):
                     torch._foreach_sub_(delta, [g_v[i] for i in differ])
                 else:
                     delta = list(torch._foreach_sub([g_m[i] for i in differ], [g_v[i] for i in differ]))
-            handed = [i for i, e in enumerate(mine) if "m_delta" in e]  # g~ - g from the chain
-            delta += [mine[i]["m_delta"] for i in handed]
+            for d in delta:
+                d.masked_fill_(skip, 0.0)
+            handed = [i for i, e in enumerate(mine) if "m_delta" in e]  # g~ - g from the chain,
+            delta += [mine[i]["m_delta"] for i in handed]  # already zero if the step is skipped
             if delta:
-                for d in delta:
-                    d.masked_fill_(skip, 0.0)
                 torch._foreach_add_([ms[i] for i in differ + handed], delta, alpha=(1 - beta1) / beta1)
             fused_adamw_step([e["param"] for e in mine], g_v, ms, [e["state"]["exp_avg_sq"] for e in mine],
                              [e["state"]["step"] for e in mine], lr=_as_float(group["lr"]),
