@@ -60,7 +60,9 @@ class RoutedAdamW(Optimizer):
         nonfinite: ``"skip"`` (warn, naming the tensors, and leave every state
             untouched) or ``"raise"`` when any gradient holds inf/nan; ``"off"`` does not
             look (as ``torch.optim.AdamW``: inf/nan flows into the states). The check reads
-            every gradient once, about a third of a fused AdamW step on CPU (docs/performance.md).
+            every gradient once (docs/performance.md gives its cost on CPU) unless told the
+            norm clipping already took (:meth:`supply_grad_norm`; ``lora_cl.attach`` does so
+            in a Trainer), or a projection computed it anyway.
         impl: ``"fused"`` (torch's fused AdamW kernel with first-moment
             pre-correction), ``"reference"`` (readable single-tensor loop) or ``"auto"``.
         state_bits: 32 (fp32 m and v) or 8 (blockwise 8-bit m and v in bitsandbytes'
