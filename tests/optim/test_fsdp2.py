@@ -116,24 +116,34 @@ def test_kill_9_and_resume_from_a_sharded_checkpoint_equals_the_uninterrupted_ru
 
 
 def test_dtensor_refusals_name_what_works():
-    """Checked on one rank: a mesh of 1 is enough to make DTensor parameters."""
-    pytest.importorskip("torch.distributed.tensor")
+    """Checked in this process: a mesh of 1 is enough to make DTensor parameters."""
+    import socket
+
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29533")
-        dist.init_process_group("gloo", rank=0, world_size=1)
+    created = not dist.is_initialized()
+    if created:  # (a tcp:// address, not MASTER_* variables the later subprocess tests would inherit)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))
-        p = torch.nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)]))
-        p.grad = distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)])
+
+        def param() -> torch.nn.Parameter:
+            p = torch.nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)]))
+            p.grad = distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)])
+            return p
+
         with pytest.raises(ValueError, match="reproject_update=True with FSDP2 .* use reproject_upd"):
-            RoutedAdamW([p], reproject_update=True).step()
-        opt = RoutedAdamW([p], lr=0.1)
+            RoutedAdamW([param()], reproject_update=True).step()
+        with pytest.raises(ValueError, match="state_bits=8 with FSDP2 .* use state_bits=32"):
+            RoutedAdamW([param()], state_bits=8, min_8bit_size=0).step()
+        opt = RoutedAdamW([param()], lr=0.1)
         opt.step()  # a mesh of 1: the sharded code path, stepping
         assert opt.global_step == 1
     finally:
-        dist.destroy_process_group()
+        if created:
+            dist.destroy_process_group()
