@@ -347,10 +347,7 @@ class RoutedAdamW(Optimizer):
             self._delta_fns = (routed, batch.m_delta_fns)
         for e, g, g_mod in zip(routed, raw, batch.grads, strict=True):
             if g_mod is not g:
-                if "dtensor" in e:
-                    _as_state_input(g_mod, {**e, "param": e["dtensor"]})  # (the shape check)
-                    g_mod = dt.shard_like(g_mod.float(), e["dtensor"])
-                e["mod"] = _as_state_input(g_mod, e)
+                e["mod"] = _entry_input(g_mod, e)
         for idx, sq in batch.raw_sq_norms:  # squared norms of g the chain computed anyway
             for i, s in zip(idx, sq.unbind(0) if sq.dim() else [sq], strict=True):
                 routed[i]["raw_sq_norm"] = s
@@ -419,11 +416,7 @@ class RoutedAdamW(Optimizer):
         self._delta_fns = ([], [])
         for fn in fns:  # g~ - g handed over by the chain (GradBatch.m_only), zero if skipped
             for i, d in fn(keep).items():
-                e = chained[i]
-                if "dtensor" in e:
-                    _as_state_input(d, {**e, "param": e["dtensor"]})
-                    d = dt.shard_like(d.float(), e["dtensor"])
-                e["m_delta"] = _as_state_input(d, e)
+                chained[i]["m_delta"] = _entry_input(d, chained[i])
         for gi, group in enumerate(self.param_groups):
             mine = [e for e in entries if e["group"] == gi]
             if not mine:
@@ -700,6 +693,15 @@ def _as_state_input(g: Tensor, entry: dict[str, Any]) -> Tensor:
     if g.dtype != torch.float32 or g.device != p.device:
         return g.to(device=p.device, dtype=torch.float32)
     return g
+
+
+def _entry_input(g: Tensor, entry: dict[str, Any]) -> Tensor:
+    """A whole-tensor result of the chain (g~ or g~ - g) as the entry's states take it: checked
+    against the whole parameter and, for an FSDP2 shard, cut to this rank's local shard."""
+    if "dtensor" not in entry:
+        return _as_state_input(g, entry)
+    _as_state_input(g, {**entry, "param": entry["dtensor"]})  # (the shape check)
+    return _as_state_input(dt.shard_like(g.float(), entry["dtensor"]), entry)
 
 
 def _check_routing(routing: str) -> None:
