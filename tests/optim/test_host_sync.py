@@ -265,17 +265,23 @@ def _nan_after_supply(ps: list[torch.Tensor], how: str) -> None:
 @pytest.mark.parametrize("how", ["in place", "replaced", "not covered"])
 def test_supplied_norm_covers_only_the_gradients_it_was_taken_over(nonfinite, how):
     """A finite norm, then a NaN the norm never saw: the guard still catches it."""
+    ps, opt, before = _one_step_then_grads(nonfinite)
+    if how == "not covered":
+        ps[2].grad = None
+    opt.supply_grad_norm(torch.nn.utils.clip_grad_norm_([p for p in ps if p.grad is not None], 1.0), ps)
+    _nan_after_supply(ps, how)
+    _step_is_skipped(opt, ps, before, nonfinite, "skipped 1 step")
+
+
+def _one_step_then_grads(nonfinite: str) -> tuple[list[torch.Tensor], RoutedAdamW, list[torch.Tensor]]:
+    """An optimizer one step in, the weights after it, and the next step's gradients set."""
     ps = params()
     opt = RoutedAdamW(ps, lr=1e-2, nonfinite=nonfinite)
     set_grads(ps, 0)
     opt.step()
     before = [p.detach().clone() for p in ps]
     set_grads(ps, 1)
-    if how == "not covered":
-        ps[2].grad = None
-    opt.supply_grad_norm(torch.nn.utils.clip_grad_norm_([p for p in ps if p.grad is not None], 1.0), ps)
-    _nan_after_supply(ps, how)
-    _step_is_skipped(opt, ps, before, nonfinite, "skipped 1 step")
+    return ps, opt, before
 
 
 def _step_is_skipped(opt: RoutedAdamW, ps: list[torch.Tensor], before: list[torch.Tensor],
@@ -295,12 +301,7 @@ def _step_is_skipped(opt: RoutedAdamW, ps: list[torch.Tensor], before: list[torc
 
 @pytest.mark.parametrize("nonfinite", ["skip", "raise"])
 def test_nonfinite_supplied_norm_skips_the_step(nonfinite):
-    ps = params()
-    opt = RoutedAdamW(ps, lr=1e-2, nonfinite=nonfinite)
-    set_grads(ps, 0)
-    opt.step()
-    before = [p.detach().clone() for p in ps]
-    set_grads(ps, 1)
+    ps, opt, before = _one_step_then_grads(nonfinite)
     opt.supply_grad_norm(torch.tensor(float("inf")), ps)
     _step_is_skipped(opt, ps, before, nonfinite, "3 gradient\\(s\\) under the supplied norm")
 
