@@ -129,18 +129,20 @@ def test_regime_refuses_the_main_grids_flags(capsys):
     assert "ogp: not a regime method; the regime methods are vanilla, fixed-shared" in capsys.readouterr().err
 
 
-def _hand_cell(cache: Path, method: str, seed: int, forgetting: float, eta: float, leak: float) -> None:
+def _hand_cell(cache: Path, method: str, seed: int, forgetting: float, eta: float, leak: float,
+               just_trained: float = 3.0) -> None:
     settings = regime_settings()
     cell = next(c for c in regime_cells(settings, [method]) if c.seed == seed)
     run = cell.run_dir(cache)
     (run / "domains").mkdir(parents=True)
-    loss = {"forgetting": forgetting, "op": 4.0 + forgetting, "diagonal": [3.0, 3.0]}
+    loss = {"forgetting": forgetting, "op": 4.0 + forgetting, "diagonal": [just_trained, just_trained]}
     (run / "summary.json").write_text(json.dumps({"complete": True, "metrics": {"loss": loss},
                                                   "protection_leak": [None, {"other": leak}]}))
     for i, name in enumerate(("austen", "python_code")):
         d = run / "domains" / f"{i:02d}-{name}"
         d.mkdir()
-        history = [{"loss": 3.0, "epoch": 0.8, "probe/old_direction_lr": eta, "projection/alpha": 0.5,
+        alpha = 1.0 if method.startswith("hard") else 0.5
+        history = [{"loss": 3.0, "epoch": 0.8, "probe/old_direction_lr": eta, "projection/alpha": alpha,
                     **({"cl/replay_examples": 125 * (i + 1)} if method.startswith("replay") else {})},
                    {"cl/v_current_share": 1.0 if i == 0 else 0.99, "epoch": 0.8}]
         (d / "metrics.json").write_text(json.dumps({"log_history": history, "train_seconds": 60.0,
@@ -180,6 +182,35 @@ def test_page_verdicts_are_paired_holm_corrected_and_sized_against_vanilla(tmp_p
     assert ("Replay: 10% of each domain's training blocks kept, 250 examples (32,000 tokens) in the "
             "buffer by the last domain; replay-shared forgets 1.2000 nats against vanilla's 1.0000 "
             "(does not beat vanilla on this stream).") in text
+
+
+def test_the_effective_lr_control_is_a_claim_and_each_pair_states_its_plasticity(tmp_path):
+    """Hard-decoupled against hard-shared at half the lr is a claim of its own (in the Holm family,
+    named by its two labels); every routing bullet gives the pair's paired just-trained and final
+    loss, so a method that buys forgetting with plasticity says so where its verdict stands."""
+    from lora_cl.reproduce.regime_doc import RegimePage
+
+    cache = tmp_path / "cells"
+    for seed in range(3):
+        _hand_cell(cache, "vanilla", seed, 1.0, 1.0, 0.9)
+        _hand_cell(cache, "hard-shared", seed, 0.8 + 0.01 * seed, 2.0, 0.2, just_trained=3.0)
+        _hand_cell(cache, "hard-decoupled", seed, 0.6 + 0.02 * seed, 1.0, 0.3, just_trained=3.2)
+        _hand_cell(cache, "hard-shared@lr0.5x", seed, 0.7 + 0.03 * seed, 1.0, 0.2, just_trained=3.3)
+    page = RegimePage(cache, regime_settings(), tmp_path / "docs")
+    control = next(c for c in page.claims if c.name.startswith("effective-lr control"))
+    assert control.name == "effective-lr control (hard projection): hard-decoupled - hard-shared@lr0.5x"
+    assert control.nats.ci.mean == pytest.approx(-0.11) and len(page.claims) == 4
+    answer = page.answer()
+    assert ("**effective-lr control (hard projection): decoupled routing forgets less than "
+            "hard-shared@lr0.5x") in answer
+    assert ("just-trained loss -0.100 [-0.100, -0.100] and final loss -0.110 [-0.135, -0.085] nats, "
+            "decoupled - hard-shared@lr0.5x.") in answer
+    assert ("just-trained loss 0.200 [0.200, 0.200] and final loss -0.190 [-0.215, -0.165] nats, "
+            "decoupled - shared.") in answer
+    assert "(1/(1 - alpha) = unbounded at alpha 1)" in answer
+    row = ("| hard-shared | 0.0005 | 3 | 0.7300 [0.6555, 0.8045] | 4.730 [4.655, 4.805] "
+           "| 3.300 [3.300, 3.300] |")
+    assert row in page.render()
 
 
 def test_current_v_share_is_the_domains_share_of_v_mass():

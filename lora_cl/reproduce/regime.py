@@ -42,6 +42,8 @@ REGIMES = ("a", "b")
 EMA_BETA = {"a": 0.98, "b": 0.95}
 #: The lr check's factors on the regime's lr (its own cells: lr is in the config hash).
 LR_SCALES = (0.5, 2.0)
+#: The effective-lr control's lr factor on hard-shared (see regime_methods).
+HARD_SHARED_LR_SCALE = 0.5
 #: Replay's buffer: 10% of each domain's training examples (regime a: ~250 blocks of 128 tokens).
 REPLAY_FRACTION = 0.1
 
@@ -90,6 +92,10 @@ def regime_methods(regime: str = "a") -> dict[str, MethodRun]:
         *(M(f"{base.label}@lr{scale:g}x", base.preset, base.overrides, lr_scale=scale)
           for base in (M("vanilla", "vanilla"), M("overlap-decoupled", "ogp", {**side, **ema}))
           for scale in LR_SCALES),
+        # the effective-lr control: decoupled routing of a hard projection takes smaller steps in
+        # every direction (v keeps the in-subspace energy that m lost), so shared routing at half
+        # the lr asks whether decoupling beats a plain lr cut on the stability-plasticity frontier
+        M(f"hard-shared@lr{HARD_SHARED_LR_SCALE:g}x", "adam-nscl", hard, lr_scale=HARD_SHARED_LR_SCALE),
     )}
 
 
@@ -103,6 +109,12 @@ PAIRS = (
     ("hard projection (alpha 1, unweighted)", "hard-shared", "hard-decoupled"),
     ("importance rescaling (EWC, lam 0.5)", "ewc-shared", "ewc-decoupled"),
     (f"replay ({REPLAY_FRACTION:.0%} buffer, rho 0.5)", "replay-shared", "replay-decoupled"),
+)
+
+#: Controls the page also tests (in the same Holm family): (label, other, decoupled), where the
+#: other run differs from the decoupled one in routing AND lr, to tell routing from a plain lr cut.
+CONTROLS = (
+    ("effective-lr control (hard projection)", f"hard-shared@lr{HARD_SHARED_LR_SCALE:g}x", "hard-decoupled"),
 )
 
 

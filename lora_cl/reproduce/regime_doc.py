@@ -20,6 +20,7 @@ from lora_cl.reproduce.collect import CellResult, forgetting_nats, load_cells, s
 from lora_cl.reproduce.doc import _table
 from lora_cl.reproduce.grid import Settings
 from lora_cl.reproduce.regime import (
+    CONTROLS,
     EMA_BETA,
     MIN_HORIZONS,
     PAIRS,
@@ -151,6 +152,15 @@ class RegimePage:
     def forgetting(self, method: str) -> dict[int, float]:
         return self.per_seed(method, lambda r: forgetting_nats(r.summary))
 
+    def final_loss(self, method: str) -> dict[int, float]:
+        """Mean held-out loss over all domains after the last one, per seed."""
+        return self.per_seed(method, lambda r: summary_value(r.summary, "loss", "op"))
+
+    def just_trained_loss(self, method: str) -> dict[int, float]:
+        """Mean over domains of the held-out loss right after training that domain (plasticity)."""
+        return self.per_seed(method,
+                             lambda r: _mean((r.summary["metrics"]["loss"] or {}).get("diagonal") or []))
+
     def pct_of_vanilla(self, a: str, b: str | None) -> MeanCI:
         """100 (F_a - F_b) / F_vanilla per seed (b None: F_b = F_vanilla)."""
         van, fa = self.forgetting("vanilla"), self.forgetting(a)
@@ -160,9 +170,11 @@ class RegimePage:
 
     def _claims(self) -> list[Claim]:
         claims = []
-        for name, shared, decoupled in PAIRS:
+        for name, shared, decoupled in (*PAIRS, *CONTROLS):
             if self.forgetting(shared) and self.forgetting(decoupled):
-                claims.append(Claim(f"{name}: decoupled - shared", decoupled, shared,
+                pair = (name, shared, decoupled) in PAIRS
+                what = "decoupled - shared" if pair else f"{decoupled} - {shared}"
+                claims.append(Claim(f"{name}: {what}", decoupled, shared,
                                     paired(self.forgetting(decoupled), self.forgetting(shared)),
                                     self.pct_of_vanilla(decoupled, shared)))
         for m in self.methods():
@@ -204,7 +216,8 @@ class RegimePage:
         """The opening paragraph: the routing verdicts in plain words."""
         s = self.settings
         n_done, n_all = len(self.results), len(self.cells)
-        routing = [c for c in self.claims if c.name.endswith("decoupled - shared")]
+        pairs = {(a, b) for _, a, b in (*PAIRS, *CONTROLS)}
+        routing = [c for c in self.claims if (c.b, c.a) in pairs]
         if not routing:
             return (f"**No answer yet**: {n_done} of {n_all} cells are finished and no routing pair "
                     "(shared and decoupled of the same strength) has a finished seed.")
@@ -212,6 +225,7 @@ class RegimePage:
         for c in routing:
             n = c.nats.ci.n
             what = c.name.split(":")[0]
+            other = "shared" if c.name.endswith("decoupled - shared") else c.b
             lower = sum(d < 0 for d in c.nats.diffs)
             size = (f"{_ci(c.nats.ci)} nats of forgetting, {_ci(c.pct, 1)}% of vanilla's forgetting "
                     f"({n} seed{'s' if n != 1 else ''}, decoupled lower on {lower} of {n}; Holm-adjusted "
@@ -219,26 +233,39 @@ class RegimePage:
             shared_label, decoupled_label = c.b, c.a
             ratio = self.eta_ratio(shared_label, decoupled_label)
             alpha = self.mech_stat(decoupled_label, "alpha")
-            if ratio.mean is not None and alpha.mean is not None and alpha.mean < 1:
-                size += (f"; shared routing's old-direction learning rate was {_ci(ratio, 2)}x the "
-                         f"decoupled run's (1/(1 - alpha) = {1 / (1 - alpha.mean):.2f})")
+            if ratio.mean is not None and alpha.mean is not None:
+                bound = f"{1 / (1 - alpha.mean):.2f}" if alpha.mean < 1 else "unbounded at alpha 1"
+                who = "shared routing" if other == "shared" else other
+                size += (f"; {who}'s old-direction learning rate was {_ci(ratio, 2)}x the "
+                         f"decoupled run's (1/(1 - alpha) = {bound})")
+            size += self._plasticity(decoupled_label, shared_label, other)
             if c.holds:
                 direction = "less" if c.nats.ci.mean < 0 else "more"
-                lines.append(f"- **{what}: decoupled routing forgets {direction} than shared** — {size}.")
+                lines.append(f"- **{what}: decoupled routing forgets {direction} than {other}** — {size}.")
             elif c.nats.ci.excludes_zero():  # the interval alone would say so; the family does not
                 direction = "less" if c.nats.ci.mean < 0 else "more"
-                lines.append(f"- **{what}: decoupled routing forgets {direction} than shared, but not "
+                lines.append(f"- **{what}: decoupled routing forgets {direction} than {other}, but not "
                              f"significantly once Holm corrects for the page's {len(self.claims)} claims** "
                              f"— {size}.")
             else:
-                lines.append(f"- **{what}: no difference detectable** between decoupled and shared "
-                             f"routing — {size}.")
+                lines.append(f"- **{what}: no difference detectable** between decoupled routing and "
+                             f"{other} — {size}.")
         h = horizons(s, self.regime)
         return (f"In this regime (every domain {s.steps} steps = {h['beta2']:.1f} horizons of "
                 f"beta2 = {s.adam_beta2} and {h['overlap_ema']:.1f} of the overlap EMA; full-parameter "
                 f"training of {s.model} from scratch; {n_done} of {n_all} cells finished), decoupled "
                 "against shared routing, same bases, same strength, paired by seed (negative: "
                 "decoupled forgets less):\n\n" + "\n".join(lines))
+
+    def _plasticity(self, a: str, b: str, other: str) -> str:
+        """The same pair's stability-plasticity cost: paired differences of just-trained and final
+        loss, a - b in nats (positive: a learned the new domains less well, or ends worse overall)."""
+        parts = []
+        for what, value in (("just-trained loss", self.just_trained_loss), ("final loss", self.final_loss)):
+            va, vb = value(a), value(b)
+            if set(va) & set(vb):
+                parts.append(f"{what} {_ci(paired(va, vb).ci)}")
+        return f"; {' and '.join(parts)} nats, decoupled - {other}" if parts else ""
 
     def render(self) -> str:
         s = self.settings
@@ -304,11 +331,10 @@ class RegimePage:
         rows = []
         for m in self.methods():
             cells = [r for (label, _), r in self.by.items() if label == m]
-            op = mean_ci([v for r in cells if (v := summary_value(r.summary, "loss", "op")) is not None])
-            diag = mean_ci([v for r in cells if (v := _mean((r.summary["metrics"]["loss"] or {})
-                                                            .get("diagonal") or [])) is not None])
             rows.append([m, str(len(cells)), _ci(mean_ci(list(self.forgetting(m).values())), 4),
-                         _ci(op), _ci(diag), _ci(self.mech_stat(m, "leak"))])
+                         _ci(mean_ci(list(self.final_loss(m).values()))),
+                         _ci(mean_ci(list(self.just_trained_loss(m).values()))),
+                         _ci(self.mech_stat(m, "leak"))])
         self._tradeoff_plot()
         return (self._replay_line()
                 + "Forgetting alone can be bought with plasticity, so they stand together: final loss is "
@@ -388,20 +414,25 @@ class RegimePage:
                 + _table(["method"] + [f"domain {i + 1}" for i in range(1, T)], rows))
 
     def _lr_table(self) -> str:
-        """Vanilla and the paper's method at 0.5x, 1x and 2x the regime's lr: does a verdict hang on it?"""
-        bases = ("vanilla", "overlap-decoupled")
+        """Every method run at more than one lr, at each: does a verdict hang on the lr?"""
+        bases = list(dict.fromkeys(v[0] for m in self.table if (v := lr_variant(m))))
         rows = []
         for base in bases:
             variants = [(1.0, base)] + [(v[1], m) for m in self.table
                                         if (v := lr_variant(m)) and v[0] == base]
             for scale, label in sorted(variants):
-                cells = [r for (m, _), r in self.by.items() if m == label]
-                op = mean_ci([v for r in cells if (v := summary_value(r.summary, "loss", "op")) is not None])
-                rows.append([base, f"{self.settings.lr * scale:g}", str(len(cells)),
-                             _ci(mean_ci(list(self.forgetting(label).values())), 4), _ci(op)])
+                rows.append([base, f"{self.settings.lr * scale:g}", str(len(self.forgetting(label))),
+                             _ci(mean_ci(list(self.forgetting(label).values())), 4),
+                             _ci(mean_ci(list(self.final_loss(label).values()))),
+                             _ci(mean_ci(list(self.just_trained_loss(label).values())))])
         return (f"Vanilla and overlap-decoupled at half and twice the regime's lr ({self.settings.lr:g}), "
-                "same seeds: whether the ranking of the two holds across a 4x range of lr.\n\n"
-                + _table(["method", "lr", "seeds", "forgetting (nats)", "final loss"], rows))
+                "same seeds: whether the ranking of the two holds across a 4x range of lr; and "
+                "hard-shared at half the lr, the effective-lr control of the hard-projection pair "
+                "(decoupled routing of a hard projection steps smaller in every direction, so the "
+                "question is whether it beats a plain lr cut on both forgetting and just-trained "
+                "loss).\n\n"
+                + _table(["method", "lr", "seeds", "forgetting (nats)", "final loss", "just-trained loss"],
+                         rows))
 
     def _compute(self) -> str:
         n = len(self.results)
