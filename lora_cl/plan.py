@@ -350,7 +350,7 @@ def _changes(inputs: PlanInputs) -> list[tuple[str, dict]]:
         out.append((f"batch_size {b} with gradient_accumulation_steps x{factor} (same global batch)",
                     {"batch_size": b}))
         b //= 2
-    # (no ZeRO-3 here: lora-cl refuses routed methods under ZeRO-3; ZeRO-1/2 save little for LoRA)
+    # (no ZeRO-3 here: the stream runner a recipe runs refuses it; ZeRO-1/2 save little for LoRA)
     s = inputs.seq_len // 2
     while s >= 256:
         out.append((f"seq_len {s} (changes what the model sees: longer texts are cut)", {"seq_len": s}))

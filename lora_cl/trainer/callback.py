@@ -26,7 +26,14 @@ from lora_cl.trainer.replay import (
     replay_gradients,
     seeded_subset,
 )
-from lora_cl.trainer.zero import PER_TENSOR, release_zero, route_under_zero, zero_stage12
+from lora_cl.trainer.zero import (
+    PER_TENSOR,
+    refuse_second_zero3_engine,
+    release_zero,
+    route_under_zero,
+    zero_stage3,
+    zero_stage12,
+)
 from lora_cl.trainer.zero import SUPPORTED as ZERO_SUPPORTED
 
 logger = logging.getLogger(__name__)
@@ -72,6 +79,7 @@ class ContinualCallback(TrainerCallback):
         self._trainer: weakref.ref[Any] | None = None
         self._emitting = False
         self._warned_order = False
+        self._zero3_trained = False  # a ZeRO-3 engine trained a domain (a second one is refused)
 
     # -- user API ------------------------------------------------------------------------
     @property
@@ -130,6 +138,8 @@ class ContinualCallback(TrainerCallback):
                                "the earlier domains; the stream needs one optimizer (its bank and "
                                "modifier state): pass the same optimizer to every Trainer")
         _refuse_fsdp(args)
+        refuse_second_zero3_engine(kwargs.get("optimizer"), self._zero3_trained)
+        self._zero3_trained = self._zero3_trained or zero_stage3(kwargs.get("optimizer")) is not None
         self._optimizer = optimizer
         trainer = self._trainer() if self._trainer is not None else None
         if trainer is not None:

@@ -1,4 +1,4 @@
-"""Routed steps under DeepSpeed ZeRO-1/2: g~ from the full LoRA gradient, this rank's fragment back.
+"""Routed steps under DeepSpeed ZeRO: g~ from the full LoRA gradient, this rank's fragment back.
 
 From stage 1 up DeepSpeed steps its client optimizer on one flat fp32 partition per param group
 and rank, cut across tensor boundaries. Projection g~ = g - alpha g U U^T needs the 2-D gradient,
@@ -11,6 +11,10 @@ where DeepSpeed copies and all-gathers the weights as usual. States stay in Deep
 layout during a domain, so ZeRO checkpoints save and resume with no change; between domains
 (one engine per domain) :func:`release_zero` and :meth:`ZeroRoutedStep.adopt` carry them over
 in per-tensor layout.
+
+ZeRO-3 partitions each parameter on its own; :class:`~lora_cl.trainer.zero3.Zero3RoutedStep` is
+the same step on that layout (one Trainer per stream of domains is not built there: a second engine
+on a model the first one partitioned is refused, see :func:`refuse_second_zero3_engine`).
 
 Stages and options that cannot keep the single-process math refuse at start-up
 (:class:`ZeroRoutingError`, raised from :func:`route_under_zero`).
@@ -39,7 +43,7 @@ def check_stream_zero(deepspeed_config: str | None) -> None:
     (a ZeRO-3 forward needs every rank), and one optimizer crosses from each domain's engine to
     the next (the first engine keeps its parameter groups as partitions; ZeRO-1/2 give them
     back, see :func:`release_zero`). Both were seen to fail; a user's own single Trainer under
-    ZeRO-3 with the vanilla method trains (tested).
+    ZeRO-3 routes every method but replay and importance rescaling (tested).
     """
     if not deepspeed_config:
         return
@@ -80,38 +84,65 @@ def zero_stage12(wrapped: Any) -> Any:
                  if type(w).__module__ == "deepspeed.runtime.zero.stage_1_and_2"), None)
 
 
+def zero_stage3(wrapped: Any) -> Any:
+    """DeepSpeed's ZeRO-3 optimizer in ``wrapped``'s chain of wrappers, or None."""
+    return next((w for w in _wrappers(wrapped)
+                 if type(w).__module__ == "deepspeed.runtime.zero.stage3"), None)
+
+
 def route_under_zero(wrapped: Any, optimizer: RoutedAdamW, spec: MethodSpec | None = None) -> bool:
-    """Put :class:`ZeroRoutedStep` in DeepSpeed's ZeRO-1/2 optimizer that steps ``optimizer``.
+    """Put :class:`ZeroRoutedStep` (ZeRO-1/2) or :class:`~lora_cl.trainer.zero3.Zero3RoutedStep`
+    (ZeRO-3) in the DeepSpeed optimizer that steps ``optimizer``.
 
     ``wrapped`` is what the Trainer steps (accelerate's wrapper). Returns False when no DeepSpeed
     optimizer wraps ``optimizer`` (the caller decides), True once routing runs on full tensors;
-    raises :class:`ZeroRoutingError` for ZeRO-3, DeepSpeed's stage-0 bf16/fp16 optimizers and
-    methods or options that need more than the full gradient inside the step.
+    raises :class:`ZeroRoutingError` for DeepSpeed's stage-0 bf16/fp16 optimizers and for methods,
+    options or layouts that need more than the full gradient inside the step.
     """
+    from lora_cl.trainer.zero3 import Zero3RoutedStep, check_stage3_layout
+
     chain = _wrappers(wrapped)
     if any(isinstance(w, ZeroRoutedStep) for w in chain):
         return True
-    zero = zero_stage12(wrapped)
-    if any(type(w).__module__ == "deepspeed.runtime.zero.stage3" for w in chain):
+    zero, stage3 = zero_stage12(wrapped), zero_stage3(wrapped)
+    if stage3 is not None:
+        where = "lora-cl under DeepSpeed ZeRO-3"
+        _check_supported(optimizer, spec, where)
+        check_stage3_layout(optimizer, stage3, where)
+        zero, step_cls = stage3, Zero3RoutedStep
+    elif zero is not None:
+        where = "lora-cl under DeepSpeed ZeRO-1/2"
+        _check_supported(optimizer, spec, where)
+        _check_stage12_layout(optimizer, zero, where)
+        step_cls = ZeroRoutedStep
+    elif any(type(w).__module__.startswith("deepspeed") for w in chain):
+        names = sorted({type(w).__name__ for w in chain if type(w).__module__.startswith("deepspeed")})
         raise ZeroRoutingError(
-            "lora-cl: DeepSpeed ZeRO stage 3 partitions the LoRA parameters themselves, and routing "
-            "under stage 3 is not built: the routed step could not keep the single-process math. "
-            f"Use {SUPPORTED}; to fit a large base on one node prefer a 4-bit (QLoRA) base. See "
+            f"lora-cl: DeepSpeed's {', '.join(names)} (stage 0 with bf16/fp16) flattens the LoRA "
+            "tensors into one fp32 buffer that routing cannot see as 2-D tensors. Use "
+            f"{SUPPORTED} (ZeRO-2 with bf16 routes on its fp32 master weights). See "
             "docs/deepspeed.md, 'Routing under ZeRO'")
-    if zero is None:
-        if any(type(w).__module__.startswith("deepspeed") for w in chain):
-            names = sorted({type(w).__name__ for w in chain if type(w).__module__.startswith("deepspeed")})
-            raise ZeroRoutingError(
-                f"lora-cl: DeepSpeed's {', '.join(names)} (stage 0 with bf16/fp16) flattens the LoRA "
-                "tensors into one fp32 buffer that routing cannot see as 2-D tensors. Use "
-                f"{SUPPORTED} (ZeRO-2 with bf16 routes on its fp32 master weights). See "
-                "docs/deepspeed.md, 'Routing under ZeRO'")
+    else:
         return False
-    _check_supported(optimizer, spec, zero)
-    routed = ZeroRoutedStep(optimizer, zero)
+    routed = step_cls(optimizer, zero)
     routed.adopt()
     zero.optimizer = routed
     return True
+
+
+def refuse_second_zero3_engine(wrapped: Any, earlier_zero3: bool) -> None:
+    """A ZeRO-3 engine on a model an earlier ZeRO-3 engine (the last domain's Trainer) partitioned.
+
+    DeepSpeed's stage-3 gradient hooks of the first engine stay on the parameters, and the second
+    engine's backward failed inside them (``param.grad`` None in ``__reduce_and_partition_ipg_grads``,
+    measured with DeepSpeed 0.19): refuse before training instead.
+    """
+    if earlier_zero3 and zero_stage3(wrapped) is not None:
+        raise ZeroRoutingError(
+            "lora-cl: a second DeepSpeed ZeRO-3 engine (one Trainer per domain) cannot take over a model "
+            "that the first domain's engine partitioned; a stream of domains under ZeRO-3 is not built "
+            f"yet. Train streams with {SUPPORTED}; ZeRO-3 routes one Trainer's training. See "
+            "docs/deepspeed.md, 'Routing under ZeRO-3'")
 
 
 def release_zero(wrapped: Any) -> bool:
@@ -131,8 +162,7 @@ def release_zero(wrapped: Any) -> bool:
     return False
 
 
-def _check_supported(optimizer: RoutedAdamW, spec: MethodSpec | None, zero: Any) -> None:
-    where = "lora-cl under DeepSpeed ZeRO-1/2"
+def _check_supported(optimizer: RoutedAdamW, spec: MethodSpec | None, where: str) -> None:
     if spec is not None and spec.replay is not None:
         raise ZeroRoutingError(f"{where}: method {spec.name!r} replays (replay={spec.replay!r}), and "
                                "the replay gradient's extra backward would run through DeepSpeed's "
@@ -143,12 +173,15 @@ def _check_supported(optimizer: RoutedAdamW, spec: MethodSpec | None, zero: Any)
             raise ZeroRoutingError(
                 f"{where}: modifier {type(mod).__name__} consolidates the parameters at the end of a "
                 "domain, which DeepSpeed holds as flat partitions there; use plain DDP for "
-                "importance/EWC methods (projection methods such as ogp route under ZeRO-1/2)")
+                "importance/EWC methods (projection methods such as ogp route under ZeRO)")
     routed = [g for g in optimizer.param_groups if g["routing"] != "vanilla"]
     if len(routed) > 1:
         raise ZeroRoutingError(f"{where}: {len(routed)} routed param groups; DeepSpeed steps one group "
                                "at a time, so the modifiers could not see every LoRA tensor of a step "
                                "together. Put all LoRA tensors in one group (lora_cl.param_groups)")
+
+
+def _check_stage12_layout(optimizer: RoutedAdamW, zero: Any, where: str) -> None:
     for i, group in enumerate(optimizer.param_groups):
         names = {zero.param_names.get(lp) for lp in zero.bit16_groups[i]}
         if (len(group["params"]) != 1 or group["params"][0] is not zero.single_partition_of_fp32_groups[i]
@@ -215,9 +248,9 @@ class ZeroRoutedStep:
     def adopt(self) -> None:
         """Per-tensor states left by :meth:`release` (or loaded from ``optimizer.pt``) into this
         engine's flat partitions; a state DeepSpeed already loaded from its checkpoint wins."""
-        opt, zero = self.optimizer, self._zero
-        for index, group in enumerate(opt.param_groups):
-            flat, lps = group["params"][0], list(zero.bit16_groups[index])
+        opt = self.optimizer
+        for index in range(len(opt.param_groups)):
+            flat, lps = self._flats()[index], self._tensors(index)
             per = [opt.state.pop(lp, None) or {} for lp in lps]
             if opt.state.get(flat):
                 continue
@@ -241,7 +274,7 @@ class ZeroRoutedStep:
             pairs = [(opt.state[flat][k], [st[k] for st in per]) for k in keys]
             if masters:
                 pairs.append((flat.data, [st[MASTER] for st in per]))
-            _scatter_own(lps, fragments(zero, index), pairs)
+            self._write_own(index, pairs)
 
     @property
     def per_tensor(self) -> bool:
@@ -260,15 +293,15 @@ class ZeroRoutedStep:
             opt.state[flat]["step"] = per[0]["step"].detach().to(device=flat.device).clone()
             opt.state[flat][PER_TENSOR] = [{k: v for k, v in st.items() if k != MASTER} for st in per]
         if all(MASTER in st for st in per):  # fp32 master weights over the domain boundary
-            _scatter_own(lps, fragments(self._zero, index), [(flat.data, [st[MASTER] for st in per])])
+            self._write_own(index, [(flat.data, [st[MASTER] for st in per])])
 
     @torch.no_grad()
     def release(self) -> None:
         """This engine's flat states back to per-tensor layout (see :func:`release_zero`)."""
-        opt, zero = self.optimizer, self._zero
+        opt = self.optimizer
         groups = []
         for index, group in enumerate(opt.param_groups):
-            flat, lps = group["params"][0], list(zero.bit16_groups[index])
+            flat, lps = self._flats()[index], self._tensors(index)
             state = opt.state.pop(flat, None) or {}
             per_tensor = state.pop(PER_TENSOR, None)
             if per_tensor is not None:  # replicated whole: each tensor's state as it is
@@ -281,8 +314,7 @@ class ZeroRoutedStep:
                 keys.append("param")
             if keys:
                 sources = {"param": flat.detach(), **{k: state[k] for k in keys if k != "param"}}
-                full = _gather_full(lps, fragments(zero, index), sources, keys,
-                                    zero.real_dp_process_group[index])
+                full = self._full(index, sources, keys)
                 for j, lp in enumerate(lps):
                     st = opt.state[lp]
                     if state:
@@ -290,9 +322,9 @@ class ZeroRoutedStep:
                         st["exp_avg"], st["exp_avg_sq"] = full["exp_avg"][j], full["exp_avg_sq"][j]
                     if low_precision:
                         st[MASTER] = full["param"][j]
-            groups.append({**group, "params": lps, "param_names": [zero.param_names[lp] for lp in lps]})
+            groups.append({**group, "params": lps, "param_names": [self._zero.param_names[lp] for lp in lps]})
         opt.param_groups = groups
-        zero.optimizer = opt  # this engine is done: nothing routes through it any more
+        self._zero.optimizer = opt  # this engine is done: nothing routes through it any more
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:
@@ -305,8 +337,10 @@ class ZeroRoutedStep:
         """
         if closure is not None:
             raise RuntimeError("ZeroRoutedStep: DeepSpeed does not pass a closure")
-        flats = self._zero.single_partition_of_fp32_groups
+        flats = self._flats()
         for group in list(self.optimizer.param_groups):  # DeepSpeed passes one group per call
+            if not group["params"]:  # ZeRO-3 lists every group, with only the stepped one's partition
+                continue
             index = next(i for i, f in enumerate(flats) if f is group["params"][0])
             if index == 0 or self._pending is None:
                 self._begin()
@@ -327,9 +361,7 @@ class ZeroRoutedStep:
         opt._hold_commits, opt._held_commit = True, False
 
     def _finish(self) -> None:
-        from deepspeed import comm as dist
-
-        opt, zero = self.optimizer, self._zero
+        opt = self.optimizer
         pending, self._pending = self._pending or [], None
         before_step, before_skipped = self._before
         opt._hold_commits = False
@@ -344,23 +376,20 @@ class ZeroRoutedStep:
             write()
             # DeepSpeed copied this group's fp32 partition into its bit16 one right after the
             # group's step, before this write: copy again (its all-gather comes after the loop)
-            rank = dist.get_rank(group=zero.real_dp_process_group[index])
-            zero.parallel_partitioned_bit16_groups[index][rank].data.copy_(
-                zero.single_partition_of_fp32_groups[index].data)
+            self._recopy(index)
 
     def _step_group(self, index: int, group: dict[str, Any]) -> None:
-        opt, zero = self.optimizer, self._zero
+        opt = self.optimizer
         flat = group["params"][0]
         if flat.grad is None or self._skip:
             return
-        lps = list(zero.bit16_groups[index])
+        lps = self._tensors(index)
         state = opt.state.get(flat) or {}
         per_tensor = state.get(PER_TENSOR)
         keys = ["param", "grad"] + (["exp_avg", "exp_avg_sq"] if state and per_tensor is None
                                     and not self.per_tensor else [])
         sources = {"param": flat.detach(), "grad": flat.grad, **{k: state[k] for k in keys[2:]}}
-        frags = fragments(zero, index)
-        full = _gather_full(lps, frags, sources, keys, zero.real_dp_process_group[index])
+        full = self._full(index, sources, keys)
 
         params = [full["param"][j] for j in range(len(lps))]
         for p, g in zip(params, full["grad"], strict=True):
@@ -376,12 +405,13 @@ class ZeroRoutedStep:
         opt.global_step = self._before[0]
         skipped = opt.skipped_steps
         # DeepSpeed may hold a group's tensors in another order than the group's param_names.
-        view = {**group, "params": params, "param_names": [zero.param_names[lp] for lp in lps]}
+        view = {**group, "params": params, "param_names": [self._zero.param_names[lp] for lp in lps]}
+        listed = opt.param_groups
         try:
             opt.param_groups = [view]
             RoutedAdamW.step(opt)
         finally:
-            opt.param_groups = [group]
+            opt.param_groups = listed
             states = [opt.state.pop(p, None) for p in params]
         if opt.skipped_steps != skipped:
             self._skip = True  # non-finite: the whole ZeRO step is skipped (see step)
@@ -392,7 +422,7 @@ class ZeroRoutedStep:
                 st = opt.state[flat]
                 st["step"] = states[0]["step"].clone()
                 st[PER_TENSOR] = states
-                _scatter_own(lps, frags, [(flat, params)])
+                self._write_own(index, [(flat, params)])
                 return
             st = opt.state.get(flat) or {}
             if not st:
@@ -401,10 +431,37 @@ class ZeroRoutedStep:
                 st["exp_avg"] = torch.zeros_like(flat, dtype=torch.float32)
                 st["exp_avg_sq"] = torch.zeros_like(flat, dtype=torch.float32)
             st["step"].copy_(states[0]["step"])
-            _scatter_own(lps, frags, [(flat, params)] + [(st[k], [s[k] for s in states])
-                                                         for k in ("exp_avg", "exp_avg_sq")])
+            self._write_own(index, [(flat, params)] + [(st[k], [s[k] for s in states])
+                                                       for k in ("exp_avg", "exp_avg_sq")])
 
         self._pending.append((index, write))
+
+    # -- DeepSpeed's layout: ZeRO-1/2's here, ZeRO-3's in lora_cl.trainer.zero3 ------------------
+    def _flats(self) -> list[Tensor]:
+        """The flat fp32 partition of each param group (what DeepSpeed hands this optimizer)."""
+        return self._zero.single_partition_of_fp32_groups
+
+    def _tensors(self, index: int) -> list[Tensor]:
+        """The model's tensors of group ``index``, in DeepSpeed's order."""
+        return list(self._zero.bit16_groups[index])
+
+    def _full(self, index: int, sources: dict[str, Tensor], keys: list[str]) -> dict[str, list[Tensor]]:
+        """Full fp32 tensors of group ``index`` for each key, from every rank's partition."""
+        return _gather_full(self._tensors(index), fragments(self._zero, index), sources, keys,
+                            self._zero.real_dp_process_group[index])
+
+    def _write_own(self, index: int, pairs: list[tuple[Tensor, list[Tensor]]]) -> None:
+        """This rank's share of full per-tensor values into flat partitions (inverse of _full)."""
+        _scatter_own(self._tensors(index), fragments(self._zero, index), pairs)
+
+    def _recopy(self, index: int) -> None:
+        """The fp32 partition of group ``index`` into the low-precision one DeepSpeed gathers from."""
+        from deepspeed import comm as dist
+
+        zero = self._zero
+        rank = dist.get_rank(group=zero.real_dp_process_group[index])
+        zero.parallel_partitioned_bit16_groups[index][rank].data.copy_(
+            zero.single_partition_of_fp32_groups[index].data)
 
 
 def fragments(zero: Any, index: int) -> list[tuple[Tensor, int, int, int]]:

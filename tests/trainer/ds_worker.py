@@ -42,8 +42,14 @@ LR = 1e-3
 
 
 def lora_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()
-            if p.requires_grad}
+    """The trainable tensors, whole (under ZeRO-3 gathered from every rank: call it on all ranks)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if any(hasattr(p, "ds_numel") for _, p in named):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for _, p in named]):
+            return {n: p.detach().float().cpu().clone() for n, p in named}
+    return {n: p.detach().float().cpu().clone() for n, p in named}
 
 
 def fresh(prep: Path | None, modules_to_save: list[str] | None = None) -> tuple[torch.nn.Module, object]:
@@ -105,7 +111,7 @@ def second_domain(out: Path, prep: Path, *, steps: int, world: int, method: str 
                   deepspeed: str | dict | None = None, save_steps: int = 0,
                   resume: str | None = None, state_bits: int = 32, split_groups: bool = False,
                   bf16: bool = False, domains: tuple[str, ...] = (SECOND,),
-                  nan: bool = False) -> lora_cl.ContinualCallback:
+                  nan: bool = False, grad_accum: int = 1) -> lora_cl.ContinualCallback:
     # nan: the final norm trains too (a second, vanilla param group) and the routed group's g~ is
     # NaN at step 2, so that step must be skipped for both groups, as in one process
     model, tokenizer = fresh(prep, modules_to_save=["norm"] if nan else None)
@@ -117,7 +123,8 @@ def second_domain(out: Path, prep: Path, *, steps: int, world: int, method: str 
     callback = lora_cl.ContinualCallback()
     for k, domain in enumerate(domains):  # one Trainer (one DeepSpeed engine) per domain
         args = H.train_args(out if len(domains) == 1 else out / f"{k}-{domain}", max_steps=steps,
-                            per_device_train_batch_size=GLOBAL_BATCH // world, deepspeed=deepspeed,
+                            per_device_train_batch_size=GLOBAL_BATCH // (world * grad_accum),
+                            gradient_accumulation_steps=grad_accum, deepspeed=deepspeed,
                             ddp_find_unused_parameters=False, bf16=bf16,
                             save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
                             save_only_model=False)
@@ -128,9 +135,13 @@ def second_domain(out: Path, prep: Path, *, steps: int, world: int, method: str 
         callback.set_domain(domain)
         trainer.train(resume_from_checkpoint=resume)
     rank = int(os.environ.get("RANK", "0"))
+    final = lora_tensors(model)  # every rank: a ZeRO-3 gather is collective
     if rank == 0:
-        save_file(lora_tensors(model), str(out / "final.safetensors"))
+        save_file(final, str(out / "final.safetensors"))
         info = {"global_step": factory.optimizer.global_step, "world": world}
+        if any(hasattr(p, "ds_numel") for p in model.parameters()):  # ZeRO-3: which LoRA tensors it
+            info["zero3_persistent"] = sum(bool(p.ds_persist) for p in model.parameters()  # kept whole
+                                           if p.requires_grad)
         if nan:
             info["skipped_steps"] = factory.optimizer.skipped_steps
         (out / "info.json").write_text(json.dumps(info))
@@ -183,6 +194,7 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--stream", action="store_true", help=f"train {SECOND} then {THIRD}")
     parser.add_argument("--nan", action="store_true", help="norm trained, NaN g~ at step 2")
+    parser.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
     a = parser.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     if a.mode == "prep":
@@ -194,7 +206,8 @@ def main() -> None:
         second_domain(a.out, a.prep, steps=a.steps, world=world, method=a.method, deepspeed=config,
                       save_steps=a.save_steps, resume=a.resume, state_bits=a.state_bits,
                       split_groups=a.split_groups, bf16=a.bf16,
-                      domains=(SECOND, THIRD) if a.stream else (SECOND,), nan=a.nan)
+                      domains=(SECOND, THIRD) if a.stream else (SECOND,), nan=a.nan,
+                      grad_accum=a.grad_accum)
     except Exception as exc:
         if int(os.environ.get("RANK", "0")) == 0:
             (a.out / "error.txt").write_text(f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc()}")
