@@ -171,7 +171,7 @@ def _check_deepspeed(path: str, ctx: _Ctx) -> None:
         raise ctx.error(key, f"{key}: {path} is not valid JSON ({err})") from None
     if isinstance(config, dict) and read_zero(config).stage == 3:
         raise ctx.error(key, f"{key}: {path} is ZeRO stage 3, under which the stream runner cannot "
-                        "evaluate on rank 0 alone nor carry its optimizer from domain to domain",
+                        "evaluate on rank 0 alone",
                         "use deepspeed_configs/zero2.json (or a 4-bit base when the model does not fit)")
 
 

@@ -26,15 +26,9 @@ from lora_cl.trainer.replay import (
     replay_gradients,
     seeded_subset,
 )
-from lora_cl.trainer.zero import (
-    PER_TENSOR,
-    refuse_second_zero3_engine,
-    release_zero,
-    route_under_zero,
-    zero_stage3,
-    zero_stage12,
-)
+from lora_cl.trainer.zero import PER_TENSOR, release_zero, retire_zero3, route_under_zero, zero_stage12
 from lora_cl.trainer.zero import SUPPORTED as ZERO_SUPPORTED
+from lora_cl.trainer.zero3 import gathered_trainable
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +73,7 @@ class ContinualCallback(TrainerCallback):
         self._trainer: weakref.ref[Any] | None = None
         self._emitting = False
         self._warned_order = False
-        self._zero3_trained = False  # a ZeRO-3 engine trained a domain (a second one is refused)
+        self._zero3: Any = None  # this domain's DeepSpeed ZeRO-3 optimizer, retired at the next's start
 
     # -- user API ------------------------------------------------------------------------
     @property
@@ -138,8 +132,7 @@ class ContinualCallback(TrainerCallback):
                                "the earlier domains; the stream needs one optimizer (its bank and "
                                "modifier state): pass the same optimizer to every Trainer")
         _refuse_fsdp(args)
-        refuse_second_zero3_engine(kwargs.get("optimizer"), self._zero3_trained)
-        self._zero3_trained = self._zero3_trained or zero_stage3(kwargs.get("optimizer")) is not None
+        self._zero3 = retire_zero3(self._zero3, kwargs.get("optimizer"))
         self._optimizer = optimizer
         trainer = self._trainer() if self._trainer is not None else None
         if trainer is not None:
@@ -203,9 +196,14 @@ class ContinualCallback(TrainerCallback):
         optimizer = self._optimizer
         if optimizer is None or not self.started or self.current is None:
             return
-        name, index, spec = self.current, self.domain_index, method_of(optimizer)
-        model = kwargs["model"]
         release_zero(kwargs.get("optimizer"))  # under ZeRO: per-tensor layout again, as in one process
+        with gathered_trainable(kwargs.get("optimizer"), kwargs["model"]):  # ZeRO-3: whole LoRA tensors
+            self._end_domain(args, state, kwargs["model"])
+
+    def _end_domain(self, args: TrainingArguments, state: TrainerState, model: Any) -> None:
+        optimizer = self._optimizer
+        assert optimizer is not None and self.current is not None
+        name, index, spec = self.current, self.domain_index, method_of(optimizer)
         optimizer.end_domain(name)
         share = current_v_share(optimizer, self.v_start)
         if share is not None:

@@ -13,8 +13,9 @@ layout during a domain, so ZeRO checkpoints save and resume with no change; betw
 in per-tensor layout.
 
 ZeRO-3 partitions each parameter on its own; :class:`~lora_cl.trainer.zero3.Zero3RoutedStep` is
-the same step on that layout (one Trainer per stream of domains is not built there: a second engine
-on a model the first one partitioned is refused, see :func:`refuse_second_zero3_engine`).
+the same step on that layout, with the same hand-over between domains' engines (the last engine's
+hooks retired by :func:`retire_zero3`, the LoRA tensors gathered for the domain's end by
+:func:`~lora_cl.trainer.zero3.gathered_trainable`).
 
 Stages and options that cannot keep the single-process math refuse at start-up
 (:class:`ZeroRoutingError`, raised from :func:`route_under_zero`).
@@ -39,11 +40,9 @@ def check_stream_zero(deepspeed_config: str | None) -> None:
     """Refuse a stream (``run_stream`` / ``lora-cl train``) under ZeRO-3 before anything trains.
 
     Under ZeRO-3 every parameter lives in partitions that all ranks gather together, and the
-    stream runner needs two things that stage cannot give: rank 0 evaluates every domain alone
-    (a ZeRO-3 forward needs every rank), and one optimizer crosses from each domain's engine to
-    the next (the first engine keeps its parameter groups as partitions; ZeRO-1/2 give them
-    back, see :func:`release_zero`). Both were seen to fail; a user's own single Trainer under
-    ZeRO-3 routes every method but replay and importance rescaling (tested).
+    stream runner evaluates every domain on rank 0 alone (a ZeRO-3 forward needs every rank; seen
+    to fail). A user's own Trainer loop under ZeRO-3 routes every method but replay and importance
+    rescaling, over a stream of domains too (tested).
     """
     if not deepspeed_config:
         return
@@ -56,8 +55,7 @@ def check_stream_zero(deepspeed_config: str | None) -> None:
     if stage == 3:
         raise ZeroRoutingError(
             f"lora-cl: the stream runner does not run under DeepSpeed ZeRO stage 3 ({deepspeed_config}): "
-            "rank 0 evaluates every domain alone and one optimizer crosses from domain to domain, "
-            "and ZeRO-3's partitioned parameters allow neither. Use "
+            "rank 0 evaluates every domain alone, and a ZeRO-3 forward needs every rank. Use "
             f"{SUPPORTED}; for a base too large for one GPU prefer a 4-bit (QLoRA) base. See "
             "docs/deepspeed.md")
 
@@ -130,19 +128,19 @@ def route_under_zero(wrapped: Any, optimizer: RoutedAdamW, spec: MethodSpec | No
     return True
 
 
-def refuse_second_zero3_engine(wrapped: Any, earlier_zero3: bool) -> None:
-    """A ZeRO-3 engine on a model an earlier ZeRO-3 engine (the last domain's Trainer) partitioned.
+def retire_zero3(previous: Any, wrapped: Any) -> Any:
+    """At a domain's start: retire the last domain's ZeRO-3 optimizer if a new engine replaced it.
 
-    DeepSpeed's stage-3 gradient hooks of the first engine stay on the parameters, and the second
-    engine's backward failed inside them (``param.grad`` None in ``__reduce_and_partition_ipg_grads``,
-    measured with DeepSpeed 0.19): refuse before training instead.
+    A stream runs one DeepSpeed engine per domain on one model. Stage 3's gradient hooks and module
+    hooks stay on the shared parameters after the engine is done, and the next engine's backward
+    failed inside them (``param.grad`` None in ``__reduce_and_partition_ipg_grads``, measured with
+    DeepSpeed 0.19); DeepSpeed's own ``destroy()`` removes exactly those hooks (accelerate's
+    ``free_memory`` calls it too). Returns the current ZeRO-3 optimizer (None without ZeRO-3).
     """
-    if earlier_zero3 and zero_stage3(wrapped) is not None:
-        raise ZeroRoutingError(
-            "lora-cl: a second DeepSpeed ZeRO-3 engine (one Trainer per domain) cannot take over a model "
-            "that the first domain's engine partitioned; a stream of domains under ZeRO-3 is not built "
-            f"yet. Train streams with {SUPPORTED}; ZeRO-3 routes one Trainer's training. See "
-            "docs/deepspeed.md, 'Routing under ZeRO-3'")
+    current = zero_stage3(wrapped)
+    if previous is not None and previous is not current:
+        previous.destroy()
+    return current
 
 
 def release_zero(wrapped: Any) -> bool:

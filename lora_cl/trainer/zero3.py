@@ -17,12 +17,23 @@ only the LoRA tensors (a few MB at 7B) are ever whole on a rank.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lora_cl.trainer.zero import ZeroRoutedStep, ZeroRoutingError
+from lora_cl.trainer.zero import ZeroRoutedStep, ZeroRoutingError, zero_stage3
+
+
+def gathered_trainable(wrapped: Any, model: Any) -> contextlib.AbstractContextManager[Any]:
+    """Under ZeRO-3, the model's trainable tensors whole on every rank for the block (a domain's
+    end reads them: adapter snapshots, adapter bases); elsewhere a no-op. Collective: every rank."""
+    if model is None or zero_stage3(wrapped) is None:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([p for p in model.parameters() if p.requires_grad])
 
 
 def check_stage3_layout(optimizer: Any, zero: Any, where: str) -> None:

@@ -145,6 +145,9 @@ def second_domain(out: Path, prep: Path, *, steps: int, world: int, method: str 
         if nan:
             info["skipped_steps"] = factory.optimizer.skipped_steps
         (out / "info.json").write_text(json.dumps(info))
+        # each domain's end-of-domain adapter snapshot, by size (ZeRO-3: gathered, not (0,)-shaped)
+        (out / "snapshots.json").write_text(json.dumps({d: sum(t.numel() for t in snap.values())
+                                                        for d, snap in callback.snapshots.items()}))
         if factory.optimizer.bank is not None:
             factory.optimizer.bank.save(out / "bank.safetensors")
     return callback
@@ -212,6 +215,9 @@ def main() -> None:
         if int(os.environ.get("RANK", "0")) == 0:
             (a.out / "error.txt").write_text(f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc()}")
         sys.exit(3)
+    if torch.distributed.is_initialized():  # no gloo thread left to the interpreter's exit
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -146,8 +146,6 @@ def _stage0_bf16() -> str:
 @pytest.mark.parametrize(("args", "nproc", "message", "instead"), [
     (["--config", str(CONFIGS / "zero3.json"), "--method", "replay"], 1,
      "lora-cl under DeepSpeed ZeRO-3: method 'replay' replays", "plain DDP"),
-    (["--config", str(CONFIGS / "zero3.json"), "--stream"], 1,
-     "a second DeepSpeed ZeRO-3 engine (one Trainer per domain)", "zero2.json"),
     (["--config", str(CONFIGS / "zero2.json"), "--method", "replay"], 1,
      "method 'replay' replays", "plain DDP"),
     (["--config", str(CONFIGS / "zero2.json"), "--method", "ewc"], 1,
@@ -156,7 +154,7 @@ def _stage0_bf16() -> str:
      "2 routed param groups", "Put all LoRA tensors in one group"),
     (["--config", "STAGE0_BF16", "--bf16"], 1,
      "(stage 0 with bf16/fp16) flattens the LoRA tensors", "ZeRO-2 with bf16"),
-], ids=["zero3-replay", "zero3-stream", "replay", "ewc", "two-groups", "stage0-bf16"])
+], ids=["zero3-replay", "replay", "ewc", "two-groups", "stage0-bf16"])
 def test_unsupported_refuses_at_start(prep: Path, tmp_path: Path, test_cache_dir: Path,
                                       args: list[str], nproc: int, message: str, instead: str) -> None:
     args = [_stage0_bf16() if a == "STAGE0_BF16" else a for a in args]
@@ -410,3 +408,26 @@ def test_zero3_8bit_states_and_persistent_lora_tensors(prep: Path, tmp_path: Pat
                      "--steps", "4", "--state-bits", "8", "--resume", str(run / "checkpoint-2"))
     for name in got:
         torch.testing.assert_close(resumed[name], got[name], rtol=0, atol=1e-7)
+
+
+def test_zero3_stream_of_two_domains_equals_single_process(prep: Path, tmp_path: Path,
+                                                           test_cache_dir: Path) -> None:
+    """Two domains, one ZeRO-3 engine each, on one model and one optimizer, every LoRA tensor
+    partitioned: the last engine's stage-3 hooks are retired at the next domain's start (without
+    that the second backward failed inside them), the states cross the boundary (release/adopt),
+    and the domain's end sees whole LoRA tensors (snapshots, bases) as one process does."""
+    got = _train(tmp_path, prep, test_cache_dir, "--config", _zero3_config(tmp_path, persistence=0),
+                 "--steps", "3", "--stream")
+    ref = prep / "reference-stream"
+    start = load_file(str(prep / "adapter.safetensors"))
+    _assert_equal(got, load_file(str(ref / "final.safetensors")), start)
+    info = json.loads((tmp_path / "info.json").read_text())
+    assert info == {"global_step": 6, "world": 2, "zero3_persistent": 0}
+    snapshots = json.loads((tmp_path / "snapshots.json").read_text())
+    assert snapshots == json.loads((ref / "snapshots.json").read_text()) and len(snapshots) == 2
+    bank, want = load_file(str(tmp_path / "bank.safetensors")), load_file(str(ref / "bank.safetensors"))
+    assert bank.keys() == want.keys() and len(bank) > len(load_file(str(prep / "bank.safetensors")))
+    for key in want:  # the second domain's gradient bases: the same subspace (columns may differ in sign)
+        if key.endswith("|U"):
+            u, w = bank[key], want[key]
+            torch.testing.assert_close(u @ u.T, w @ w.T, rtol=1e-3, atol=1e-4)
