@@ -121,7 +121,8 @@ def render() -> str:
               plan_memory(llama, dataclasses.replace(paper, state_bits=8)).to_markdown(), "",
               "## ZeRO: Llama-2-7B, bf16 base, fp32 states, 4 GPUs", "",
               "Routed streams run under ZeRO-1/2 with single-process math and refuse ZeRO-3 (see "
-              "docs/deepspeed.md); the ZeRO-3 rows are what the configs buy one Trainer's training (routed or vanilla).", ""]
+              "docs/deepspeed.md); the ZeRO-3 rows are what the configs buy one Trainer's training "
+              "(routed or vanilla).", ""]
     lines += zero_table(llama, paper) + [""]
     lines += ["## Formulas", "", "Per GPU, summed (an upper bound: the loss peak and the one-layer recompute "
               "do not coincide in time). Parameter counts and LoRA shapes come from the real architecture "
