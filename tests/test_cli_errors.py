@@ -24,6 +24,11 @@ def recipe_file(tmp_path: Path, edit) -> Path:
     return path
 
 
+def _zero3_generate(doc, tmp):
+    _set("training.deepspeed", str(REPO / "deepspeed_configs" / "zero3.json"))(doc, tmp)
+    doc.setdefault("eval", {})["generate"] = True
+
+
 def _set(path: str, value):
     def edit(doc, _tmp):
         *parents, last = path.split(".")
@@ -59,8 +64,7 @@ CASES = [
     ("plan of a full finetune", "plan", _full_finetune, ["model.finetune: full", "LoRA training only"]),
     ("full finetune with a lora section", "validate", _set("model.finetune", "full"),
      ["model.finetune is full", "lora section", "drop the lora section"]),
-    ("ZeRO-3 stream", "train", _set("training.deepspeed", str(REPO / "deepspeed_configs" / "zero3.json")),
-     ["ZeRO stage 3", "zero2.json"]),
+    ("ZeRO-3 generation", "train", _zero3_generate, ["ZeRO stage 3", "eval.generate: false"]),
 ]
 
 

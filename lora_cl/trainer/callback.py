@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
@@ -196,24 +197,22 @@ class ContinualCallback(TrainerCallback):
         optimizer = self._optimizer
         if optimizer is None or not self.started or self.current is None:
             return
-        release_zero(kwargs.get("optimizer"))  # under ZeRO: per-tensor layout again, as in one process
-        with gathered_trainable(kwargs.get("optimizer"), kwargs["model"]):  # ZeRO-3: whole LoRA tensors
-            self._end_domain(args, state, kwargs["model"])
-
-    def _end_domain(self, args: TrainingArguments, state: TrainerState, model: Any) -> None:
-        optimizer = self._optimizer
-        assert optimizer is not None and self.current is not None
         name, index, spec = self.current, self.domain_index, method_of(optimizer)
+        model = kwargs["model"]
+        release_zero(kwargs.get("optimizer"))  # under ZeRO: per-tensor layout again, as in one process
         optimizer.end_domain(name)
         share = current_v_share(optimizer, self.v_start)
         if share is not None:
             self.v_current_share[name] = share
         start = time.perf_counter()
-        added = build_domain_bases(spec, optimizer, bank_of(optimizer), model, name,
-                                   seed=self._seed(args) + index,
-                                   basis_batches=self._inputs.get("basis_batches"),
-                                   source=self._source, collate=self._collate,
-                                   batch_size=args.per_device_train_batch_size)
+        # ZeRO-3 keeps the LoRA tensors as (0,)-shaped partitions: whole for adapter bases, which
+        # read them (activation bases run forwards, whose hooks gather and release them again)
+        with gathered_trainable(model) if spec.basis == "adapter" else contextlib.nullcontext():
+            added = build_domain_bases(spec, optimizer, bank_of(optimizer), model, name,
+                                       seed=self._seed(args) + index,
+                                       basis_batches=self._inputs.get("basis_batches"),
+                                       source=self._source, collate=self._collate,
+                                       batch_size=args.per_device_train_batch_size)
         seconds = time.perf_counter() - start
         self.basis_build_seconds[name], self.bases_added[name] = seconds, added
         if spec.basis is not None and added == 0:
@@ -221,7 +220,8 @@ class ContinualCallback(TrainerCallback):
                           "nothing will protect this domain (too few steps or examples, or LoRA "
                           "dimensions not above the basis rank?)", RuntimeWarning, stacklevel=2)
         if self.keep_snapshots:
-            self.snapshots[name] = adapter_snapshot(model, optimizer)
+            with gathered_trainable(model):
+                self.snapshots[name] = adapter_snapshot(model, optimizer)
         if spec.replay is not None and self._source is not None:
             self.replay.fraction = spec.replay_fraction
             self.replay.add_domain(name, self._source, domain_index=index, seed=self._seed(args))

@@ -46,7 +46,8 @@ from lora_cl.trainer.run_files import (
     write_json,
 )
 from lora_cl.trainer.trainers import StreamError, make_trainer
-from lora_cl.trainer.zero import check_stream_zero
+from lora_cl.trainer.zero import check_stream_zero, zero_stage_of
+from lora_cl.trainer.zero3 import gathered_trainable
 
 Log = Callable[[str], None]
 #: ``make(domain_index, domain_name) -> TrainerCallback``: one callback per domain's Trainer.
@@ -72,7 +73,7 @@ def run_stream(recipe: Any, *, output_dir: str | os.PathLike[str] | None = None,
     log = (log or _stderr) if main else _silent
     out = Path(output_dir if output_dir is not None else recipe.output_dir)
     choices = recipe.methods()
-    check_stream_zero(recipe.training.deepspeed)
+    check_stream_zero(recipe.training.deepspeed, recipe.eval.generate)
     data, _ = load_stream_data(recipe, log)
     runs: list[Path] = []
     for k, choice in enumerate(choices):
@@ -188,7 +189,10 @@ def _run_method(recipe: Any, choice: Any, run_dir: str | os.PathLike[str], *,
     primary = primary_metric(recipe.eval.metric, has_generation)
     eval_kw = dict(batch_size=recipe.eval.batch_size, generate=recipe.eval.generate,
                    max_new_tokens=recipe.eval.max_new_tokens)
-    general = load_general_data(recipe, tokenizer) if main else None
+    # under ZeRO-3 every forward is collective: every rank evaluates (the same examples, so the
+    # same scores); rank 0 alone writes. Elsewhere rank 0 evaluates alone.
+    evaluates = main or zero_stage_of(tr.deepspeed) == 3
+    general = load_general_data(recipe, tokenizer) if evaluates else None
     if main and not (run_dir / "base_eval.json").is_file():
         _write_run_json(recipe, choice, spec, run_dir, data, primary)
         log(f"lora-cl: [{choice.run_label}] evaluating the base model on {len(data)} domains"
@@ -203,16 +207,21 @@ def _run_method(recipe: Any, choice: Any, run_dir: str | os.PathLike[str], *,
     for i in range(done, len(names)):
         trained = _train_domain(recipe, choice, run_dir, i, model, tokenizer, optimizer, callback,
                                 data, progress, log, callbacks)
-        if not main:
+        if not evaluates:
             continue  # the other ranks go on to the next domain's Trainer and wait for rank 0 there
         start = time.perf_counter()
         scores = evaluate_all(model, data, tokenizer, **eval_kw)
         general_scores = _general_scores(model, general, tokenizer, eval_kw)
         eval_seconds = time.perf_counter() - start
-        leak = domain_leak(run_dir, i, names, optimizer)
-        _save_domain(run_dir, i, names[i], model, optimizer, callback,
-                     {**trained, "eval_seconds": eval_seconds, "eval": scores,
-                      "protection_leak": leak, **general_scores})
+        # ZeRO-3: the LoRA tensors whole for the leak and the save (after the forwards, whose
+        # hooks would release them again); a collective, so every rank enters it
+        with gathered_trainable(model):
+            if not main:
+                continue
+            leak = domain_leak(run_dir, i, names, optimizer)
+            _save_domain(run_dir, i, names[i], model, optimizer, callback,
+                         {**trained, "eval_seconds": eval_seconds, "eval": scores,
+                          "protection_leak": leak, **general_scores})
         shutil.rmtree(checkpoint_root(run_dir, i, names[i]), ignore_errors=True)
         rebuild_matrices(run_dir, names, primary)
         log(f"lora-cl: [{choice.run_label}] domain {i + 1}/{len(names)} {names[i]!r} done: "

@@ -36,28 +36,33 @@ SUPPORTED = ("deepspeed_configs/zero2.json (ZeRO-2; ZeRO-1 works too), "
              "plain DDP (torchrun without training.deepspeed) or ZeRO stage 0 without bf16/fp16")
 
 
-def check_stream_zero(deepspeed_config: str | None) -> None:
-    """Refuse a stream (``run_stream`` / ``lora-cl train``) under ZeRO-3 before anything trains.
-
-    Under ZeRO-3 every parameter lives in partitions that all ranks gather together, and the
-    stream runner evaluates every domain on rank 0 alone (a ZeRO-3 forward needs every rank; seen
-    to fail). A user's own Trainer loop under ZeRO-3 routes every method but replay and importance
-    rescaling, over a stream of domains too (tested).
-    """
+def zero_stage_of(deepspeed_config: str | None) -> int | None:
+    """The ZeRO stage of a recipe's ``training.deepspeed`` (None without one, or when the file is
+    missing or broken: that is reported where the Trainer reads it)."""
     if not deepspeed_config:
-        return
+        return None
     from lora_cl.dsconfig import read_zero
 
     try:
-        stage = read_zero(deepspeed_config).stage
+        return read_zero(deepspeed_config).stage
     except (OSError, ValueError):
-        return  # a missing or broken file is reported where the Trainer reads it
-    if stage == 3:
+        return None
+
+
+def check_stream_zero(deepspeed_config: str | None, generate: bool = False) -> None:
+    """Refuse a stream (``run_stream`` / ``lora-cl train``) that ZeRO-3 cannot run, before training.
+
+    Under ZeRO-3 every forward is collective (each layer's weights are gathered from every rank),
+    so the stream runner evaluates on every rank under it. Scoring by generation is refused there:
+    ``generate`` stops each prompt at its own length, so ranks could call the model a different
+    number of times and wait on each other for ever.
+    """
+    if generate and zero_stage_of(deepspeed_config) == 3:
         raise ZeroRoutingError(
-            f"lora-cl: the stream runner does not run under DeepSpeed ZeRO stage 3 ({deepspeed_config}): "
-            "rank 0 evaluates every domain alone, and a ZeRO-3 forward needs every rank. Use "
-            f"{SUPPORTED}; for a base too large for one GPU prefer a 4-bit (QLoRA) base. See "
-            "docs/deepspeed.md")
+            f"lora-cl: the stream runner does not score by generation (eval.generate) under DeepSpeed "
+            f"ZeRO stage 3 ({deepspeed_config}): every rank must call the model the same number of "
+            "times there. Set eval.generate: false (loss and accuracy metrics), or use "
+            f"{SUPPORTED}. See docs/deepspeed.md")
 
 
 #: Per-tensor optimizer-state key of the fp32 master weights of low-precision (bf16/fp16) LoRA

@@ -23,17 +23,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lora_cl.trainer.zero import ZeroRoutedStep, ZeroRoutingError, zero_stage3
+from lora_cl.trainer.zero import ZeroRoutedStep, ZeroRoutingError
 
 
-def gathered_trainable(wrapped: Any, model: Any) -> contextlib.AbstractContextManager[Any]:
+def gathered_trainable(model: Any) -> contextlib.AbstractContextManager[Any]:
     """Under ZeRO-3, the model's trainable tensors whole on every rank for the block (a domain's
-    end reads them: adapter snapshots, adapter bases); elsewhere a no-op. Collective: every rank."""
-    if model is None or zero_stage3(wrapped) is None:
+    end reads them: adapter snapshots, adapter bases, the saved adapter); elsewhere a no-op.
+    Collective under ZeRO-3: every rank enters it."""
+    params = [p for p in model.parameters() if p.requires_grad] if model is not None else []
+    if not any(hasattr(p, "ds_numel") for p in params):  # not a ZeRO-3 parameter
         return contextlib.nullcontext()
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters([p for p in model.parameters() if p.requires_grad])
+    return deepspeed.zero.GatheredParameters(params)
 
 
 def check_stage3_layout(optimizer: Any, zero: Any, where: str) -> None:

@@ -271,18 +271,21 @@ def test_zero2_offload_refuses(prep: Path, tmp_path: Path, test_cache_dir: Path)
     assert "offload_optimizer.device='cpu'" in text and "remove offload_optimizer" in text
 
 
-@pytest.mark.parametrize("launch", ["zero2", "ddp"])
+@pytest.mark.parametrize("launch", ["zero2", "zero3", "ddp"])
 def test_cli_train_under_torchrun_equals_single_process(tmp_path: Path, test_cache_dir: Path,
                                                         launch: str) -> None:
     """`torchrun -m lora_cl.cli train RECIPE [--set training.deepspeed=zero2.json]`: the whole stream
     (3 domains, one Trainer each, evaluation, domain directories) on 2 ranks x 2 examples equals
-    one process x 4, under ZeRO-2 and under plain DDP; rank 0 alone writes the run files."""
+    one process x 4, under ZeRO-2, ZeRO-3 (every LoRA tensor partitioned; every rank evaluates,
+    since a ZeRO-3 forward is collective) and plain DDP; rank 0 alone writes the run files."""
     common = ["train", str(REPO / "recipes" / "tiny.yaml"), "--set", "compare=[]", "--no-progress",
               "--set", "training.lr=1e-3", "--set", "data.train_examples=8"]  # whole global batches
     single = subprocess.run([sys.executable, "-m", "lora_cl.cli", *common, "--output", str(tmp_path / "one")],
                             capture_output=True, text=True, timeout=300, cwd=REPO, env=_env(test_cache_dir))
     assert single.returncode == 0, single.stderr[-3000:]
-    deepspeed = ["--set", f"training.deepspeed={CONFIGS / 'zero2.json'}"] if launch == "zero2" else []
+    configs = {"zero2": str(CONFIGS / "zero2.json"), "zero3": _zero3_config(tmp_path, persistence=0)}
+    config = configs.get(launch)
+    deepspeed = ["--set", f"training.deepspeed={config}"] if config else []
     ds = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                          "2", "-m", "lora_cl.cli", *common, "--output", str(tmp_path / "two"),
                          "--set", "training.batch_size=2", *deepspeed],
@@ -301,6 +304,11 @@ def test_cli_train_under_torchrun_equals_single_process(tmp_path: Path, test_cac
     assert moved > 1e-3, "the reference run did not train"
     m1, m2 = (json.loads((d / "matrix.json").read_text())["metrics"]["loss"]["R"] for d in (one, two))
     torch.testing.assert_close(torch.tensor(m2), torch.tensor(m1), rtol=1e-5, atol=1e-5)
+    leaks = [json.loads((d / "domains" / ddir.name / "metrics.json").read_text())["protection_leak"]
+             for d in (one, two)]  # the last domain's update against the earlier bases, whole tensors
+    assert leaks[0] and leaks[1].keys() == leaks[0].keys()
+    for key in leaks[0]:
+        assert abs(leaks[1][key] - leaks[0][key]) < 1e-3, leaks
 
 
 def test_vanilla_trains_under_zero3(prep: Path, tmp_path: Path, test_cache_dir: Path) -> None:
@@ -431,3 +439,40 @@ def test_zero3_stream_of_two_domains_equals_single_process(prep: Path, tmp_path:
         if key.endswith("|U"):
             u, w = bank[key], want[key]
             torch.testing.assert_close(u @ u.T, w @ w.T, rtol=1e-3, atol=1e-4)
+
+
+def test_cli_train_under_zero3_resumes_after_kill_9(tmp_path: Path, test_cache_dir: Path) -> None:
+    """`torchrun ... lora-cl train` under ZeRO-3 (every LoRA tensor partitioned), both ranks killed
+    with SIGKILL at domain 2's step 4 (after its step-3 ZeRO-3 checkpoint), then `--resume`: every
+    domain's adapter and the loss matrix equal the uninterrupted 2-rank run's."""
+    fault_cli = Path(__file__).with_name("fault_cli.py")
+    common = ["train", str(REPO / "recipes" / "tiny.yaml"), "--set", "compare=[]", "--no-progress",
+              "--set", "training.lr=1e-3", "--set", "data.train_examples=8",
+              "--set", "training.batch_size=2",
+              "--set", f"training.deepspeed={_zero3_config(tmp_path, persistence=0)}"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*launch, *args], capture_output=True, text=True, timeout=300, cwd=REPO,
+                              env=_env(test_cache_dir))
+
+    killed = run(str(fault_cli), "kill:1:4", *common, "--output", str(tmp_path / "killed"))
+    assert killed.returncode != 0 and "SIGKILL" in killed.stderr, killed.stderr[-2000:]
+    ckpt = tmp_path / "killed" / "ogp" / "checkpoints" / "01-astronomy" / "checkpoint-3"
+    assert any(ckpt.glob("global_step*/*optim_states.pt")), "the kill came before the ZeRO-3 checkpoint"
+    resumed = run("-m", "lora_cl.cli", *common, "--output", str(tmp_path / "killed"), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming domain 'astronomy' from {ckpt}" in resumed.stderr
+    whole = run("-m", "lora_cl.cli", *common, "--output", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    got, want = tmp_path / "killed" / "ogp", tmp_path / "whole" / "ogp"
+    dirs = sorted(d.name for d in (want / "domains").iterdir())
+    assert dirs == sorted(d.name for d in (got / "domains").iterdir()) and len(dirs) == 3
+    for name in dirs:
+        a = load_file(str(got / "domains" / name / "adapter" / "adapter_model.safetensors"))
+        b = load_file(str(want / "domains" / name / "adapter" / "adapter_model.safetensors"))
+        for key in b:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-7,
+                                       msg=lambda m, k=key, n=name: f"{n} {k}: {m}")
+    m1, m2 = (json.loads((d / "matrix.json").read_text())["metrics"]["loss"]["R"] for d in (want, got))
+    torch.testing.assert_close(torch.tensor(m2), torch.tensor(m1), rtol=0, atol=1e-6)
