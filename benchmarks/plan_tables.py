@@ -43,6 +43,51 @@ def families() -> dict[str, tuple[PretrainedConfig, int]]:
     }
 
 
+def sharded_families() -> dict[str, tuple[PretrainedConfig, int]]:
+    """The larger Llamas of the sharded tables (public config.json numbers, known parameter counts)."""
+    return {
+        "Llama-2-13B": (LlamaConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                                    num_attention_heads=40, num_key_value_heads=40, vocab_size=32000,
+                                    max_position_embeddings=4096, rms_norm_eps=1e-5), 13_015_864_320),
+        "Llama-2-70B": (LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                                    num_attention_heads=64, num_key_value_heads=8, vocab_size=32000,
+                                    max_position_embeddings=4096, rms_norm_eps=1e-5), 68_976_648_192),
+    }
+
+
+#: The shapes users have: (model, base quantization, GPUs, GiB per GPU, recipe)
+SHARDED_SHAPES = (
+    ("Llama-2-7B", None, 2, 12, "recipes/llama2-7b-chat-trace.yaml"),
+    ("Llama-2-7B", None, 2, 16, "recipes/llama2-7b-chat-trace.yaml"),
+    ("Llama-2-13B", None, 2, 24, "recipes/llama2-13b-chat-trace.yaml"),
+    ("Llama-2-70B", "4bit", 2, 48, None),
+)
+
+
+def sharded_table(configs: dict[str, PretrainedConfig], paper: PlanInputs) -> list[str]:
+    """Per GPU under zero3.json for each of SHARDED_SHAPES, beside one GPU without ZeRO, with the
+    planner's first fitting change when the paper setup does not fit, and the commands."""
+    out = ["| base | GPUs x GiB | base weights / GPU | total / GPU, zero3.json | fits | one GPU, no ZeRO | "
+           "if not: the planner's first change that fits |", "|---|---|---:|---:|---|---:|---|"]
+    commands = []
+    for name, quant, gpus, mem, recipe in SHARDED_SHAPES:
+        inputs = dataclasses.replace(paper, quantization=quant, gpus=gpus, zero_stage=3, gpu_mem_gb=mem)
+        p = plan_memory(configs[name], inputs)
+        one = plan_memory(configs[name], dataclasses.replace(inputs, gpus=1, zero_stage=0))
+        base = gib(rows_by_prefix(p, "base weights"))
+        out.append(f"| {name} {quant or 'bf16'} | {gpus} x {mem} | {base} | "
+                   f"**{gib(p.total_bytes)}** | {'fits' if p.fits else 'no'} | {gib(one.total_bytes)} | "
+                   f"{'' if p.fits else p.advice[0]} |")
+        target = recipe or "RECIPE.yaml"
+        zero3 = "--set training.deepspeed=deepspeed_configs/zero3.json"
+        quant_set = f" --set model.quantization={quant}" if quant else ""
+        commands.append(f"lora-cl plan {target} --gpus {gpus} --gpu-mem {mem} {zero3}{quant_set}")
+        commands.append(f"torchrun --nproc_per_node {gpus} -m lora_cl.cli train {target} {zero3}{quant_set}")
+    return out + ["", "The commands, plan first (the planner reads the recipe's batch and sequence length; "
+                  "the rows above use the paper setup):", "", "```bash",
+                  *dict.fromkeys(commands), "```"]
+
+
 def gib(b: int) -> str:
     return f"{b / GIB:.2f}"
 
@@ -120,10 +165,21 @@ def render() -> str:
     lines += ["## Full breakdown: Llama-2-7B, bf16 base, 8-bit states, 24 GiB", "",
               plan_memory(llama, dataclasses.replace(paper, state_bits=8)).to_markdown(), "",
               "## ZeRO: Llama-2-7B, bf16 base, fp32 states, 4 GPUs", "",
-              "Routed streams run under ZeRO-1/2 with single-process math and refuse ZeRO-3 (see "
-              "docs/deepspeed.md); the ZeRO-3 rows are what the configs buy one Trainer's training "
-              "(routed or vanilla).", ""]
+              "Routed streams run under ZeRO-1/2 and ZeRO-3 with single-process math (see "
+              "docs/deepspeed.md); offload is refused for routed methods, so its rows are what the "
+              "configs would buy the vanilla baseline.", ""]
     lines += zero_table(llama, paper) + [""]
+    big = {name: config for name, (config, _) in {**fams, **sharded_families()}.items()}
+    for name, (config, expected) in sharded_families().items():
+        counted = plan_memory(config, paper).n_params
+        if counted != expected:
+            sys.exit(f"{name}: counted {counted:,} parameters, expected {expected:,}")
+    lines += ["## Two GPUs, the base sharded (ZeRO-3)", "",
+              "The shapes users have, at the paper setup (batch 4 x 2048 per GPU, LoRA r=16 on q,k,v,o, "
+              "fp32 states, fused loss): what `zero3.json` leaves on each GPU, and what one GPU would "
+              "need. Planner numbers; the sharded path is tested for equality with one process on CPU "
+              "(2 gloo ranks), not measured on GPUs.", ""]
+    lines += sharded_table(big, paper) + [""]
     lines += ["## Formulas", "", "Per GPU, summed (an upper bound: the loss peak and the one-layer recompute "
               "do not coincide in time). Parameter counts and LoRA shapes come from the real architecture "
               "built on the meta device (`accelerate.init_empty_weights`, stock `peft.get_peft_model`).", "",

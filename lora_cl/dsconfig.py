@@ -1,7 +1,7 @@
 """Reading a DeepSpeed JSON config: its ZeRO stage and whether it offloads.
 
-One reader for the three places that need it: the recipe checks (``lora-cl validate``), the
-stream runner's ZeRO-3 refusal and ``lora-cl plan``.
+One reader for the places that need it: the stream runner (every rank evaluates under ZeRO-3) and
+``lora-cl plan``.
 """
 
 from __future__ import annotations

@@ -148,6 +148,9 @@ def _greedy(
     config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     eos |= set(config_eos) if isinstance(config_eos, list) else {config_eos} - {None}
     tokenizer.padding_side = "left"
+    # under ZeRO-3 each forward all-gathers the layers from every rank: a rank whose batch stopped
+    # early must keep stepping until all have (transformers' synced_gpus), or the others wait for ever
+    synced = _zero3_ranks(model) > 1
     out: list[str] = []
     for start in range(0, len(prompts), batch_size):
         batch = tokenizer.pad({"input_ids": prompts[start : start + batch_size]}, return_tensors="pt")
@@ -160,8 +163,18 @@ def _greedy(
             max_new_tokens=max_new_tokens,
             pad_token_id=pad_id,
             eos_token_id=sorted(eos) or None,
+            synced_gpus=synced,
         )
         for row in generated[:, input_ids.shape[1] :]:
             text = tokenizer.decode(row, skip_special_tokens=True).strip()
             out.append(text.splitlines()[0].strip() if text else "")
     return out
+
+
+def _zero3_ranks(model: Any) -> int:
+    """The world size when ``model`` holds DeepSpeed ZeRO-3 parameters, else 1."""
+    if not any(hasattr(p, "ds_numel") for p in model.parameters()):
+        return 1
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

@@ -342,6 +342,11 @@ def _changes(inputs: PlanInputs) -> list[tuple[str, dict]]:
         out.append(("turn on gradient_checkpointing", {"gradient_checkpointing": True}))
     if inputs.state_bits == 32:
         out.append(("state_bits 8 (8-bit optimizer states)", {"state_bits": 8}))
+    if inputs.gpus > 1 and inputs.zero_stage < 3 and not inputs.offload:
+        # no quality cost, unlike 4-bit: the frozen base sharded over the GPUs (routed methods and
+        # the stream runner run under ZeRO-3; its forwards all-gather each layer)
+        out.append((f"training.deepspeed: deepspeed_configs/zero3.json (the base sharded over {inputs.gpus} "
+                    "GPUs)", {"zero_stage": 3}))
     if inputs.quantization != "4bit":
         out.append(("4bit quantization of the base (QLoRA, nf4)", {"quantization": "4bit"}))
     b = inputs.batch_size // 2
@@ -350,7 +355,6 @@ def _changes(inputs: PlanInputs) -> list[tuple[str, dict]]:
         out.append((f"batch_size {b} with gradient_accumulation_steps x{factor} (same global batch)",
                     {"batch_size": b}))
         b //= 2
-    # (no ZeRO-3 here: the stream runner a recipe runs refuses it; ZeRO-1/2 save little for LoRA)
     s = inputs.seq_len // 2
     while s >= 256:
         out.append((f"seq_len {s} (changes what the model sees: longer texts are cut)", {"seq_len": s}))
@@ -381,4 +385,6 @@ def _advice(config: PretrainedConfig, inputs: PlanInputs) -> list[str]:
             if p.fits:
                 together = "; ".join(steps.values())
                 return [f"no single change fits; together: {together}: {_gib(p.total_bytes)} GiB, fits"]
-    return ["nothing in the planner's list makes it fit: use a larger GPU or offload (zero3_offload.json)"]
+    sharded = inputs.zero_stage == 3 and inputs.gpus > 1
+    more = "" if sharded else "more GPUs (zero3.json shards the base over them) or "
+    return [f"nothing in the planner's list makes it fit: use {more}larger GPUs"]

@@ -24,11 +24,6 @@ def recipe_file(tmp_path: Path, edit) -> Path:
     return path
 
 
-def _zero3_generate(doc, tmp):
-    _set("training.deepspeed", str(REPO / "deepspeed_configs" / "zero3.json"))(doc, tmp)
-    doc.setdefault("eval", {})["generate"] = True
-
-
 def _set(path: str, value):
     def edit(doc, _tmp):
         *parents, last = path.split(".")
@@ -64,7 +59,6 @@ CASES = [
     ("plan of a full finetune", "plan", _full_finetune, ["model.finetune: full", "LoRA training only"]),
     ("full finetune with a lora section", "validate", _set("model.finetune", "full"),
      ["model.finetune is full", "lora section", "drop the lora section"]),
-    ("ZeRO-3 generation", "train", _zero3_generate, ["ZeRO stage 3", "eval.generate: false"]),
 ]
 
 

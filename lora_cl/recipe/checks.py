@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lora_cl.dsconfig import read_zero
 from lora_cl.methods import MethodError, resolve_method
 from lora_cl.recipe.schema import (
     DTYPES,
@@ -144,7 +143,7 @@ def check_recipe(recipe: Recipe, *, check_sources: bool = True, check_model: boo
                            "the rest before the data exists")
                     raise ctx.error(key, f"{key}: data path {path} does not exist", fix)
         if recipe.training.deepspeed is not None:
-            _check_deepspeed(recipe.training.deepspeed, recipe.eval.generate, ctx)
+            _check_deepspeed(recipe.training.deepspeed, ctx)
     else:
         notes.append("data paths and the DeepSpeed file not checked (check_sources=False)")
     if recipe.model.quantization is not None and recipe.model.dtype == "float32":
@@ -160,19 +159,15 @@ def check_recipe(recipe: Recipe, *, check_sources: bool = True, check_model: boo
     return notes
 
 
-def _check_deepspeed(path: str, generate: bool, ctx: _Ctx) -> None:
+def _check_deepspeed(path: str, ctx: _Ctx) -> None:
     key = "training.deepspeed"
     if not Path(path).is_file():
         raise ctx.error(key, f"{key}: DeepSpeed config {path} does not exist",
                         "point it at a JSON such as deepspeed_configs/zero2.json, or remove the key")
     try:
-        config = json.loads(Path(path).read_text(encoding="utf-8"))
+        json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ctx.error(key, f"{key}: {path} is not valid JSON ({err})") from None
-    if generate and isinstance(config, dict) and read_zero(config).stage == 3:
-        raise ctx.error(key, f"{key}: {path} is ZeRO stage 3, under which the stream runner cannot "
-                        "score by generation (eval.generate): every rank must call the model the same "
-                        "number of times", "set eval.generate: false, or use deepspeed_configs/zero2.json")
 
 
 # ---------------------------------------------------------------- the model, offline

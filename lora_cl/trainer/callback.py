@@ -346,13 +346,13 @@ def current_v_share(optimizer: RoutedAdamW, start: tuple[float, int] | None) -> 
 
 
 def check_steps_model_tensors(optimizer: RoutedAdamW, model: Any, wrapped: Any = None) -> None:
-    """Refuse optimizers whose routed tensors are not the model's own, unless ZeRO-1/2 routes them.
+    """Refuse optimizers whose routed tensors are not the model's own, unless ZeRO routes them.
 
     DeepSpeed ZeRO stage >= 1 (and its stage-0 bf16/fp16 optimizers) hands the client optimizer
     flat fp32 slices of the parameters: projection would see 1-D fragments instead of the 2-D
-    LoRA gradients. Under ZeRO-1/2 :func:`lora_cl.trainer.zero.route_under_zero` (given the
+    LoRA gradients. Under ZeRO-1/2/3 :func:`lora_cl.trainer.zero.route_under_zero` (given the
     Trainer's ``wrapped`` optimizer) steps the full tensors instead, with single-process math;
-    every other case (ZeRO-3 included) refuses with a message naming what to use.
+    every other case refuses with a message naming what to use.
     """
     if model is None:
         return

@@ -46,7 +46,7 @@ from lora_cl.trainer.run_files import (
     write_json,
 )
 from lora_cl.trainer.trainers import StreamError, make_trainer
-from lora_cl.trainer.zero import check_stream_zero, zero_stage_of
+from lora_cl.trainer.zero import zero_stage_of
 from lora_cl.trainer.zero3 import gathered_trainable
 
 Log = Callable[[str], None]
@@ -73,7 +73,6 @@ def run_stream(recipe: Any, *, output_dir: str | os.PathLike[str] | None = None,
     log = (log or _stderr) if main else _silent
     out = Path(output_dir if output_dir is not None else recipe.output_dir)
     choices = recipe.methods()
-    check_stream_zero(recipe.training.deepspeed, recipe.eval.generate)
     data, _ = load_stream_data(recipe, log)
     runs: list[Path] = []
     for k, choice in enumerate(choices):

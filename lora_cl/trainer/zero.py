@@ -49,22 +49,6 @@ def zero_stage_of(deepspeed_config: str | None) -> int | None:
         return None
 
 
-def check_stream_zero(deepspeed_config: str | None, generate: bool = False) -> None:
-    """Refuse a stream (``run_stream`` / ``lora-cl train``) that ZeRO-3 cannot run, before training.
-
-    Under ZeRO-3 every forward is collective (each layer's weights are gathered from every rank),
-    so the stream runner evaluates on every rank under it. Scoring by generation is refused there:
-    ``generate`` stops each prompt at its own length, so ranks could call the model a different
-    number of times and wait on each other for ever.
-    """
-    if generate and zero_stage_of(deepspeed_config) == 3:
-        raise ZeroRoutingError(
-            f"lora-cl: the stream runner does not score by generation (eval.generate) under DeepSpeed "
-            f"ZeRO stage 3 ({deepspeed_config}): every rank must call the model the same number of "
-            "times there. Set eval.generate: false (loss and accuracy metrics), or use "
-            f"{SUPPORTED}. See docs/deepspeed.md")
-
-
 #: Per-tensor optimizer-state key of the fp32 master weights of low-precision (bf16/fp16) LoRA
 #: tensors between two ZeRO engines of a stream.
 MASTER = "lora_cl_fp32_master"

@@ -271,20 +271,23 @@ def test_zero2_offload_refuses(prep: Path, tmp_path: Path, test_cache_dir: Path)
     assert "offload_optimizer.device='cpu'" in text and "remove offload_optimizer" in text
 
 
-@pytest.mark.parametrize("launch", ["zero2", "zero3", "ddp"])
+@pytest.mark.parametrize("launch", ["zero2", "zero3", "zero3-4bit", "ddp"])
 def test_cli_train_under_torchrun_equals_single_process(tmp_path: Path, test_cache_dir: Path,
                                                         launch: str) -> None:
     """`torchrun -m lora_cl.cli train RECIPE [--set training.deepspeed=zero2.json]`: the whole stream
     (3 domains, one Trainer each, evaluation, domain directories) on 2 ranks x 2 examples equals
     one process x 4, under ZeRO-2, ZeRO-3 (every LoRA tensor partitioned; every rank evaluates,
-    since a ZeRO-3 forward is collective) and plain DDP; rank 0 alone writes the run files."""
+    since a ZeRO-3 forward is collective), ZeRO-3 with a 4-bit (nf4) base against the 1-process
+    4-bit run, and plain DDP; rank 0 alone writes the run files."""
     common = ["train", str(REPO / "recipes" / "tiny.yaml"), "--set", "compare=[]", "--no-progress",
               "--set", "training.lr=1e-3", "--set", "data.train_examples=8"]  # whole global batches
+    if launch.endswith("-4bit"):
+        common += ["--set", "model.quantization=4bit"]
     single = subprocess.run([sys.executable, "-m", "lora_cl.cli", *common, "--output", str(tmp_path / "one")],
                             capture_output=True, text=True, timeout=300, cwd=REPO, env=_env(test_cache_dir))
     assert single.returncode == 0, single.stderr[-3000:]
     configs = {"zero2": str(CONFIGS / "zero2.json"), "zero3": _zero3_config(tmp_path, persistence=0)}
-    config = configs.get(launch)
+    config = configs.get(launch.removesuffix("-4bit"))
     deepspeed = ["--set", f"training.deepspeed={config}"] if config else []
     ds = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                          "2", "-m", "lora_cl.cli", *common, "--output", str(tmp_path / "two"),
@@ -476,3 +479,48 @@ def test_cli_train_under_zero3_resumes_after_kill_9(tmp_path: Path, test_cache_d
                                        msg=lambda m, k=key, n=name: f"{n} {k}: {m}")
     m1, m2 = (json.loads((d / "matrix.json").read_text())["metrics"]["loss"]["R"] for d in (want, got))
     torch.testing.assert_close(torch.tensor(m2), torch.tensor(m1), rtol=0, atol=1e-6)
+
+
+def test_cli_qa_stream_with_generation_under_zero3_equals_single_process(tmp_path: Path,
+                                                                         test_cache_dir: Path) -> None:
+    """Scoring by generation under ZeRO-3: every rank generates (a ZeRO-3 forward is collective;
+    `synced_gpus` keeps a rank whose batch stopped early stepping with the others); trl's
+    SFTTrainer on prompt/completion data, 2 ranks x 2 examples against one process x 4: the same
+    adapters and the same exact-match, ROUGE-L and loss matrices."""
+    from trainer_helpers import QA_DOMAINS
+
+    domains = []
+    for name in ("capitals", "colours"):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"prompt": p, "completion": c.strip()}) + "\n"
+                                for p, c in QA_DOMAINS[name] * 2), encoding="utf-8")
+        domains.append(str(path))
+    recipe = tmp_path / "qa.yaml"
+    recipe.write_text(json.dumps({
+        "model": {"name": "tiny"}, "domains": domains, "method": "ogp", "compare": [],
+        "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        "data": {"seq_len": 96, "eval_examples": 4, "train_examples": 8},
+        "training": {"trainer": "sft", "steps_per_domain": 3, "batch_size": 4, "lr": 1e-3, "save_steps": 2},
+        "eval": {"batch_size": 4, "generate": True, "max_new_tokens": 4}}))  # JSON is YAML
+    common = ["train", str(recipe), "--no-progress"]
+    single = subprocess.run([sys.executable, "-m", "lora_cl.cli", *common, "--output", str(tmp_path / "one")],
+                            capture_output=True, text=True, timeout=300, cwd=REPO, env=_env(test_cache_dir))
+    assert single.returncode == 0, single.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node", "2", "-m", "lora_cl.cli", *common,
+                          "--output", str(tmp_path / "two"),
+                          "--set", "training.batch_size=2",
+                          "--set", f"training.deepspeed={_zero3_config(tmp_path, persistence=0)}"],
+                         capture_output=True, text=True, timeout=300, cwd=REPO, env=_env(test_cache_dir))
+    assert two.returncode == 0, two.stderr[-3000:]
+    one_run, two_run = tmp_path / "one" / "ogp", tmp_path / "two" / "ogp"
+    for ddir in sorted((one_run / "domains").iterdir()):
+        want = load_file(str(ddir / "adapter" / "adapter_model.safetensors"))
+        got = load_file(str(two_run / "domains" / ddir.name / "adapter" / "adapter_model.safetensors"))
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], **TOL, msg=lambda m, n=name: f"{n}: {m}")
+    m1, m2 = (json.loads((d / "matrix.json").read_text())["metrics"] for d in (one_run, two_run))
+    assert set(m2) == {"loss", "ppl", "exact_match", "rougeL"}
+    assert m2["exact_match"]["R"] == m1["exact_match"]["R"] and m2["rougeL"]["R"] == m1["rougeL"]["R"]
+    torch.testing.assert_close(torch.tensor(m2["loss"]["R"]), torch.tensor(m1["loss"]["R"]),
+                               rtol=1e-5, atol=1e-5)
