@@ -259,11 +259,12 @@ def test_zero2_bf16_routes_on_2_ranks_as_on_1(prep: Path, tmp_path: Path, test_c
     assert json.loads((tmp_path / "info.json").read_text()) == {"global_step": 4, "world": 2}
 
 
-def test_zero2_offload_refuses(prep: Path, tmp_path: Path, test_cache_dir: Path) -> None:
+@pytest.mark.parametrize("config", ["zero2_offload.json", "zero3_offload.json"])
+def test_offload_refuses(prep: Path, tmp_path: Path, test_cache_dir: Path, config: str) -> None:
     """With offload_optimizer the Trainer hands DeepSpeed its own CPU Adam: lora-cl refuses, at
-    attach() from the config."""
-    proc = _run(["train", str(tmp_path), "--prep", str(prep), "--config",
-                 str(CONFIGS / "zero2_offload.json")], test_cache_dir, 1)
+    attach() from the config (ZeRO-3's offload of the parameters too)."""
+    proc = _run(["train", str(tmp_path), "--prep", str(prep), "--config", str(CONFIGS / config)],
+                test_cache_dir, 1)
     text = (tmp_path / "error.txt").read_text() if (tmp_path / "error.txt").exists() else proc.stderr
     assert proc.returncode != 0
     assert "needs the Trainer to step a lora_cl.RoutedAdamW" in text and "DeepSpeedCPUAdam" in text
@@ -487,14 +488,9 @@ def test_cli_qa_stream_with_generation_under_zero3_equals_single_process(tmp_pat
     `synced_gpus` keeps a rank whose batch stopped early stepping with the others); trl's
     SFTTrainer on prompt/completion data, 2 ranks x 2 examples against one process x 4: the same
     adapters and the same exact-match, ROUGE-L and loss matrices."""
-    from trainer_helpers import QA_DOMAINS
+    from trainer_helpers import qa_jsonl
 
-    domains = []
-    for name in ("capitals", "colours"):
-        path = tmp_path / f"{name}.jsonl"
-        path.write_text("".join(json.dumps({"prompt": p, "completion": c.strip()}) + "\n"
-                                for p, c in QA_DOMAINS[name] * 2), encoding="utf-8")
-        domains.append(str(path))
+    domains = qa_jsonl(tmp_path)
     recipe = tmp_path / "qa.yaml"
     recipe.write_text(json.dumps({
         "model": {"name": "tiny"}, "domains": domains, "method": "ogp", "compare": [],

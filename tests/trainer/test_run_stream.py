@@ -183,14 +183,9 @@ def test_resume_refuses_a_changed_recipe(finished, lora_cl_cache):
 
 def test_sft_stream_on_instruction_data_reports_exact_match(tmp_path, lora_cl_cache):
     """trl SFTTrainer per domain on prompt/completion JSONL; generation scores in the matrix."""
-    from trainer_helpers import QA_DOMAINS
+    from trainer_helpers import qa_jsonl
 
-    paths = []
-    for name in ("capitals", "colours"):
-        path = tmp_path / f"{name}.jsonl"
-        path.write_text("".join(json.dumps({"prompt": p, "completion": c.strip()}) + "\n"
-                                for p, c in QA_DOMAINS[name] * 2), encoding="utf-8")
-        paths.append(str(path))
+    paths = qa_jsonl(tmp_path)
     doc = tiny_recipe(tmp_path / "runs", domains=paths, training={"trainer": "sft", "steps_per_domain": 3},
                       eval={"generate": True, "max_new_tokens": 4}, data={"seq_len": 32})
     with pytest.raises(StreamError, match="trl dropped every training example.*raise data.seq_len"):

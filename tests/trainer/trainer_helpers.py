@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,17 @@ def lm_dataset(tokenizer: Any, texts: list[str]) -> Dataset:
 
 def qa_dataset(pairs: list[tuple[str, str]]) -> Dataset:
     return Dataset.from_dict({"prompt": [p for p, _ in pairs], "completion": [c for _, c in pairs]})
+
+
+def qa_jsonl(folder: Path, names: tuple[str, ...] = ("capitals", "colours")) -> list[str]:
+    """``QA_DOMAINS`` as prompt/completion JSONL files (each pair twice), one per domain; their paths."""
+    paths = []
+    for name in names:
+        path = folder / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"prompt": p, "completion": c.strip()}) + "\n"
+                                for p, c in QA_DOMAINS[name] * 2), encoding="utf-8")
+        paths.append(str(path))
+    return paths
 
 
 def train_args(out: Path, **overrides: Any) -> TrainingArguments:
