@@ -64,6 +64,16 @@ def fresh(prep: Path | None, modules_to_save: list[str] | None = None) -> tuple[
     return model, tokenizer
 
 
+def zero3_resident_bytes(model: torch.nn.Module) -> dict[str, int]:
+    """Bytes of the frozen and the trainable parameters this ZeRO-3 rank holds between steps: its
+    partition of each, or the whole tensor where DeepSpeed keeps it (``ds_persist``)."""
+    out = {"frozen": 0, "trainable": 0}
+    for p in model.parameters():
+        held = p.ds_numel if p.ds_persist else p.ds_tensor.numel()
+        out["trainable" if p.requires_grad else "frozen"] += held * p.ds_tensor.element_size()
+    return out
+
+
 class NaNAt(lora_cl.GradientModifier):
     """Test-only: g~ = NaN on the ``at``-th step it sees (a broken replay gradient, say)."""
 
@@ -135,6 +145,8 @@ def second_domain(out: Path, prep: Path, *, steps: int, world: int, method: str 
         callback.set_domain(domain)
         trainer.train(resume_from_checkpoint=resume)
     rank = int(os.environ.get("RANK", "0"))
+    if any(hasattr(p, "ds_tensor") for p in model.parameters()):  # ZeRO-3: what this rank holds
+        (out / f"rank{rank}_bytes.json").write_text(json.dumps(zero3_resident_bytes(model)))
     final = lora_tensors(model)  # every rank: a ZeRO-3 gather is collective
     if rank == 0:
         save_file(final, str(out / "final.safetensors"))

@@ -377,6 +377,28 @@ def test_zero3_equals_single_process(prep: Path, zero3_run: Path) -> None:
     assert len(bank) > len(load_file(str(prep / "bank.safetensors")))
 
 
+def test_zero3_ranks_hold_what_the_planner_says(zero3_run: Path) -> None:
+    """The planner's per-GPU base-weight and LoRA-param rows for the run's own shapes (tiny Llama,
+    fp32, LoRA r=4 on q,v, 2 GPUs, ZeRO-3) against the bytes each of the 2 ranks holds between
+    steps (measured from DeepSpeed's partitions): within 1% (the partitions' padding)."""
+    from transformers import LlamaConfig
+
+    from lora_cl.models import architecture_of
+    from lora_cl.plan import PlanInputs, plan_memory
+
+    a = architecture_of("tiny")
+    config = LlamaConfig(hidden_size=a["hidden"], intermediate_size=a["intermediate"],
+                         num_hidden_layers=a["layers"], num_attention_heads=a["heads"],
+                         num_key_value_heads=a["kv_heads"], vocab_size=a["vocab"], tie_word_embeddings=True)
+    plan = plan_memory(config, PlanInputs(lora_r=4, lora_targets=("q_proj", "v_proj"), dtype="float32",
+                                          gpus=2, zero_stage=3, batch_size=1, seq_len=32))
+    want = {name: b for name, b, _ in plan.rows}
+    for rank in (0, 1):
+        held = json.loads((zero3_run / f"rank{rank}_bytes.json").read_text())
+        assert held["frozen"] == pytest.approx(want["base weights"], rel=0.01), (rank, held, want)
+        assert held["trainable"] == pytest.approx(want["LoRA params"], rel=0.01), (rank, held, want)
+
+
 def test_zero3_checkpoint_resumes_exactly(prep: Path, zero3_run: Path, tmp_path: Path,
                                           test_cache_dir: Path) -> None:
     checkpoint = zero3_run / "checkpoint-2"
