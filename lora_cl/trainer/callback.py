@@ -27,7 +27,14 @@ from lora_cl.trainer.replay import (
     replay_gradients,
     seeded_subset,
 )
-from lora_cl.trainer.zero import PER_TENSOR, release_zero, retire_zero3, route_under_zero, zero_stage12
+from lora_cl.trainer.zero import (
+    PER_TENSOR,
+    release_zero,
+    retire_zero3,
+    route_under_zero,
+    zero_stage3,
+    zero_stage12,
+)
 from lora_cl.trainer.zero import SUPPORTED as ZERO_SUPPORTED
 from lora_cl.trainer.zero3 import gathered_trainable
 
@@ -361,8 +368,9 @@ def check_steps_model_tensors(optimizer: RoutedAdamW, model: Any, wrapped: Any =
         # steps through ZeroRoutedStep (the same math on full tensors), so that a stream's domain
         # end can give the optimizer back its per-tensor groups for the next engine (without it
         # the second domain's engine met the first one's flat partitions: KeyError in DeepSpeed),
-        # and so that 8-bit states quantize the blocks of each tensor as one process does
-        if wrapped is not None and zero_stage12(wrapped) is not None:
+        # and so that 8-bit states quantize the blocks of each tensor as one process does. ZeRO-3
+        # likewise: its first engine leaves the groups' params empty outside step()
+        if wrapped is not None and (zero_stage12(wrapped) is not None or zero_stage3(wrapped) is not None):
             route_under_zero(wrapped, optimizer, method_of(optimizer))
         return
     model_ids = {id(p) for p in model.parameters()}
