@@ -118,7 +118,17 @@ class GradientRowBuffer(GradientModifier):
     Only >=2-D tensors whose side dim exceeds ``min_dim`` (default: ``rank``, else 1) are kept,
     since a rank-k basis of a <=k-dim space would block every direction. ``rank``/``energy`` are
     the default rule of :meth:`build` (neither given: rank 32).
+
+    It commits on the device (``device_commit``), so RoutedAdamW's default guard decides
+    skip-or-step with no host read: a step the guard skips is pushed as zero rows rather than
+    dropped. Zero rows add nothing to the row space a basis is built from (:func:`basis_from_rows`
+    sees through them), so a skip changes the basis only through the window counting that step
+    and the thinning's subsample; with no skip the rows are the host path's, bit for bit. On a GPU
+    the rows still travel to ``device`` (the CPU by default) each step, a copy that waits for them.
     """
+
+    device_commit = True  # a skipped step is pushed as zeros, masked on the device
+    contracts = True  # it only observes: g~ = g
 
     def __init__(self, side: str = "in", *, max_rows: int = 256, window_steps: int = 256,
                  rank: int | None = None, energy: float | None = None, min_dim: int | None = None,
@@ -189,9 +199,12 @@ class GradientRowBuffer(GradientModifier):
                         if self._wanted(name, g)]
         return unchanged(batch)
 
-    def commit(self) -> None:
+    def commit(self, keep: Tensor | None = None) -> None:
         for name, g in self._staged:
-            self.push(name, self._samples(g))
+            samples = self._samples(g)
+            if keep is not None:  # the device's skip decision: zeros (not NaN) where it skipped
+                samples = torch.where(keep, samples, samples.new_zeros(()))
+            self.push(name, samples)
         self._staged = []
 
     def clear(self) -> None:

@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lora_cl import (
     FixedStrength,
+    GradientRowBuffer,
     NonFiniteGradientError,
     OverlapAdaptiveStrength,
     Projection,
@@ -25,6 +26,7 @@ from lora_cl import (
     SubspaceBank,
 )
 from lora_cl.diagnostics import CountSyncs
+from lora_cl.subspace import basis_from_rows
 
 ROUTINGS = ["vanilla", "shared", "decoupled", "v_only"]
 
@@ -354,3 +356,45 @@ def test_decoupled_projection_hands_m_its_delta_not_g_tilde(routing):
         assert m_only and handed == 2 and unchanged == [True, True, True]  # t0, t1: 2 shapes
     else:
         assert not m_only and handed == 0 and unchanged == [False, False, True]
+
+
+def ogp_chain(ps: list[torch.Tensor], **kw) -> tuple[RoutedAdamW, GradientRowBuffer]:
+    """The ogp preset's chain: gradient-row buffers (to build the next bases) + an overlap projection."""
+    rows = GradientRowBuffer("in", rank=4, max_rows=1024)
+    opt = RoutedAdamW([{"params": ps, "param_names": ["t0", "t1", "t2"]}], lr=1e-2, routing="decoupled",
+                      modifiers=[rows, Projection(bank(), strength=OverlapAdaptiveStrength(0.5, beta=0.9))],
+                      **kw)
+    return opt, rows
+
+
+def test_ogp_chain_has_no_host_sync():
+    """The gradient-row buffer commits on the device (a skipped step pushes zero rows), so the
+    ogp chain's guard reads nothing back either (it was one sync a step)."""
+    ps = params()
+    assert syncs_per_step(ogp_chain(ps)[0], ps) == 0
+
+
+def test_row_buffer_device_commit_equals_the_host_path_and_a_skip_adds_only_zeros():
+    """Without a skip the device path buffers the host path's rows bit for bit; a NaN step skipped
+    on the device pushes zero rows, which leave the basis built from the buffer as it was."""
+    buffers = {}
+    for impl, nonfinite in (("fused", "skip"), ("reference", "skip")):  # device path; host path
+        ps = params()
+        opt, rows = ogp_chain(ps, impl=impl, nonfinite=nonfinite)
+        for t in range(4):
+            set_grads(ps, t)
+            opt.step()
+        buffers[impl] = (ps, opt, rows)
+    for name in ("t0", "t1"):
+        assert torch.equal(buffers["fused"][2].rows(name), buffers["reference"][2].rows(name))
+    ps, opt, rows = buffers["fused"]
+    before = {n: rows.rows(n).clone() for n in rows.names()}
+    set_grads(ps, 9, nan=True)
+    opt.step()
+    assert opt.skipped_steps == 1
+    for name, old in before.items():
+        new = rows.rows(name)
+        assert torch.equal(new[: old.shape[0]], old) and not new[old.shape[0]:].any()  # zeros, no NaN
+        u_old = basis_from_rows(old, rank=4)[0]
+        u_new = basis_from_rows(new, rank=4)[0]
+        torch.testing.assert_close(u_new @ u_new.T, u_old @ u_old.T, rtol=1e-4, atol=1e-5)
