@@ -47,9 +47,10 @@ def test_regime_settings_are_in_regime_and_like_for_like(regime):
         if a["strength"] == "overlap":  # the EMA's horizon is matched to the steps too
             assert a["beta"] == (0.98 if regime == "a" else 0.95)
     cells = regime_cells(s, regime=regime)
-    # one configuration but for the lr check's own (lr is in the hash); seed-major order
+    # one configuration but for the lr check's and controls' own (lr is in the hash: 0.5x, 0.8x,
+    # 2x); seed-major order
     assert len({c.cfg for c in cells if "@lr" not in c.method.label}) == 1
-    assert len({c.cfg for c in cells}) == 3 and [c.seed for c in cells[:2]] == [0, 0]
+    assert len({c.cfg for c in cells}) == 4 and [c.seed for c in cells[:2]] == [0, 0]
 
 
 def test_holm_adjusts_by_rank_and_keeps_missing_values():

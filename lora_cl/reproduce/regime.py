@@ -42,8 +42,9 @@ REGIMES = ("a", "b")
 EMA_BETA = {"a": 0.98, "b": 0.95}
 #: The lr check's factors on the regime's lr (its own cells: lr is in the config hash).
 LR_SCALES = (0.5, 2.0)
-#: The effective-lr control's lr factor on hard-shared (see regime_methods).
+#: The effective-lr controls' lr factors on hard-shared and fixed-shared (see regime_methods).
 HARD_SHARED_LR_SCALE = 0.5
+FIXED_SHARED_LR_SCALE = 0.8
 #: Replay's buffer: 10% of each domain's training examples (regime a: ~250 blocks of 128 tokens).
 REPLAY_FRACTION = 0.1
 
@@ -96,6 +97,9 @@ def regime_methods(regime: str = "a") -> dict[str, MethodRun]:
         # every direction (v keeps the in-subspace energy that m lost), so shared routing at half
         # the lr asks whether decoupling beats a plain lr cut on the stability-plasticity frontier
         M(f"hard-shared@lr{HARD_SHARED_LR_SCALE:g}x", "adam-nscl", hard, lr_scale=HARD_SHARED_LR_SCALE),
+        # and for the fixed pair: shared routing at the lr its measured old-direction inflation
+        # (eta_U shared / decoupled, 1.27 at alpha 0.5) asks for
+        M(f"fixed-shared@lr{FIXED_SHARED_LR_SCALE:g}x", "adam-nscl", side, lr_scale=FIXED_SHARED_LR_SCALE),
     )}
 
 
@@ -114,7 +118,10 @@ PAIRS = (
 #: Controls the page also tests (in the same Holm family): (label, other, decoupled), where the
 #: other run differs from the decoupled one in routing AND lr, to tell routing from a plain lr cut.
 CONTROLS = (
-    ("effective-lr control (hard projection)", f"hard-shared@lr{HARD_SHARED_LR_SCALE:g}x", "hard-decoupled"),
+    ("effective-lr control (hard projection)", f"hard-shared@lr{HARD_SHARED_LR_SCALE:g}x",
+     "hard-decoupled"),
+    ("effective-lr control (fixed strength)", f"fixed-shared@lr{FIXED_SHARED_LR_SCALE:g}x",
+     "fixed-decoupled"),
 )
 
 
