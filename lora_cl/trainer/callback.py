@@ -382,7 +382,7 @@ def check_steps_model_tensors(optimizer: RoutedAdamW, model: Any, wrapped: Any =
         return
     raise RuntimeError(
         "ContinualCallback: the Trainer's RoutedAdamW steps copies of the LoRA tensors, not the "
-        f"model's own ({len(foreign)} of {len(params)}, e.g. {foreign[:1]}), and no DeepSpeed ZeRO-1/2 "
+        f"model's own ({len(foreign)} of {len(params)}, e.g. {foreign[:1]}), and no DeepSpeed ZeRO "
         "optimizer wraps it that lora-cl could route on full tensors; routed projection needs the "
         "2-D LoRA gradients, so lora-cl refuses rather than train with different math. Use "
         f"{ZERO_SUPPORTED}; see docs/deepspeed.md")

@@ -32,8 +32,8 @@ from lora_cl.methods import MethodSpec
 from lora_cl.modifiers.base import GradientModifier
 from lora_cl.optim import RoutedAdamW
 
-SUPPORTED = ("deepspeed_configs/zero2.json (ZeRO-2; ZeRO-1 works too), "
-             "plain DDP (torchrun without training.deepspeed) or ZeRO stage 0 without bf16/fp16")
+SUPPORTED = ("deepspeed_configs/zero2.json (ZeRO-2; ZeRO-1 works too), deepspeed_configs/zero3.json "
+             "(ZeRO-3), plain DDP (torchrun without training.deepspeed) or ZeRO stage 0 without bf16/fp16")
 
 
 def zero_stage_of(deepspeed_config: str | None) -> int | None:
