@@ -255,7 +255,8 @@ class RegimePage:
                 f"beta2 = {s.adam_beta2} and {h['overlap_ema']:.1f} of the overlap EMA; full-parameter "
                 f"training of {s.model} from scratch; {n_done} of {n_all} cells finished), decoupled "
                 "against shared routing, same bases, same strength, paired by seed (negative: "
-                "decoupled forgets less):\n\n" + "\n".join(lines))
+                "decoupled forgets less); an effective-lr control pits decoupled routing against "
+                "shared routing at a lower lr instead:\n\n" + "\n".join(lines))
 
     def _plasticity(self, a: str, b: str, other: str) -> str:
         """The same pair's stability-plasticity cost: paired differences of just-trained and final
