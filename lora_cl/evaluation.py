@@ -173,7 +173,9 @@ def _greedy(
 
 def _zero3_ranks(model: Any) -> int:
     """The world size when ``model`` holds DeepSpeed ZeRO-3 parameters, else 1."""
-    if not any(hasattr(p, "ds_numel") for p in model.parameters()):
+    from lora_cl.trainer.zero3 import is_zero3
+
+    if not is_zero3(model.parameters()):
         return 1
     import torch.distributed as dist
 

@@ -26,12 +26,17 @@ from torch import Tensor
 from lora_cl.trainer.zero import ZeroRoutedStep, ZeroRoutingError
 
 
+def is_zero3(params: Any) -> bool:
+    """Whether any of ``params`` is a DeepSpeed ZeRO-3 parameter (partitioned, ``ds_numel`` set)."""
+    return any(hasattr(p, "ds_numel") for p in params)
+
+
 def gathered_trainable(model: Any) -> contextlib.AbstractContextManager[Any]:
     """Under ZeRO-3, the model's trainable tensors whole on every rank for the block (a domain's
     end reads them: adapter snapshots, adapter bases, the saved adapter); elsewhere a no-op.
     Collective under ZeRO-3: every rank enters it."""
     params = [p for p in model.parameters() if p.requires_grad] if model is not None else []
-    if not any(hasattr(p, "ds_numel") for p in params):  # not a ZeRO-3 parameter
+    if not is_zero3(params):
         return contextlib.nullcontext()
     import deepspeed
 
