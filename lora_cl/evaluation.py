@@ -148,9 +148,10 @@ def _greedy(
     config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     eos |= set(config_eos) if isinstance(config_eos, list) else {config_eos} - {None}
     tokenizer.padding_side = "left"
-    # under ZeRO-3 each forward all-gathers the layers from every rank: a rank whose batch stopped
-    # early must keep stepping until all have (transformers' synced_gpus), or the others wait for ever
-    synced = _zero3_ranks(model) > 1
+    # under ZeRO-3 and FSDP2 each forward all-gathers the layers from every rank: a rank whose batch
+    # stopped early must keep stepping until all have (transformers' synced_gpus), or the others
+    # wait for ever
+    synced = _sharded_ranks(model) > 1
     out: list[str] = []
     for start in range(0, len(prompts), batch_size):
         batch = tokenizer.pad({"input_ids": prompts[start : start + batch_size]}, return_tensors="pt")
@@ -171,11 +172,12 @@ def _greedy(
     return out
 
 
-def _zero3_ranks(model: Any) -> int:
-    """The world size when ``model`` holds DeepSpeed ZeRO-3 parameters, else 1."""
+def _sharded_ranks(model: Any) -> int:
+    """The world size when ``model`` holds DeepSpeed ZeRO-3 or FSDP2 parameters, else 1."""
+    from lora_cl.trainer.fsdp import is_fsdp2
     from lora_cl.trainer.zero3 import is_zero3
 
-    if not is_zero3(model.parameters()):
+    if not (is_zero3(model.parameters()) or is_fsdp2(model.parameters())):
         return 1
     import torch.distributed as dist
 

@@ -126,6 +126,9 @@ ERRORS = [
      {"check_sources": True}, "deepspeed",
      "training.deepspeed: DeepSpeed config {tmp}/ds/zero2.json does not exist; point it at a JSON such "
      "as deepspeed_configs/zero2.json, or remove the key"),
+    ("fsdp-and-deepspeed", "  lr: 2.0e-4", "  lr: 2.0e-4\n  fsdp: true\n  deepspeed: ds/zero2.json", (), None,
+     "fsdp", "training.fsdp and training.deepspeed are both set; shard with one of them: remove "
+     "training.deepspeed for FSDP2, or training.fsdp for DeepSpeed ZeRO"),
     ("yaml-syntax-error", "  r: 4", "  r: [4", (), None, "alpha: 8",
      "YAML syntax error: expected ',' or ']', but got ':' (while parsing a flow sequence at line 8); "
      "fix the indentation"),

@@ -59,6 +59,25 @@ def shard_like(full: Tensor, like: Tensor) -> Tensor:
     return replicated.redistribute(mesh, like.placements).to_local()  # Replicate -> Shard: local
 
 
+def like_param(full: Tensor, p: Tensor) -> Tensor:
+    """A whole tensor of DTensor ``p``'s shape (the same on every rank) as a DTensor laid out like
+    ``p``: this rank keeps its shard. No communication."""
+    mesh = p.device_mesh
+    return DTensor.from_local(shard_like(full, p), mesh, p.placements, run_check=False,
+                              shape=p.shape, stride=p.stride())
+
+
+def full_state_dict(optimizer: Any) -> dict[str, Any]:
+    """``optimizer.state_dict()`` with every DTensor state whole (as one process would save it):
+    what ``torch.save`` on one rank can write and any world size can load
+    (``load_state_dict`` cuts each state to the parameter's shard again). Collective: every rank
+    calls it."""
+    state = optimizer.state_dict()
+    state["state"] = {pid: {k: whole(v) if is_dtensor(v) else v for k, v in s.items()}
+                      for pid, s in state["state"].items()}
+    return state
+
+
 def any_rank(flag: Tensor, entries: list[dict[str, Any]]) -> Tensor:
     """``flag`` (a 0-d bool) OR-ed over the ranks of the entries' mesh: one all-reduce, no sync."""
     owners = [e["dtensor"] for e in entries if "dtensor" in e]

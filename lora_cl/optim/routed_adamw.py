@@ -133,6 +133,8 @@ class RoutedAdamW(Optimizer):
         # decides the skip for the whole optimizer: commits wait in _held_commit until it does.
         self._hold_commits = False
         self._held_commit = False
+        # the parameters as the groups held them when states were last bound (rebind_states)
+        self._bound = [list(g["params"]) for g in self.param_groups]
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim.Optimizer pickles (and deep-copies) only defaults, state and param_groups;
@@ -222,6 +224,31 @@ class RoutedAdamW(Optimizer):
                 names.append(_param_name(group, gi, pi))
                 params.append(p)
         return names, params
+
+    def rebind_states(self) -> int:
+        """Move the states of parameters that were replaced in ``param_groups`` to their
+        replacements; return how many moved.
+
+        accelerate's FSDP2 ``prepare`` swaps each parameter in the groups for its sharded DTensor
+        but leaves ``optimizer.state`` keyed by the old tensors, so states loaded before it (a
+        stream resumed from a domain directory) would be orphaned and the shards start from zero
+        moments. A whole state is cut to this rank's shard (no communication). A replacement
+        that already has a state (a checkpoint loaded after the swap) keeps it.
+        """
+        moved = 0
+        for group, old in zip(self.param_groups, self._bound, strict=False):
+            for p, q in zip(group["params"], old, strict=False):
+                if p is q:
+                    continue
+                state = self.state.pop(q, None)
+                if not state or self.state.get(p):
+                    continue
+                self.state[p] = {k: dt.like_param(v, p) if (
+                    isinstance(v, Tensor) and dt.is_dtensor(p) and not dt.is_dtensor(v)
+                    and v.shape == p.shape) else v for k, v in state.items()}
+                moved += 1
+        self._bound = [list(g["params"]) for g in self.param_groups]
+        return moved
 
     def moments(self, p: Tensor) -> tuple[Tensor, Tensor] | None:
         """fp32 (m, v) of ``p`` in any storage (8-bit is dequantized); None before its first step."""
@@ -665,22 +692,29 @@ class RoutedAdamW(Optimizer):
             for key, value in saved.items():
                 if isinstance(value, Tensor):
                     dtype = torch.uint8 if value.dtype == torch.uint8 else torch.float32
-                    self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
+                    value = value.to(device=p.device, dtype=dtype, copy=True)
+                    if dt.is_dtensor(p) and not dt.is_dtensor(value) and value.shape == p.shape:
+                        value = dt.like_param(value, p)  # a whole state (one process, full_state_dict)
+                    self.state[p][key] = value
                 elif isinstance(value, list) and all(isinstance(v, dict) for v in value):
                     self.state[p][key] = [{k: t.to(device=p.device, copy=True) if isinstance(t, Tensor) else t
                                            for k, t in v.items()} for v in value]
 
 
 def state_moments(state: dict[str, Any] | None) -> tuple[Tensor, Tensor] | None:
-    """fp32 (m, v) of one per-tensor optimizer state in any storage (8-bit is dequantized); None
-    for a state without moments of its own (none yet, extras only, or ZeRO's per-tensor list)."""
+    """fp32 (m, v) of one per-tensor optimizer state in any storage (8-bit is dequantized, FSDP2
+    shards all-gathered); None for a state without moments of its own (none yet, extras only, or
+    ZeRO's per-tensor list)."""
     if not state:
         return None
     if q8.is_8bit(state):
         return q8.dequantize(state)
     if "exp_avg" not in state:
         return None
-    return state["exp_avg"], state["exp_avg_sq"]
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    if dt.is_dtensor(m):  # FSDP2: whole, as one process holds them (collective: every rank calls)
+        return dt.whole(m), dt.whole(v)
+    return m, v
 
 
 def _as_state_input(g: Tensor, entry: dict[str, Any]) -> Tensor:

@@ -73,6 +73,10 @@ def _check_values(recipe: Recipe, ctx: _Ctx) -> None:
         raise ctx.error("lora.dropout", f"lora.dropout must be in [0, 1), got {lo.dropout}")
     if not lo.target_modules:
         raise ctx.error("lora.target_modules", "lora.target_modules is empty", "e.g. [q_proj, v_proj]")
+    if t.fsdp and t.deepspeed is not None:
+        raise ctx.error("training.fsdp", "training.fsdp and training.deepspeed are both set",
+                        "shard with one of them: remove training.deepspeed for FSDP2, or training.fsdp "
+                        "for DeepSpeed ZeRO")
     if t.bf16 and t.fp16:
         raise ctx.error("training.fp16", "training.bf16 and training.fp16 are both true",
                         "set only one (bf16 on Ampere or newer GPUs, fp16 on older ones)")

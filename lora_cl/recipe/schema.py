@@ -154,6 +154,7 @@ class TrainingConfig:
     logging_steps: int = 5
     nonfinite: str = "stop"
     deepspeed: str | None = None
+    fsdp: bool = False  # the Trainer's FSDP2 (fully_shard per decoder layer), every rank evaluating
     fused_loss: bool = False  # trainer: "trainer" only; trl's SFTTrainer always fuses the LM head
 
     @property

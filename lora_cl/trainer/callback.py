@@ -15,9 +15,11 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from lora_cl.diagnostics import optimizer_probes
 from lora_cl.methods import MethodSpec
+from lora_cl.modifiers.base import GradientModifier
 from lora_cl.optim import RoutedAdamW
 from lora_cl.subspace import SubspaceBank
 from lora_cl.trainer.domain_data import adapter_snapshot, build_domain_bases, check_domain_data
+from lora_cl.trainer.fsdp import fsdp_version, load_checkpoint_extra, save_checkpoint_extra, steps_fsdp2
 from lora_cl.trainer.optimizer_factory import bank_of, method_of, routed_optimizer, unwrap_optimizer
 from lora_cl.trainer.replay import (
     ReplayBuffer,
@@ -139,7 +141,10 @@ class ContinualCallback(TrainerCallback):
             raise RuntimeError("ContinualCallback: this Trainer steps a different RoutedAdamW than "
                                "the earlier domains; the stream needs one optimizer (its bank and "
                                "modifier state): pass the same optimizer to every Trainer")
-        _refuse_fsdp(args)
+        _check_fsdp(args, optimizer, method_of(optimizer))
+        optimizer.rebind_states()  # accelerate's FSDP2 prepare swapped in the sharded parameters
+        if state.global_step > 0 and steps_fsdp2(optimizer):
+            load_checkpoint_extra(optimizer, args, state.global_step)
         self._zero3 = retire_zero3(self._zero3, kwargs.get("optimizer"))
         self._optimizer = optimizer
         trainer = self._trainer() if self._trainer is not None else None
@@ -185,6 +190,12 @@ class ContinualCallback(TrainerCallback):
                                        max_norm=float(args.max_grad_norm or 0.0))
         optimizer.supply(replay_grads=mean_across_ranks(grads))
         self.last_replay_loss = loss
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                **kwargs: Any) -> None:
+        optimizer = self._optimizer
+        if optimizer is not None and steps_fsdp2(optimizer):
+            save_checkpoint_extra(optimizer, args, state)
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
@@ -405,17 +416,29 @@ def _refuse_optimizer_offload(trainer: Any) -> None:
             "(deepspeed_configs/zero2.json routes LoRA on full tensors without it)")
 
 
-def _refuse_fsdp(args: TrainingArguments) -> None:
-    """The stream under the Trainer's FSDP is not built yet: refuse rather than train otherwise.
-
-    (On a CPU the Trainer does not even shard: it trains ``fsdp=...`` as plain DDP, silently.)
-    """
-    if getattr(args, "fsdp", None):
+def _check_fsdp(args: TrainingArguments, optimizer: RoutedAdamW, spec: MethodSpec) -> None:
+    """The stream runs under the Trainer's FSDP2 (lora_cl.trainer.fsdp); refuse, in one line
+    naming what works, FSDP1 (flat parameters), an FSDP the Trainer did not apply (a CPU without
+    :func:`~lora_cl.trainer.fsdp.fsdp2_trainer`: accelerate trains it as DDP), replay and EWC."""
+    if not getattr(args, "fsdp", None):
+        return
+    version = fsdp_version(args)
+    if version != 2:
         raise RuntimeError(
-            "ContinualCallback does not run under the Trainer's FSDP yet (TrainingArguments.fsdp="
-            f"{args.fsdp!r}; on a CPU the Trainer would train it unsharded, as DDP): train the "
-            "stream with DDP or DeepSpeed ZeRO-1/2 (deepspeed_configs/zero2.json); RoutedAdamW "
-            "itself steps fully_shard parameters in your own loop (docs/guides/fsdp.md)")
+            f"ContinualCallback runs under FSDP2 only (TrainingArguments.fsdp_config fsdp_version="
+            f"{version}: FSDP1 flattens the LoRA tensors, which the projections need whole); set "
+            "fsdp_config={'fsdp_version': 2, ...} (lora-cl recipes: training.fsdp: true)")
+    if not steps_fsdp2(optimizer):
+        raise RuntimeError(
+            "ContinualCallback: TrainingArguments.fsdp is set but the Trainer did not shard the model "
+            "(on a CPU accelerate trains fsdp=... as plain DDP); build the Trainer class with "
+            "lora_cl.trainer.fsdp.fsdp2_trainer(Trainer), or run lora-cl train with training.fsdp: true")
+    if spec.replay is not None or any(type(m).on_domain_end is not GradientModifier.on_domain_end
+                                      for m in optimizer.modifiers):
+        raise RuntimeError(
+            f"ContinualCallback: method {spec.name!r} (replay or importance/EWC) does not run under FSDP2 "
+            "yet (its extra backward or its domain-end consolidation would meet sharded parameters); "
+            "use plain DDP for it (projection methods such as ogp run under FSDP2)")
 
 
 def attach(trainer: Any, callback: ContinualCallback | None = None, **kwargs: Any) -> ContinualCallback:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from lora_cl.optim import NonFiniteGradientError, RoutedAdamW
+from lora_cl.optim.dtensor import full_state_dict
 from lora_cl.paths import atomic_dir
 from lora_cl.trainer.callback import ContinualCallback, attach
 from lora_cl.trainer.checkpoints import (
@@ -32,6 +33,7 @@ from lora_cl.trainer.checkpoints import (
     checkpoint_root,
     latest_checkpoint,
 )
+from lora_cl.trainer.fsdp import steps_fsdp2
 from lora_cl.trainer.optimizer_factory import bank_of, make_optimizer
 from lora_cl.trainer.run_files import (
     device,
@@ -188,9 +190,9 @@ def _run_method(recipe: Any, choice: Any, run_dir: str | os.PathLike[str], *,
     primary = primary_metric(recipe.eval.metric, has_generation)
     eval_kw = dict(batch_size=recipe.eval.batch_size, generate=recipe.eval.generate,
                    max_new_tokens=recipe.eval.max_new_tokens)
-    # under ZeRO-3 every forward is collective: every rank evaluates (the same examples, so the
-    # same scores); rank 0 alone writes. Elsewhere rank 0 evaluates alone.
-    evaluates = main or zero_stage_of(tr.deepspeed) == 3
+    # under ZeRO-3 and FSDP2 every forward is collective: every rank evaluates (the same examples,
+    # so the same scores); rank 0 alone writes. Elsewhere rank 0 evaluates alone.
+    evaluates = main or zero_stage_of(tr.deepspeed) == 3 or tr.fsdp
     general = load_general_data(recipe, tokenizer) if evaluates else None
     if main and not (run_dir / "base_eval.json").is_file():
         _write_run_json(recipe, choice, spec, run_dir, data, primary)
@@ -212,13 +214,15 @@ def _run_method(recipe: Any, choice: Any, run_dir: str | os.PathLike[str], *,
         scores = evaluate_all(model, data, tokenizer, **eval_kw)
         general_scores = _general_scores(model, general, tokenizer, eval_kw)
         eval_seconds = time.perf_counter() - start
-        # ZeRO-3: the LoRA tensors whole for the leak and the save (after the forwards, whose
-        # hooks would release them again); a collective, so every rank enters it
+        # ZeRO-3 / FSDP2: the LoRA tensors whole for the leak and the save (after the forwards,
+        # whose hooks would release them again); a collective, so every rank enters it, as it
+        # does the whole optimizer state under FSDP2
+        optimizer_state = full_state_dict(optimizer) if tr.fsdp else optimizer.state_dict()
         with gathered_trainable(model):
             if not main:
                 continue
-            leak = domain_leak(run_dir, i, names, optimizer)
-            _save_domain(run_dir, i, names[i], model, optimizer, callback,
+            leak = domain_leak(run_dir, i, names, optimizer, model)
+            _save_domain(run_dir, i, names[i], model, optimizer, callback, optimizer_state,
                          {**trained, "eval_seconds": eval_seconds, "eval": scores,
                           "protection_leak": leak, **general_scores})
         shutil.rmtree(checkpoint_root(run_dir, i, names[i]), ignore_errors=True)
@@ -291,27 +295,29 @@ def _train_domain(recipe: Any, choice: Any, run_dir: Path, i: int, model: Any, t
 
 # -- domain directories -------------------------------------------------------------------
 def _save_domain(run_dir: Path, i: int, name: str, model: Any, optimizer: RoutedAdamW,
-                 callback: ContinualCallback, record: dict[str, Any]) -> None:
+                 callback: ContinualCallback, optimizer_state: dict[str, Any],
+                 record: dict[str, Any]) -> None:
     target = domain_dir(run_dir, i, name)
     with atomic_dir(target) as tmp:
         model.save_pretrained(str(tmp / weights_dir_name(model)))
         bank = bank_of(optimizer)
         if bank is not None:
             bank.save(tmp / "bank.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         write_json(tmp / "callback.json", callback.state_dict())
         write_json(tmp / "metrics.json", {
             "domain": name, "index": i, "basis_seconds": callback.basis_build_seconds.get(name),
             "bases_added": callback.bases_added.get(name), **record})
 
 
-def domain_leak(run_dir: Path, i: int, names: Sequence[str],
-                optimizer: RoutedAdamW) -> dict[str, float | None] | None:
+def domain_leak(run_dir: Path, i: int, names: Sequence[str], optimizer: RoutedAdamW,
+                model: Any = None) -> dict[str, float | None] | None:
     """The protection leak of domain ``i``'s update (see :func:`lora_cl.subspace.leak.protection_leak`).
 
     The update is the routed tensors now minus the previous domain's saved adapter (or model); the protected
     subspace is the bank as it stood when domain ``i`` began (the previous domain's bank file).
-    None for the first domain and for methods without a bank.
+    None for the first domain and for methods without a bank. Under FSDP2 pass the ``model``:
+    its trainable tensors whole (inside ``gathered_trainable``) stand for the optimizer's shards.
     """
     from safetensors.torch import load_file
 
@@ -326,11 +332,21 @@ def domain_leak(run_dir: Path, i: int, names: Sequence[str],
     bank = SubspaceBank.load(prev / "bank.safetensors")
     before = load_file(str(saved_weights_file(prev)))
     deltas = {}
-    for name, p in zip(*optimizer.routed_named_params(), strict=True):
+    named = zip(*optimizer.routed_named_params(), strict=True)
+    if model is not None and steps_fsdp2(optimizer):
+        named = _whole_named(model, optimizer)
+    for name, p in named:
         key = name.replace(".default.", ".")  # peft saves adapter tensors without the adapter name
         if key in before:
             deltas[name] = p.detach().float().cpu() - before[key].float()
     return protection_leak(deltas, bank)
+
+
+def _whole_named(model: Any, optimizer: RoutedAdamW) -> list[tuple[str, Any]]:
+    """(name, tensor) of the optimizer's routed tensors as the model holds them now (whole inside
+    ``gathered_trainable`` under FSDP2), matched by the parameters' names in the model."""
+    held = dict(model.named_parameters())
+    return [(n, held[n]) for n in optimizer.routed_named_params()[0]]
 
 
 #: A domain directory's weights: a peft adapter (``adapter/``) or, under ``model.finetune: full``,

@@ -10,6 +10,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from lora_cl.optim import RoutedAdamW
+from lora_cl.trainer.fsdp import FSDP2_CONFIG, fsdp2_trainer, fsdp_modules
 from lora_cl.trainer.fused_loss import FusedLossTrainer
 
 # transformers 5 renamed gradient_checkpointing (a deprecated alias until v6)
@@ -37,15 +38,22 @@ def make_trainer(recipe: Any, model: Any, tokenizer: Any, optimizer: RoutedAdamW
         report_to=[], disable_tqdm=not progress, use_cpu=not torch.cuda.is_available(),
         deepspeed=t.deepspeed, dataloader_num_workers=0,
     )
+    if t.fsdp:  # FSDP2 through accelerate (lora_cl.trainer.fsdp); a later domain's Trainer gets
+        # the model the first one sharded, which accelerate keeps as it is (nothing to wrap: its
+        # layer classes are FSDP's now, which accelerate's wrap policy would not find)
+        kwargs.update(fsdp=True, fsdp_config={**FSDP2_CONFIG, **(
+            {"auto_wrap_policy": "NO_WRAP"} if fsdp_modules(model) else {})})
     kwargs[_CKPT_ARG] = recipe.model.gradient_checkpointing
-    # Under DeepSpeed the Trainer ignores optimizers=(...) and builds its own from a factory
+    # Under DeepSpeed the Trainer ignores optimizers=(...), under FSDP it refuses them: both build
+    # their optimizer from a factory (under FSDP2, accelerate then swaps in the sharded parameters)
     handover: dict[str, Any] = ({"optimizer_cls_and_kwargs": (_Existing(optimizer), {})}
-                                if t.deepspeed else {"optimizers": (optimizer, None)})
+                                if t.deepspeed or t.fsdp else {"optimizers": (optimizer, None)})
+    mix = fsdp2_trainer if t.fsdp else (lambda cls: cls)
     if t.trainer == "sft":
         from trl import SFTConfig, SFTTrainer
 
         args = SFTConfig(**kwargs, max_length=recipe.data.seq_len, packing=False)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=data.raw_train,
+        trainer = mix(SFTTrainer)(model=model, args=args, train_dataset=data.raw_train,
                              processing_class=tokenizer, **handover)
         if len(trainer.train_dataset) == 0:  # trl truncates on the right, then drops masked rows
             raise StreamError(f"domain {data.name!r}: trl dropped every training example (each prompt "
@@ -53,7 +61,7 @@ def make_trainer(recipe: Any, model: Any, tokenizer: Any, optimizer: RoutedAdamW
                               "token); raise data.seq_len")
         return trainer
     args = TrainingArguments(**kwargs, remove_unused_columns=False)
-    trainer_cls = FusedLossTrainer if t.fused_loss else Trainer
+    trainer_cls = mix(FusedLossTrainer if t.fused_loss else Trainer)
     return trainer_cls(model=model, args=args, train_dataset=data.train, data_collator=pad_collate(tokenizer),
                        processing_class=tokenizer, **handover)
 

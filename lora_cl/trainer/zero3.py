@@ -32,9 +32,13 @@ def is_zero3(params: Any) -> bool:
 
 
 def gathered_trainable(model: Any) -> contextlib.AbstractContextManager[Any]:
-    """Under ZeRO-3, the model's trainable tensors whole on every rank for the block (a domain's
-    end reads them: adapter snapshots, adapter bases, the saved adapter); elsewhere a no-op.
-    Collective under ZeRO-3: every rank enters it."""
+    """Under ZeRO-3 or FSDP2, the model's trainable tensors whole on every rank for the block (a
+    domain's end reads them: adapter snapshots, adapter bases, the saved adapter); elsewhere a
+    no-op. Collective when sharded: every rank enters it."""
+    from lora_cl.trainer.fsdp import fsdp_modules, whole_trainable
+
+    if fsdp_modules(model):
+        return whole_trainable(model)
     params = [p for p in model.parameters() if p.requires_grad] if model is not None else []
     if not is_zero3(params):
         return contextlib.nullcontext()

@@ -109,9 +109,10 @@ def test_reentrant_checkpointing_is_refused_not_silently_unmixed(tiny_factory, t
                    **reentrant)
 
 
-def test_trainer_fsdp_is_refused_not_silently_trained_as_ddp(tmp_path):
-    """On 2 CPU ranks the Trainer trains fsdp=True unsharded, as DDP (../shared/STACK.md);
-    the callback refuses at the domain's start, naming what works."""
+def test_what_does_not_run_under_the_trainers_fsdp_is_refused(tmp_path):
+    """On 2 CPU ranks: FSDP2 asked of a plain Trainer, which trains it unsharded as DDP on a CPU
+    (../shared/STACK.md), is refused naming fsdp2_trainer; a replay method under a real FSDP2
+    Trainer is refused naming plain DDP."""
     out = tmp_path / "result.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -122,9 +123,27 @@ def test_trainer_fsdp_is_refused_not_silently_trained_as_ddp(tmp_path):
                            str(out)], capture_output=True, text=True, timeout=240, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())
-    assert result["world_size"] == 2 and result["is_fsdp_enabled"] is False  # the silent drop
-    assert re.search(r"does not run under the Trainer's FSDP yet .* DDP or DeepSpeed ZeRO-1/2 .*"
-                     r"docs/guides/fsdp.md", result["error"] or ""), result
+    plain, replay = result["fsdp2_plain_trainer"], result["fsdp2_replay"]
+    assert plain["world_size"] == 2 and plain["is_fsdp_enabled"] is False  # the silent drop
+    assert re.search(r"did not shard the model \(on a CPU accelerate trains fsdp=... as plain DDP\); "
+                     r"build the Trainer class with lora_cl.trainer.fsdp.fsdp2_trainer\(Trainer\)",
+                     plain["error"] or ""), plain
+    assert replay["is_fsdp_enabled"] is True
+    assert re.search(r"method 'replay' .* does not run under FSDP2 yet .* use plain DDP",
+                     replay["error"] or ""), replay
+
+
+def test_fsdp1_is_refused(tiny_factory):
+    """FSDP1 flattens the LoRA tensors (transformers 5 defaults to FSDP2; accelerate builds no
+    FSDP1 plugin on a CPU, so the check runs here on the arguments alone)."""
+    model, _ = lora_model(tiny_factory)
+    optimizer = lora_cl.make_optimizer(model, "ogp")
+    callback = lora_cl.ContinualCallback()
+    callback.set_domain("law")
+    args = TrainingArguments(output_dir="unused", use_cpu=True, fsdp=True, fsdp_config={"version": 1})
+    with pytest.raises(RuntimeError, match=r"runs under FSDP2 only .*fsdp_version=1: FSDP1 flattens "
+                                           r".* training.fsdp: true"):
+        callback.on_train_begin(args, TrainerState(), TrainerControl(), optimizer=optimizer)
 
 
 def test_gpm_needs_a_sample_of_a_streaming_domain(tiny_factory, tmp_path):

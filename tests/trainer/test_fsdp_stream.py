@@ -1,0 +1,108 @@
+"""A stream under the Trainer's FSDP2 (`lora-cl train` with `training.fsdp: true`): real torchrun,
+2 gloo ranks on CPU, accelerate's own FSDP2 prepare (switched on for the CPU by
+lora_cl.trainer.fsdp.Fsdp2Stream; accelerate enables FSDP only on accelerators). The whole stream
+(3 domains, one Trainer each, every rank evaluating, domain directories) equals one process, and a
+run killed with SIGKILL mid-domain resumes to the uninterrupted run's adapters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[2]
+# fp32 end to end; 2 ranks average 2 + 2 examples where one process takes 4 at once
+TOL = dict(rtol=1e-4, atol=1e-5)
+COMMON = ["train", str(REPO / "recipes" / "tiny.yaml"), "--no-progress", "--set", "training.lr=1e-3",
+          "--set", "data.train_examples=8"]  # whole global batches
+LAUNCH = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+FSDP2 = ["--set", "training.batch_size=2", "--set", "training.fsdp=true"]
+
+
+def _env(cache: Path) -> dict[str, str]:
+    env = {**os.environ, "LORA_CL_CACHE": str(cache), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    return env
+
+
+def _run(args: list[str], cache: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=REPO, env=_env(cache))
+
+
+def _adapters(run: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {d.name: load_file(str(d / "adapter" / "adapter_model.safetensors"))
+            for d in sorted((run / "domains").iterdir())}
+
+
+def test_cli_train_under_fsdp2_equals_single_process(tmp_path: Path, test_cache_dir: Path) -> None:
+    """ogp and vanilla, 3 domains: 2 ranks x 2 examples under FSDP2 equal one process x 4 in every
+    domain's adapter, optimizer.pt (whole m and v), loss matrix and protection leak; the check
+    tells ogp from vanilla."""
+    common = [*COMMON, "--set", "compare=[vanilla]"]
+    one = _run([sys.executable, "-m", "lora_cl.cli", *common, "--output", str(tmp_path / "one")],
+               test_cache_dir)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _run([*LAUNCH, "-m", "lora_cl.cli", *common, *FSDP2, "--output", str(tmp_path / "two")],
+               test_cache_dir)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("report:") == 1  # one results table, from rank 0
+    for method in ("ogp", "vanilla"):
+        a, b = tmp_path / "one" / method, tmp_path / "two" / method
+        assert json.loads((b / "run.json").read_text())["world_size"] == 2
+        want, got = _adapters(a), _adapters(b)
+        assert want.keys() == got.keys() and len(want) == 3
+        for ddir in want:
+            for name in want[ddir]:
+                torch.testing.assert_close(got[ddir][name], want[ddir][name], **TOL,
+                                           msg=lambda m, n=name, d=ddir, k=method: f"{k} {d} {n}: {m}")
+            s1, s2 = (torch.load(r / "domains" / ddir / "optimizer.pt", weights_only=True)["state"]
+                      for r in (a, b))
+            for pid in s1:
+                for key in ("exp_avg", "exp_avg_sq"):
+                    torch.testing.assert_close(s2[pid][key], s1[pid][key], **TOL)
+        m1, m2 = (json.loads((r / "matrix.json").read_text())["metrics"]["loss"]["R"] for r in (a, b))
+        torch.testing.assert_close(torch.tensor(m2), torch.tensor(m1), rtol=1e-5, atol=1e-5)
+    leaks = [json.loads((r / "ogp" / "domains" / "02-law" / "metrics.json").read_text())["protection_leak"]
+             for r in (tmp_path / "one", tmp_path / "two")]
+    assert leaks[0] and leaks[1].keys() == leaks[0].keys()
+    for key in leaks[0]:
+        assert abs(leaks[1][key] - leaks[0][key]) < 1e-4, leaks
+    ogp, vanilla = (_adapters(tmp_path / "two" / m)["02-law"] for m in ("ogp", "vanilla"))
+    assert max(float((ogp[k] - vanilla[k]).abs().max()) for k in ogp) > 1e-3, "the check cannot tell"
+
+
+def test_cli_train_under_fsdp2_resumes_after_kill_9(tmp_path: Path, test_cache_dir: Path) -> None:
+    """Both ranks killed with SIGKILL at domain 2's step 4 (after its step-3 checkpoint: accelerate's
+    sharded FSDP2 checkpoint plus RoutedAdamW's own state beside it), then `--resume`: the first
+    domain's states come back from optimizer.pt (whole) into the shards, the second from the
+    Trainer checkpoint; every domain's adapter and the loss matrix equal the uninterrupted run's."""
+    fault_cli = Path(__file__).with_name("fault_cli.py")
+    common = [*COMMON, "--set", "compare=[]", *FSDP2]
+    killed = _run([*LAUNCH, str(fault_cli), "kill:1:4", *common, "--output", str(tmp_path / "killed")],
+                  test_cache_dir)
+    assert killed.returncode != 0 and "SIGKILL" in killed.stderr, killed.stderr[-2000:]
+    ckpt = tmp_path / "killed" / "ogp" / "checkpoints" / "01-astronomy" / "checkpoint-3"
+    assert (ckpt / "lora_cl_optimizer_extra.pt").is_file(), "the kill came before the checkpoint"
+    resumed = _run([*LAUNCH, "-m", "lora_cl.cli", *common, "--output", str(tmp_path / "killed"), "--resume"],
+                   test_cache_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming domain 'astronomy' from {ckpt}" in resumed.stderr
+    whole = _run([*LAUNCH, "-m", "lora_cl.cli", *common, "--output", str(tmp_path / "whole")], test_cache_dir)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    got, want = _adapters(tmp_path / "killed" / "ogp"), _adapters(tmp_path / "whole" / "ogp")
+    assert got.keys() == want.keys() and len(want) == 3
+    for ddir in want:
+        for key in want[ddir]:
+            torch.testing.assert_close(got[ddir][key], want[ddir][key], rtol=0, atol=1e-7,
+                                       msg=lambda m, k=key, d=ddir: f"{d} {k}: {m}")
+    m1, m2 = (json.loads((tmp_path / r / "ogp" / "matrix.json").read_text())["metrics"]["loss"]["R"]
+              for r in ("whole", "killed"))
+    torch.testing.assert_close(torch.tensor(m2), torch.tensor(m1), rtol=0, atol=1e-6)
