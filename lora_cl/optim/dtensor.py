@@ -19,10 +19,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 try:  # torch >= 2.4
-    from torch.distributed.tensor import DTensor, Replicate
+    from torch.distributed.tensor import DTensor, Replicate, Shard
 except ImportError:  # pragma: no cover - torch without DTensor
     DTensor = None  # type: ignore[assignment,misc]
     Replicate = None  # type: ignore[assignment,misc]
+    Shard = None  # type: ignore[assignment,misc]
 
 
 def is_dtensor(t: Any) -> bool:
@@ -34,17 +35,59 @@ def local(t: Tensor) -> Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
-def check_param(p: Tensor, *, state_bits: int, reproject_update: bool) -> None:
+def check_param(p: Tensor, *, reproject_update: bool) -> None:
     """Refuse, in one line naming what works, what RoutedAdamW does not step on DTensors."""
     if p.device_mesh.ndim != 1:
         raise ValueError(f"RoutedAdamW: a DTensor parameter on a {p.device_mesh.ndim}-D device mesh "
                          "(HSDP) is not supported; shard with fully_shard on a 1-D mesh")
-    if state_bits != 32:
-        raise ValueError("RoutedAdamW: state_bits=8 with FSDP2 (DTensor) parameters is not "
-                         "supported yet; use state_bits=32, or DeepSpeed ZeRO-1/2 for 8-bit states")
     if reproject_update:
         raise ValueError("RoutedAdamW: reproject_update=True with FSDP2 (DTensor) parameters is "
                          "not supported yet; use reproject_update=False")
+
+
+def _blocks(numel: int) -> int:
+    from lora_cl.optim.quantized_state import BLOCKSIZE
+
+    return -(-numel // BLOCKSIZE)
+
+
+def _max_local_blocks(p: Tensor) -> int:
+    """Block scales per rank of an 8-bit state of ``p``: enough for the largest local shard
+    (torch.chunk's first chunk under ``Shard(0)``), so every rank holds an equal slice."""
+    world = p.device_mesh.size()
+    rows = p.shape[0] if p.dim() else 1
+    per_row = p.numel() // rows if rows else 0
+    return _blocks(-(-rows // world) * per_row)
+
+
+def init_8bit(p: Tensor) -> dict[str, Tensor]:
+    """Zero 8-bit moments for DTensor ``p``, blockwise over each rank's local shard: the codes are
+    DTensors laid out like ``p``; the block scales a ``Shard(0)`` DTensor with an equal, padded
+    slice per rank (so ``torch.distributed.checkpoint`` saves every rank's). A shard whose size
+    is a multiple of 256 has the same blocks as the whole tensor in one process."""
+    mesh, placements = p.device_mesh, p.placements
+    shard = p.to_local()
+    nblocks = _max_local_blocks(p)
+    out = {}
+    for key in ("state1", "state2"):
+        codes = torch.zeros(shard.shape, dtype=torch.uint8, device=shard.device)
+        out[key] = DTensor.from_local(codes, mesh, placements, run_check=False, shape=p.shape,
+                                      stride=p.stride())
+    for key in ("absmax1", "absmax2"):
+        scales = torch.zeros(nblocks, dtype=torch.float32, device=shard.device)
+        out[key] = DTensor.from_local(scales, mesh, [Shard(0)], run_check=False)
+    return out
+
+
+def local_state(state: dict[str, Any], p: Tensor) -> dict[str, Any]:
+    """The rank's part of a DTensor parameter's state as plain tensors (views: updating them
+    updates the state): fp32 m and v, or the 8-bit codes with this shard's block scales."""
+    if "state1" in state:
+        nblocks = _blocks(p.to_local().numel())
+        return {"step": state["step"], "state1": local(state["state1"]), "state2": local(state["state2"]),
+                "absmax1": local(state["absmax1"])[:nblocks], "absmax2": local(state["absmax2"])[:nblocks]}
+    return {"step": state["step"], "exp_avg": local(state["exp_avg"]),
+            "exp_avg_sq": local(state["exp_avg_sq"])}
 
 
 def whole(t: Tensor) -> Tensor:

@@ -243,6 +243,10 @@ class RoutedAdamW(Optimizer):
                 state = self.state.pop(q, None)
                 if not state or self.state.get(p):
                     continue
+                if dt.is_dtensor(p) and q8.is_8bit(state):
+                    raise ValueError("RoutedAdamW.rebind_states: 8-bit states of a whole tensor cannot "
+                                     "be cut into FSDP2 shards (their blocks span the shards); load "
+                                     "them after sharding, or resume with state_bits=32")
                 self.state[p] = {k: dt.like_param(v, p) if (
                     isinstance(v, Tensor) and dt.is_dtensor(p) and not dt.is_dtensor(v)
                     and v.shape == p.shape) else v for k, v in state.items()}
@@ -494,11 +498,10 @@ class RoutedAdamW(Optimizer):
                 sharded = dt.is_dtensor(p)
                 if "exp_avg" not in state and not q8.is_8bit(state):  # (a state may hold only extras)
                     if sharded:
-                        dt.check_param(p, state_bits=self.state_bits,
-                                       reproject_update=self.reproject_update)
+                        dt.check_param(p, reproject_update=self.reproject_update)
                     state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device)
-                    if self._wants_8bit(p):
-                        state.update(q8.init_8bit(p))
+                    if self._wants_8bit(p):  # (on a DTensor: blockwise over each local shard)
+                        state.update(dt.init_8bit(p) if sharded else q8.init_8bit(p))
                     else:
                         state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32,
                                                             memory_format=torch.preserve_format)
@@ -510,8 +513,7 @@ class RoutedAdamW(Optimizer):
                              grad=grad, routing=group["routing"], state=state)
                 if sharded:  # FSDP2: step the local shards (lora_cl.optim.dtensor)
                     entry["dtensor"] = p
-                    entry["state"] = {"step": state["step"], "exp_avg": dt.local(state["exp_avg"]),
-                                      "exp_avg_sq": dt.local(state["exp_avg_sq"])}
+                    entry["state"] = dt.local_state(state, p)
                 entries.append(entry)
         return entries
 
@@ -707,6 +709,10 @@ def state_moments(state: dict[str, Any] | None) -> tuple[Tensor, Tensor] | None:
     ZeRO's per-tensor list)."""
     if not state:
         return None
+    if q8.is_8bit(state) and dt.is_dtensor(state["state1"]):  # FSDP2: dequantize the shards
+        p = state["state1"]
+        m, v = q8.dequantize(dt.local_state(state, p))
+        return dt.whole(_as_dtensor(m, p)), dt.whole(_as_dtensor(v, p))
     if q8.is_8bit(state):
         return q8.dequantize(state)
     if "exp_avg" not in state:
@@ -715,6 +721,11 @@ def state_moments(state: dict[str, Any] | None) -> tuple[Tensor, Tensor] | None:
     if dt.is_dtensor(m):  # FSDP2: whole, as one process holds them (collective: every rank calls)
         return dt.whole(m), dt.whole(v)
     return m, v
+
+
+def _as_dtensor(shard: Tensor, like: Tensor) -> Tensor:
+    return dt.DTensor.from_local(shard.reshape(like.to_local().shape), like.device_mesh, like.placements,
+                                 run_check=False, shape=like.shape, stride=like.stride())
 
 
 def _as_state_input(g: Tensor, entry: dict[str, Any]) -> Tensor:

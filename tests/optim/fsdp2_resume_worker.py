@@ -5,7 +5,7 @@ projection on both sides), 2 gloo ranks under torchrun.
 ``torch.distributed.checkpoint`` save through ``lora_cl.optim.dtensor.sharded_state_dict`` into
 CKPT (written to a temporary directory, renamed when every rank is done), then rank 1 kills
 itself with SIGKILL. ``resume CKPT OUT``: a fresh model and optimizer, loaded from CKPT, steps
-3-5, the final whole weights to OUT.
+3-5, the final whole weights to OUT. ``FSDP2_STATE_BITS=80``: 8-bit states (every tensor).
 """
 
 from __future__ import annotations
@@ -27,11 +27,15 @@ from torch.distributed.fsdp import fully_shard
 from lora_cl.optim.dtensor import load_sharded_state_dict, sharded_state_dict
 
 
+#: 32, or 80: 8-bit states for every tensor (blockwise over each rank's shard; fsdp2_worker.optimizer)
+STATE_BITS = int(os.environ.get("FSDP2_STATE_BITS", "32"))
+
+
 def make(mesh):  # noqa: ANN001, ANN201
     model = Net()
     for module in (model.a, model.b, model.odd, model):
         fully_shard(module, mesh=mesh)
-    return model, optimizer(model, "decoupled", "both", "overlap")
+    return model, optimizer(model, "decoupled", "both", "overlap", STATE_BITS)
 
 
 def steps(model, opt, ts, rank: int) -> None:  # noqa: ANN001

@@ -52,7 +52,8 @@ def bank(side: str) -> SubspaceBank:
     return out
 
 
-def optimizer(model: torch.nn.Module, routing: str, side: str | None, strength: str | None) -> RoutedAdamW:
+def optimizer(model: torch.nn.Module, routing: str, side: str | None, strength: str | None,
+              state_bits: int = 32) -> RoutedAdamW:
     named = dict(model.named_parameters())
     routed = [n for n in named if n != "norm"]
     mods = []
@@ -62,7 +63,9 @@ def optimizer(model: torch.nn.Module, routing: str, side: str | None, strength: 
         mods = [Projection(bank(side), strength=make(), side=side)]
     groups = [{"params": [named[n] for n in routed], "param_names": routed},
               {"params": [named["norm"]], "param_names": ["norm"], "routing": "vanilla"}]
-    return RoutedAdamW(groups, lr=1e-2, weight_decay=0.1, routing=routing, modifiers=mods)
+    # 8: a and b (1,024 elements) in 8-bit, the rest fp32; 80: every tensor in 8-bit
+    bits = {"state_bits": 8, "min_8bit_size": 256 if state_bits == 8 else 0} if state_bits != 32 else {}
+    return RoutedAdamW(groups, lr=1e-2, weight_decay=0.1, routing=routing, modifiers=mods, **bits)
 
 
 def batches() -> list[torch.Tensor]:
@@ -171,22 +174,30 @@ def main() -> None:
     cases = [(r, None, None, None) for r in ("vanilla", "shared", "decoupled", "v_only")]
     cases += [(r, side, st, None) for r in ("shared", "decoupled", "v_only")
               for side in ("in", "out", "both") for st in ("fixed", "overlap")]
-    cases += [("decoupled", None, None, 1), ("decoupled", "both", "overlap", 1)]
+    cases = [(*c, 32) for c in cases]
+    cases += [("decoupled", None, None, 1, 32), ("decoupled", "both", "overlap", 1, 32)]
+    # 8-bit states, blockwise over each rank's shard. 8: a and b only (512 elements a shard: the
+    # blocks of the whole tensor); 80: every tensor, odd (64 + 48) and norm (32 + 32) too (one
+    # block in one process, one per shard)
+    cases += [(r, side, st, None, bits) for bits in (8, 80) for r in ("shared", "decoupled")
+              for side, st in ((None, None), ("both", "overlap"))]
     results = []
-    for routing, side, strength, nan_at in cases:
+    for routing, side, strength, nan_at, bits in cases:
         whole = Net().to(DEVICE)
-        whole_opt = optimizer(whole, routing, side, strength)
+        whole_opt = optimizer(whole, routing, side, strength, bits)
         train(whole, whole_opt, None, nan_at)
         sharded = Net().to(DEVICE)
         for module in (sharded.a, sharded.b, sharded.odd, sharded):
             fully_shard(module, mesh=mesh)
-        opt = optimizer(sharded, routing, side, strength)
+        opt = optimizer(sharded, routing, side, strength, bits)
         train(sharded, opt, rank, nan_at)
         got, want = weights(sharded), weights(whole)
         states = [None] * dist.get_world_size()
         dist.all_gather_object(states, json.dumps(strength_state(opt), default=str))
         results.append({
-            "routing": routing, "side": side, "strength": strength, "nan_at": nan_at,
+            "routing": routing, "side": side, "strength": strength, "nan_at": nan_at, "state_bits": bits,
+            "err": {n: float((got[n] - want[n]).abs().max()) for n in got},
+            "state_types": sorted({type(v).__name__ for st in opt.state.values() for v in st.values()}),
             "sharded": type(sharded.a.weight).__name__,
             "placements": str(sharded.odd.weight.placements),
             "max_err": max(float((got[n] - want[n]).abs().max()) for n in got),

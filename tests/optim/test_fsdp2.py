@@ -24,8 +24,8 @@ WORKER = Path(__file__).with_name("fsdp2_worker.py")
 REPO = WORKER.parents[2]
 
 
-def _torchrun(worker: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
+def _torchrun(worker: Path, *args: str, **extra_env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra_env,
            "PYTHONPATH": os.pathsep.join([str(REPO), str(WORKER.parent), os.environ.get("PYTHONPATH", "")])}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(key, None)
@@ -48,9 +48,9 @@ def cases(results: dict) -> list[dict]:
 
 
 def _case(cases: list[dict], routing: str, side: str | None, strength: str | None,
-          nan_at: int | None = None) -> dict:
-    (row,) = [r for r in cases if (r["routing"], r["side"], r["strength"], r["nan_at"])
-              == (routing, side, strength, nan_at)]
+          nan_at: int | None = None, state_bits: int = 32) -> dict:
+    (row,) = [r for r in cases if (r["routing"], r["side"], r["strength"], r["nan_at"], r["state_bits"])
+              == (routing, side, strength, nan_at, state_bits)]
     return row
 
 
@@ -74,12 +74,29 @@ def test_projection_equals_one_process(cases, routing, side, strength):
 def test_the_comparison_tells_routings_apart(cases):
     """The parity above is not vacuous: the routings end at different weights."""
     finals = {r["routing"]: torch.tensor(r["final"]["a.weight"]) for r in cases
-              if r["side"] == "both" and r["strength"] == "overlap" and r["nan_at"] is None}
+              if r["side"] == "both" and r["strength"] == "overlap" and r["nan_at"] is None
+              and r["state_bits"] == 32}
     assert len(finals) == 3
     for x in finals:
         for y in finals:
             if x < y:
                 assert (finals[x] - finals[y]).abs().max() > 1e-3, (x, y)
+
+
+@pytest.mark.parametrize("routing", ["shared", "decoupled"])
+@pytest.mark.parametrize("side", [None, "both"])
+def test_8bit_states_on_shards_equal_one_process(cases, routing, side):
+    """state_bits=8 on DTensor shards, blockwise over each rank's local shard. Where every 8-bit
+    shard holds whole 256-element blocks (a and b, 512 elements a shard; the small tensors fp32)
+    the blocks are the whole tensor's and the run equals the one-process 8-bit run; with every
+    tensor in 8-bit (the odd one and the norm: one block in one process, one per shard) it stays
+    within 8-bit noise of it (measured: 1.4e-3 of the largest weight at most)."""
+    strength = "overlap" if side else None
+    aligned = _case(cases, routing, side, strength, state_bits=8)
+    assert "DTensor" in aligned["state_types"] and aligned["skipped"] == 0, aligned
+    assert max(aligned["err"].values()) <= 1e-6 * aligned["max_abs"], aligned
+    every = _case(cases, routing, side, strength, state_bits=80)
+    assert max(every["err"].values()) <= 1e-2 * every["max_abs"], every
 
 
 @pytest.mark.parametrize("side", [None, "both"])
@@ -98,16 +115,20 @@ def test_peft_model_with_the_ogp_preset_equals_one_process(results):
     assert row["max_err"] <= 1e-4 * row["max_abs"], row
 
 
-def test_kill_9_and_resume_from_a_sharded_checkpoint_equals_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("bits", ["32", "80"])
+def test_kill_9_and_resume_from_a_sharded_checkpoint_equals_the_uninterrupted_run(tmp_path, bits):
     """3 steps, a torch.distributed.checkpoint save (lora_cl.optim.dtensor.sharded_state_dict),
     rank 1 SIGKILLed; a fresh launch loads it and finishes: the same weights as 6 steps straight
-    (the modifier chain's state, which torch's optimizer state dict drops, included)."""
+    (the modifier chain's state, which torch's optimizer state dict drops, included). fp32 states,
+    and 8-bit ones on every tensor (codes and block scales saved sharded)."""
     worker = WORKER.with_name("fsdp2_resume_worker.py")
-    full = _torchrun(worker, "full", str(tmp_path / "full.safetensors"))
+    bits_env = {"FSDP2_STATE_BITS": bits}
+    full = _torchrun(worker, "full", str(tmp_path / "full.safetensors"), **bits_env)
     assert full.returncode == 0, full.stderr[-4000:]
-    killed = _torchrun(worker, "kill", str(tmp_path / "ckpt"))
+    killed = _torchrun(worker, "kill", str(tmp_path / "ckpt"), **bits_env)
     assert killed.returncode != 0 and (tmp_path / "ckpt").is_dir()
-    resumed = _torchrun(worker, "resume", str(tmp_path / "ckpt"), str(tmp_path / "resumed.safetensors"))
+    resumed = _torchrun(worker, "resume", str(tmp_path / "ckpt"), str(tmp_path / "resumed.safetensors"),
+                        **bits_env)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     want, got = (load_file(str(tmp_path / f"{k}.safetensors")) for k in ("full", "resumed"))
     assert want.keys() == got.keys()
@@ -139,8 +160,6 @@ def test_dtensor_refusals_name_what_works():
 
         with pytest.raises(ValueError, match="reproject_update=True with FSDP2 .* use reproject_upd"):
             RoutedAdamW([param()], reproject_update=True).step()
-        with pytest.raises(ValueError, match="state_bits=8 with FSDP2 .* use state_bits=32"):
-            RoutedAdamW([param()], state_bits=8, min_8bit_size=0).step()
         opt = RoutedAdamW([param()], lr=0.1)
         opt.step()  # a mesh of 1: the sharded code path, stepping
         assert opt.global_step == 1
