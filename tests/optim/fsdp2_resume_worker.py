@@ -26,7 +26,6 @@ from torch.distributed.fsdp import fully_shard
 
 from lora_cl.optim.dtensor import load_sharded_state_dict, sharded_state_dict
 
-
 #: 32, or 80: 8-bit states for every tensor (blockwise over each rank's shard; fsdp2_worker.optimizer)
 STATE_BITS = int(os.environ.get("FSDP2_STATE_BITS", "32"))
 
