@@ -208,7 +208,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     inputs = PlanInputs(lora_r=recipe.lora.r, lora_targets=tuple(recipe.lora.target_modules),
                         quantization=m.quantization, dtype=dtype, batch_size=t.batch_size,
                         seq_len=recipe.data.seq_len, gradient_checkpointing=m.gradient_checkpointing,
-                        state_bits=args.state_bits, basis_rank=basis_rank,
+                        state_bits=args.state_bits or t.state_bits, basis_rank=basis_rank,
                         n_domains=len(recipe.domains), gpus=args.gpus, zero_stage=stage,
                         offload=offload, gpu_mem_gb=args.gpu_mem,
                         loss="fused" if t.fused_head else "full")
@@ -391,8 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     recipe_args(plan)
     plan.add_argument("--gpus", type=int, default=1, help="number of GPUs (ZeRO shards over them)")
     plan.add_argument("--gpu-mem", type=float, default=24.0, help="memory per GPU in GiB (default 24)")
-    plan.add_argument("--state-bits", type=int, choices=[32, 8], default=32,
-                      help="optimizer state precision (8: blockwise 8-bit states)")
+    plan.add_argument("--state-bits", type=int, choices=[32, 8], default=None,
+                      help="optimizer state precision (8: blockwise 8-bit states; default: the "
+                           "recipe's training.state_bits)")
     plan.set_defaults(func=_cmd_plan)
     rep = sub.add_parser("report", help="(re)write report.md and plots of a run or a run directory")
     rep.add_argument("dir", help="a method's run directory, or the output directory of a recipe")

@@ -126,6 +126,8 @@ ERRORS = [
      {"check_sources": True}, "deepspeed",
      "training.deepspeed: DeepSpeed config {tmp}/ds/zero2.json does not exist; point it at a JSON such "
      "as deepspeed_configs/zero2.json, or remove the key"),
+    ("bad-state-bits", "  lr: 2.0e-4", "  lr: 2.0e-4\n  state_bits: 4", (), None, "state_bits",
+     "training.state_bits must be one of 32, 8, got 4"),
     ("fsdp-and-deepspeed", "  lr: 2.0e-4", "  lr: 2.0e-4\n  fsdp: true\n  deepspeed: ds/zero2.json", (), None,
      "fsdp", "training.fsdp and training.deepspeed are both set; shard with one of them: remove "
      "training.deepspeed for FSDP2, or training.fsdp for DeepSpeed ZeRO"),

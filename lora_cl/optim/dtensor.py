@@ -90,6 +90,51 @@ def local_state(state: dict[str, Any], p: Tensor) -> dict[str, Any]:
             "exp_avg_sq": local(state["exp_avg_sq"])}
 
 
+def _like(shard: Tensor, p: Tensor) -> Tensor:
+    """A DTensor laid out like ``p`` from this rank's shard ``shard`` (any shape of its numel)."""
+    return DTensor.from_local(shard.reshape(p.to_local().shape), p.device_mesh, p.placements,
+                              run_check=False, shape=p.shape, stride=p.stride())
+
+
+def whole_moments_8bit(state: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """fp32 (m, v), whole, of a DTensor parameter's 8-bit state (each rank dequantizes its shard;
+    one all-gather each). Collective."""
+    from lora_cl.optim import quantized_state as q8
+
+    codes = state["state1"]
+    m, v = q8.dequantize(local_state(state, codes))
+    return whole(_like(m, codes)), whole(_like(v, codes))
+
+
+def whole_8bit(state: dict[str, Any]) -> dict[str, Any]:
+    """A DTensor parameter's 8-bit state in one process's layout (blocks over the whole tensor):
+    dequantized per shard, gathered, quantized whole. Where every shard holds whole blocks the
+    codes and scales are the shards' exactly. Collective."""
+    from lora_cl.optim import quantized_state as q8
+
+    m, v = whole_moments_8bit(state)
+    out = {k: t for k, t in state.items() if k not in q8.Q8_KEYS}
+    out.update(q8.init_8bit(m))
+    q8.requantize_(out, m, v)
+    return out
+
+
+def shard_8bit(saved: dict[str, Any], p: Tensor) -> dict[str, Any]:
+    """A whole 8-bit state (one process's layout, :func:`whole_8bit`) cut to DTensor ``p``'s shard
+    and quantized blockwise over it (:func:`init_8bit`'s layout). No communication."""
+    from lora_cl.optim import quantized_state as q8
+
+    m, v = q8.dequantize({k: saved[k].to(p.device) for k in q8.Q8_KEYS})
+    out = {k: t for k, t in saved.items() if k not in q8.Q8_KEYS}
+    out.update(init_8bit(p))
+    mine = local_state(out | {"step": None}, p)
+    flat = q8.Chunk8bit([mine])
+    flat.m[0].copy_(shard_like(m.reshape(p.shape).float(), p))
+    flat.v[0].copy_(shard_like(v.reshape(p.shape).float(), p))
+    flat.requantize_()
+    return out
+
+
 def whole(t: Tensor) -> Tensor:
     """The full tensor of a DTensor (an all-gather), else t."""
     return t.full_tensor() if is_dtensor(t) else t
@@ -111,12 +156,16 @@ def like_param(full: Tensor, p: Tensor) -> Tensor:
 
 
 def full_state_dict(optimizer: Any) -> dict[str, Any]:
-    """``optimizer.state_dict()`` with every DTensor state whole (as one process would save it):
+    """``optimizer.state_dict()`` with every DTensor state whole (as one process would save it;
+    8-bit states requantized over the whole tensor's blocks, :func:`whole_8bit`):
     what ``torch.save`` on one rank can write and any world size can load
     (``load_state_dict`` cuts each state to the parameter's shard again). Collective: every rank
     calls it."""
+    from lora_cl.optim import quantized_state as q8
+
     state = optimizer.state_dict()
-    state["state"] = {pid: {k: whole(v) if is_dtensor(v) else v for k, v in s.items()}
+    state["state"] = {pid: whole_8bit(s) if q8.is_8bit(s) and is_dtensor(s["state1"]) else
+                      {k: whole(v) if is_dtensor(v) else v for k, v in s.items()}
                       for pid, s in state["state"].items()}
     return state
 

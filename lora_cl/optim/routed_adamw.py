@@ -243,10 +243,10 @@ class RoutedAdamW(Optimizer):
                 state = self.state.pop(q, None)
                 if not state or self.state.get(p):
                     continue
-                if dt.is_dtensor(p) and q8.is_8bit(state):
-                    raise ValueError("RoutedAdamW.rebind_states: 8-bit states of a whole tensor cannot "
-                                     "be cut into FSDP2 shards (their blocks span the shards); load "
-                                     "them after sharding, or resume with state_bits=32")
+                if dt.is_dtensor(p) and q8.is_8bit(state) and not dt.is_dtensor(state["state1"]):
+                    self.state[p] = dt.shard_8bit(state, p)  # to this shard's blocks
+                    moved += 1
+                    continue
                 self.state[p] = {k: dt.like_param(v, p) if (
                     isinstance(v, Tensor) and dt.is_dtensor(p) and not dt.is_dtensor(v)
                     and v.shape == p.shape) else v for k, v in state.items()}
@@ -691,6 +691,8 @@ class RoutedAdamW(Optimizer):
         # stay uint8), and the step lives on the param's device, where the fused kernel reads it.
         # Nested states (ZeRO's per-tensor list) come back as saved, on the param's device.
         for p, saved in self._saved_states(state_dict):
+            if dt.is_dtensor(p) and q8.is_8bit(saved) and not dt.is_dtensor(saved["state1"]):
+                saved = dt.shard_8bit(saved, p)  # one process's 8-bit layout: to this shard's blocks
             for key, value in saved.items():
                 if isinstance(value, Tensor):
                     dtype = torch.uint8 if value.dtype == torch.uint8 else torch.float32
@@ -710,9 +712,7 @@ def state_moments(state: dict[str, Any] | None) -> tuple[Tensor, Tensor] | None:
     if not state:
         return None
     if q8.is_8bit(state) and dt.is_dtensor(state["state1"]):  # FSDP2: dequantize the shards
-        p = state["state1"]
-        m, v = q8.dequantize(dt.local_state(state, p))
-        return dt.whole(_as_dtensor(m, p)), dt.whole(_as_dtensor(v, p))
+        return dt.whole_moments_8bit(state)
     if q8.is_8bit(state):
         return q8.dequantize(state)
     if "exp_avg" not in state:
@@ -721,11 +721,6 @@ def state_moments(state: dict[str, Any] | None) -> tuple[Tensor, Tensor] | None:
     if dt.is_dtensor(m):  # FSDP2: whole, as one process holds them (collective: every rank calls)
         return dt.whole(m), dt.whole(v)
     return m, v
-
-
-def _as_dtensor(shard: Tensor, like: Tensor) -> Tensor:
-    return dt.DTensor.from_local(shard.reshape(like.to_local().shape), like.device_mesh, like.placements,
-                                 run_check=False, shape=like.shape, stride=like.stride())
 
 
 def _as_state_input(g: Tensor, entry: dict[str, Any]) -> Tensor:

@@ -46,7 +46,7 @@ def _check_values(recipe: Recipe, ctx: _Ctx) -> None:
             ("model.dtype", m.dtype, DTYPES), ("model.quantization", m.quantization, QUANTIZATIONS),
             ("model.finetune", m.finetune, FINETUNE),
             ("training.trainer", t.trainer, TRAINERS), ("training.nonfinite", t.nonfinite, NONFINITE),
-            ("eval.metric", e.metric, METRICS),
+            ("eval.metric", e.metric, METRICS), ("training.state_bits", t.state_bits, (32, 8)),
             ("training.scheduler", t.scheduler, [s.value for s in SchedulerType])):
         _choice(ctx, key, value, allowed)
     positive = {"data.seq_len": d.seq_len, "data.train_examples": d.train_examples,
@@ -61,6 +61,7 @@ def _check_values(recipe: Recipe, ctx: _Ctx) -> None:
         if value is not None and value <= 0:
             raise ctx.error(key, f"{key} must be positive, got {value}")
     for key, value in (("training.warmup_steps", t.warmup_steps), ("training.weight_decay", t.weight_decay),
+                       ("training.min_8bit_size", t.min_8bit_size),
                        ("training.max_grad_norm", t.max_grad_norm)):
         if value < 0:
             raise ctx.error(key, f"{key} must be >= 0, got {value}")

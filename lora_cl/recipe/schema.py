@@ -155,6 +155,8 @@ class TrainingConfig:
     nonfinite: str = "stop"
     deepspeed: str | None = None
     fsdp: bool = False  # the Trainer's FSDP2 (fully_shard per decoder layer), every rank evaluating
+    state_bits: int = 32  # 8: Adam's m and v as 8-bit blockwise states (bitsandbytes' format)
+    min_8bit_size: int = 4096  # with state_bits 8, smaller tensors keep fp32 states (bitsandbytes')
     fused_loss: bool = False  # trainer: "trainer" only; trl's SFTTrainer always fuses the LM head
 
     @property

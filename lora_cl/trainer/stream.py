@@ -184,6 +184,7 @@ def _run_method(recipe: Any, choice: Any, run_dir: str | os.PathLike[str], *,
     route = "linear" if recipe.model.finetune == "full" else "lora"
     optimizer = make_optimizer(model, spec, route=route, lr=tr.lr, weight_decay=tr.weight_decay,
                                betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_epsilon,
+                               state_bits=tr.state_bits, min_8bit_size=tr.min_8bit_size,
                                nonfinite="raise" if recipe.training.nonfinite == "stop" else "skip")
     callback = ContinualCallback(seed=recipe.training.seed)
     has_generation = recipe.eval.generate and all(d.eval_prompts for d in data)

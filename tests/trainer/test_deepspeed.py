@@ -272,23 +272,26 @@ def test_offload_refuses(prep: Path, tmp_path: Path, test_cache_dir: Path, confi
     assert "offload_optimizer.device='cpu'" in text and "remove offload_optimizer" in text
 
 
-@pytest.mark.parametrize("launch", ["zero2", "zero3", "zero3-4bit", "ddp"])
+@pytest.mark.parametrize("launch", ["zero2", "zero3", "zero3-4bit", "ddp", "zero2-8bit", "zero3-8bit"])
 def test_cli_train_under_torchrun_equals_single_process(tmp_path: Path, test_cache_dir: Path,
                                                         launch: str) -> None:
     """`torchrun -m lora_cl.cli train RECIPE [--set training.deepspeed=zero2.json]`: the whole stream
     (3 domains, one Trainer each, evaluation, domain directories) on 2 ranks x 2 examples equals
     one process x 4, under ZeRO-2, ZeRO-3 (every LoRA tensor partitioned; every rank evaluates,
     since a ZeRO-3 forward is collective), ZeRO-3 with a 4-bit (nf4) base against the 1-process
-    4-bit run, and plain DDP; rank 0 alone writes the run files."""
+    4-bit run, plain DDP, and ZeRO-2 / ZeRO-3 with `training.state_bits: 8` against the 1-process
+    8-bit run; rank 0 alone writes the run files."""
     common = ["train", str(REPO / "recipes" / "tiny.yaml"), "--set", "compare=[]", "--no-progress",
               "--set", "training.lr=1e-3", "--set", "data.train_examples=8"]  # whole global batches
     if launch.endswith("-4bit"):
         common += ["--set", "model.quantization=4bit"]
+    if launch.endswith("-8bit"):  # training.state_bits: 8 on every LoRA tensor
+        common += ["--set", "training.state_bits=8", "--set", "training.min_8bit_size=0"]
     single = subprocess.run([sys.executable, "-m", "lora_cl.cli", *common, "--output", str(tmp_path / "one")],
                             capture_output=True, text=True, timeout=300, cwd=REPO, env=_env(test_cache_dir))
     assert single.returncode == 0, single.stderr[-3000:]
     configs = {"zero2": str(CONFIGS / "zero2.json"), "zero3": _zero3_config(tmp_path, persistence=0)}
-    config = configs.get(launch.removesuffix("-4bit"))
+    config = configs.get(launch.removesuffix("-4bit").removesuffix("-8bit"))
     deepspeed = ["--set", f"training.deepspeed={config}"] if config else []
     ds = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                          "2", "-m", "lora_cl.cli", *common, "--output", str(tmp_path / "two"),
@@ -303,7 +306,9 @@ def test_cli_train_under_torchrun_equals_single_process(tmp_path: Path, test_cac
         want = load_file(str(ddir / "adapter" / "adapter_model.safetensors"))
         got = load_file(str(two / "domains" / ddir.name / "adapter" / "adapter_model.safetensors"))
         for name in want:
-            torch.testing.assert_close(got[name], want[name], **TOL, msg=lambda m, n=name: f"{n}: {m}")
+            # 8-bit: a last-bit difference of the 2-rank reduction can flip a code (8-bit noise)
+            tol = dict(rtol=0, atol=2e-3) if launch.endswith("-8bit") else TOL
+            torch.testing.assert_close(got[name], want[name], **tol, msg=lambda m, n=name: f"{n}: {m}")
     moved = max(float(t.abs().max()) for t in want.values() if t.abs().max() > 0)
     assert moved > 1e-3, "the reference run did not train"
     m1, m2 = (json.loads((d / "matrix.json").read_text())["metrics"]["loss"]["R"] for d in (one, two))
