@@ -67,6 +67,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
     quantization: str | None = None,
+    quant_storage: torch.dtype | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer: ``"smollm2-135m"``, ``"tiny"``, ``"scratch-5m"`` (a
     randomly initialised 5.2M-parameter Llama, the same weights every call, for full-parameter
@@ -74,8 +75,10 @@ def load_model(
 
     ``quantization`` is ``None``, ``"4bit"`` (nf4) or ``"8bit"`` (bitsandbytes); a quantized model
     is returned after ``peft.prepare_model_for_kbit_training``. The model is in eval mode.
+    ``quant_storage``: the dtype 4-bit weights are packed in (bitsandbytes'
+    ``bnb_4bit_quant_storage``; default uint8); a floating dtype lets FSDP2 shard them.
     """
-    quant_config = _quantization_config(quantization, dtype)
+    quant_config = _quantization_config(quantization, dtype, quant_storage)
     if name_or_path == SMOLLM2:
         smollm2_dir()  # build the cache before the tokenizer: it holds the tokenizer too
     tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
@@ -293,7 +296,8 @@ def _random_llama(name: str, tokenizer: PreTrainedTokenizerBase) -> LlamaForCaus
         return LlamaForCausalLM(config)
 
 
-def _quantization_config(quantization: str | None, dtype: torch.dtype) -> BitsAndBytesConfig | None:
+def _quantization_config(quantization: str | None, dtype: torch.dtype,
+                         quant_storage: torch.dtype | None = None) -> BitsAndBytesConfig | None:
     """``BitsAndBytesConfig`` for ``"4bit"`` (nf4) / ``"8bit"``; ``None`` for no quantization."""
     if quantization is None:
         return None
@@ -307,8 +311,9 @@ def _quantization_config(quantization: str | None, dtype: torch.dtype) -> BitsAn
         return BitsAndBytesConfig(load_in_8bit=True)
     cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     compute = torch.bfloat16 if cuda_bf16 or dtype == torch.bfloat16 else torch.float32
+    storage = {} if quant_storage is None else {"bnb_4bit_quant_storage": quant_storage}
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute, **storage
     )
 
 

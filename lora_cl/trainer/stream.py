@@ -494,8 +494,12 @@ def load_peft_model(recipe: Any) -> tuple[Any, Any]:
     from lora_cl.models import load_model
 
     m = recipe.model
-    model, tokenizer = load_model(m.name, dtype=getattr(torch, m.dtype),
-                                  trust_remote_code=m.trust_remote_code, quantization=m.quantization)
+    dtype = getattr(torch, m.dtype)
+    # under FSDP2 a 4-bit base is packed in the model's floating dtype, so fully_shard shards it
+    # (accelerate leaves uint8-packed 4-bit weights whole on every rank)
+    storage = {"quant_storage": dtype} if recipe.training.fsdp and m.quantization == "4bit" else {}
+    model, tokenizer = load_model(m.name, dtype=dtype, trust_remote_code=m.trust_remote_code,
+                                  quantization=m.quantization, **storage)
     if m.finetune == "full":
         model.requires_grad_(True)
     else:

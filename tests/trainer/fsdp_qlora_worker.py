@@ -1,0 +1,41 @@
+"""Worker for test_fsdp_stream.py: which tensors FSDP2 shards when the base is 4-bit.
+
+tiny.yaml with ``model.quantization: 4bit`` and ``training.fsdp: true``, 2 ranks: the runner's own
+model loading (4-bit weights packed in the model's dtype under FSDP2) and the first domain's
+Trainer for 2 steps; rank 0 writes each 4-bit base weight's and LoRA tensor's type, shape and
+local shape.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+from lora_cl.recipe import load_recipe
+from lora_cl.trainer.optimizer_factory import make_optimizer
+from lora_cl.trainer.stream import load_peft_model, load_stream_data
+from lora_cl.trainer.trainers import make_trainer
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    recipe = load_recipe(Path(__file__).parents[2] / "recipes" / "tiny.yaml", overrides=[
+        "model.quantization=4bit", "training.fsdp=true", "training.batch_size=2", "data.train_examples=8"])
+    data, _ = load_stream_data(recipe)
+    model, tokenizer = load_peft_model(recipe)
+    optimizer = make_optimizer(model, "ogp", lr=1e-3)
+    trainer = make_trainer(recipe, model, tokenizer, optimizer, data[0], out.parent / "run", steps=2,
+                           seed=0, progress=False)
+    trainer.train()
+    rows = {n: {"type": type(p).__name__, "shape": list(p.shape),
+                "local": list(p.to_local().shape) if hasattr(p, "to_local") else None}
+            for n, p in trainer.model.named_parameters() if "base_layer" in n or "lora_" in n}
+    if dist.get_rank() == 0:
+        out.write_text(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
