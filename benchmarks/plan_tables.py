@@ -178,7 +178,9 @@ def render() -> str:
               "The shapes users have, at the paper setup (batch 4 x 2048 per GPU, LoRA r=16 on q,k,v,o, "
               "fp32 states, fused loss): what `zero3.json` leaves on each GPU, and what one GPU would "
               "need. Planner numbers; the sharded path is tested for equality with one process on CPU "
-              "(2 gloo ranks), not measured on GPUs.", ""]
+              "(2 gloo ranks), not measured on GPUs. FSDP2 (`--set training.fsdp=true` in place of "
+              "`training.deepspeed`) shards the same tensors per parameter, and the planner gives it the "
+              "same totals.", ""]
     lines += sharded_table(big, paper) + [""]
     lines += ["## Formulas", "", "Per GPU, summed (an upper bound: the loss peak and the one-layer recompute "
               "do not coincide in time). Parameter counts and LoRA shapes come from the real architecture "

@@ -210,7 +210,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                         seq_len=recipe.data.seq_len, gradient_checkpointing=m.gradient_checkpointing,
                         state_bits=args.state_bits or t.state_bits, basis_rank=basis_rank,
                         n_domains=len(recipe.domains), gpus=args.gpus, zero_stage=stage,
-                        offload=offload, gpu_mem_gb=args.gpu_mem,
+                        offload=offload, fsdp=t.fsdp, gpu_mem_gb=args.gpu_mem,
                         loss="fused" if t.fused_head else "full")
     print(f"{args.recipe}: {m.name}, per GPU over {args.gpus} GPU(s) of {args.gpu_mem:g} GiB")
     print(plan_memory(model_config(recipe), inputs).to_text())

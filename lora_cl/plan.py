@@ -61,6 +61,7 @@ class PlanInputs:
     gpus: int = 1
     zero_stage: int = 0  # 0 | 1 | 2 | 3
     offload: bool = False
+    fsdp: bool = False  # FSDP2 (training.fsdp): shards like ZeRO-3 (base, LoRA, grads, states)
     gpu_mem_gb: float = 24.0
     attention: str = "auto"  # "auto" (sdpa; eager if the model softcaps attention logits) | "sdpa" | "eager"
     double_quant: bool = False  # nf4 double quantization; lora_cl.models.load_model leaves it off
@@ -72,6 +73,8 @@ class PlanInputs:
                   (self.dtype in DTYPE_BYTES, f"dtype must be one of {sorted(DTYPE_BYTES)}"),
                   (self.state_bits in (8, 32), "state_bits must be 32 or 8"),
                   (self.zero_stage in (0, 1, 2, 3), "zero_stage must be 0, 1, 2 or 3"),
+                  (not (self.fsdp and (self.zero_stage or self.offload)),
+                   "fsdp and a ZeRO stage (or offload) exclude each other"),
                   (self.attention in ("auto", "sdpa", "eager"), "attention must be auto, sdpa or eager"),
                   (self.loss in ("full", "fused"), "loss must be 'full' or 'fused'"),
                   (min(self.lora_r, self.batch_size, self.seq_len, self.gpus, self.n_domains) >= 1,
@@ -267,7 +270,8 @@ def plan_memory(config: PretrainedConfig, inputs: PlanInputs) -> MemoryPlan:
 def _plan(config: PretrainedConfig, inputs: PlanInputs) -> MemoryPlan:
     text = config.get_text_config()
     anatomy = _anatomy(config, inputs)
-    n, zero, off = inputs.gpus, inputs.zero_stage, inputs.offload
+    n, zero, off = inputs.gpus, 3 if inputs.fsdp else inputs.zero_stage, inputs.offload
+    tag = "FSDP2" if inputs.fsdp else "ZeRO-3"  # (FSDP2 shards what ZeRO-3 does, per parameter)
     n_lora = sum(math.prod(s) for s in anatomy.lora_shapes)
     shard = lambda stage: n if zero >= stage else 1  # noqa: E731
     rows: list[Row] = []
@@ -278,17 +282,18 @@ def _plan(config: PretrainedConfig, inputs: PlanInputs) -> MemoryPlan:
         rows.append((name, 0, "ZeRO-3 offload_param: on CPU"))
         cpu.append((name, base // n, f"{how}; 1/{n} per rank"))
     else:
-        rows.append((name, base // shard(3), how + (f"; ZeRO-3 / {n}" if shard(3) > 1 else "")))
+        rows.append((name, base // shard(3), how + (f"; {tag} / {n}" if shard(3) > 1 else "")))
     if zero == 3 and (n > 1 or off):
         live = 2 * base * anatomy.layer_params // anatomy.n_params
-        rows.append(("ZeRO-3 gathered layers", live, "current + prefetched decoder layer"))
+        rows.append((f"{tag} gathered layers", live, "current + prefetched decoder layer"))
     lora_p = 4 * n_lora
     if zero == 3 and off:
         rows.append(("LoRA params", 0, "fp32, offloaded"))
         cpu.append(("LoRA params", lora_p // n, "fp32"))
     else:
         rows.append(("LoRA params", lora_p // shard(3), f"fp32, {n_lora:,} params"))
-    rows.append(("LoRA grads", lora_p // shard(2), "fp32" + (f", ZeRO / {n}" if shard(2) > 1 else "")))
+    zero_tag = "FSDP2" if inputs.fsdp else "ZeRO"
+    rows.append(("LoRA grads", lora_p // shard(2), "fp32" + (f", {zero_tag} / {n}" if shard(2) > 1 else "")))
     states = _state_bytes(anatomy.lora_shapes, inputs.state_bits)
     how = ("fp32 m and v: 8 B/param" if inputs.state_bits == 32 else
            f"8-bit blockwise m and v: 2 B/param + fp32 absmax per {STATE_BLOCK} "
@@ -297,7 +302,8 @@ def _plan(config: PretrainedConfig, inputs: PlanInputs) -> MemoryPlan:
         rows.append(("optimizer states", 0, "offload_optimizer: on CPU"))
         cpu.append(("optimizer states", states // n, how))
     else:
-        rows.append(("optimizer states", states // shard(1), how + (f"; ZeRO / {n}" if shard(1) > 1 else "")))
+        rows.append(("optimizer states", states // shard(1),
+                     how + (f"; {zero_tag} / {n}" if shard(1) > 1 else "")))
     per_domain, merged = _bases(anatomy, inputs)
     rows.append((f"subspace projector after {inputs.n_domains} domains", merged,
                  f"fan_in x min(fan_in, {inputs.basis_rank}*T) fp32 per LoRA tensor with fan_in > "
@@ -342,11 +348,11 @@ def _changes(inputs: PlanInputs) -> list[tuple[str, dict]]:
         out.append(("turn on gradient_checkpointing", {"gradient_checkpointing": True}))
     if inputs.state_bits == 32:
         out.append(("state_bits 8 (8-bit optimizer states)", {"state_bits": 8}))
-    if inputs.gpus > 1 and inputs.zero_stage < 3 and not inputs.offload:
+    if inputs.gpus > 1 and inputs.zero_stage < 3 and not inputs.offload and not inputs.fsdp:
         # no quality cost, unlike 4-bit: the frozen base sharded over the GPUs (routed methods and
         # the stream runner run under ZeRO-3; its forwards all-gather each layer)
         out.append((f"training.deepspeed: deepspeed_configs/zero3.json (the base sharded over {inputs.gpus} "
-                    "GPUs)", {"zero_stage": 3}))
+                    "GPUs; training.fsdp: true shards the same)", {"zero_stage": 3}))
     if inputs.quantization != "4bit":
         out.append(("4bit quantization of the base (QLoRA, nf4)", {"quantization": "4bit"}))
     b = inputs.batch_size // 2
@@ -385,6 +391,6 @@ def _advice(config: PretrainedConfig, inputs: PlanInputs) -> list[str]:
             if p.fits:
                 together = "; ".join(steps.values())
                 return [f"no single change fits; together: {together}: {_gib(p.total_bytes)} GiB, fits"]
-    sharded = inputs.zero_stage == 3 and inputs.gpus > 1
+    sharded = (inputs.zero_stage == 3 or inputs.fsdp) and inputs.gpus > 1
     more = "" if sharded else "more GPUs (zero3.json shards the base over them) or "
     return [f"nothing in the planner's list makes it fit: use {more}larger GPUs"]

@@ -89,6 +89,19 @@ def test_base_weights_sharding_and_offload(llama2_7b):
     assert row(zero3_off, "base weights") == 0 and row(zero3_off, "optimizer states") == 0
 
 
+def test_fsdp2_shards_what_zero3_shards(llama2_7b):
+    """training.fsdp plans like ZeRO-3 (FSDP2 shards the base, LoRA, grads and states per
+    parameter), labelled FSDP2; it excludes a ZeRO stage."""
+    zero3 = plan_memory(llama2_7b, PlanInputs(gpus=2, zero_stage=3))
+    fsdp = plan_memory(llama2_7b, PlanInputs(gpus=2, fsdp=True))
+    assert fsdp.total_bytes == zero3.total_bytes and row(fsdp, "base weights") == row(zero3, "base weights")
+    assert row(fsdp, "FSDP2 gathered layers") == row(zero3, "ZeRO-3 gathered layers") > 0
+    single = plan_memory(llama2_7b, PlanInputs())
+    assert row(fsdp, "base weights") == row(single, "base weights") // 2
+    with pytest.raises(ValueError, match="fsdp and a ZeRO stage"):
+        PlanInputs(gpus=2, fsdp=True, zero_stage=2)
+
+
 def test_quantized_base_weights_are_smaller(llama2_7b):
     bf16 = row(plan_memory(llama2_7b, PlanInputs()), "base weights")
     int8 = row(plan_memory(llama2_7b, PlanInputs(quantization="8bit")), "base weights")
