@@ -476,25 +476,30 @@ def test_zero3_stream_of_two_domains_equals_single_process(prep: Path, tmp_path:
             torch.testing.assert_close(u @ u.T, w @ w.T, rtol=1e-3, atol=1e-4)
 
 
-def test_cli_train_under_zero3_resumes_after_kill_9(tmp_path: Path, test_cache_dir: Path) -> None:
-    """`torchrun ... lora-cl train` under ZeRO-3 (every LoRA tensor partitioned), both ranks killed
-    with SIGKILL at domain 2's step 4 (after its step-3 ZeRO-3 checkpoint), then `--resume`: every
-    domain's adapter and the loss matrix equal the uninterrupted 2-rank run's."""
+@pytest.mark.parametrize("launch", ["zero3", "zero3-8bit", "zero2-8bit"])
+def test_cli_train_under_zero_resumes_after_kill_9(tmp_path: Path, test_cache_dir: Path, launch: str) -> None:
+    """`torchrun ... lora-cl train` under ZeRO-3 (every LoRA tensor partitioned; fp32 or 8-bit
+    states) and ZeRO-2 with 8-bit states, both ranks killed with SIGKILL at domain 2's step 4
+    (after its step-3 ZeRO checkpoint), then `--resume`: every domain's adapter and the loss matrix
+    equal the uninterrupted 2-rank run's."""
     fault_cli = Path(__file__).with_name("fault_cli.py")
+    config = (_zero3_config(tmp_path, persistence=0) if launch.startswith("zero3")
+              else str(CONFIGS / "zero2.json"))
     common = ["train", str(REPO / "recipes" / "tiny.yaml"), "--set", "compare=[]", "--no-progress",
               "--set", "training.lr=1e-3", "--set", "data.train_examples=8",
-              "--set", "training.batch_size=2",
-              "--set", f"training.deepspeed={_zero3_config(tmp_path, persistence=0)}"]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+              "--set", "training.batch_size=2", "--set", f"training.deepspeed={config}"]
+    if launch.endswith("-8bit"):
+        common += ["--set", "training.state_bits=8", "--set", "training.min_8bit_size=0"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*launch, *args], capture_output=True, text=True, timeout=300, cwd=REPO,
+        return subprocess.run([*torchrun, *args], capture_output=True, text=True, timeout=300, cwd=REPO,
                               env=_env(test_cache_dir))
 
     killed = run(str(fault_cli), "kill:1:4", *common, "--output", str(tmp_path / "killed"))
     assert killed.returncode != 0 and "SIGKILL" in killed.stderr, killed.stderr[-2000:]
     ckpt = tmp_path / "killed" / "ogp" / "checkpoints" / "01-astronomy" / "checkpoint-3"
-    assert any(ckpt.glob("global_step*/*optim_states.pt")), "the kill came before the ZeRO-3 checkpoint"
+    assert any(ckpt.glob("global_step*/*optim_states.pt")), "the kill came before the ZeRO checkpoint"
     resumed = run("-m", "lora_cl.cli", *common, "--output", str(tmp_path / "killed"), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming domain 'astronomy' from {ckpt}" in resumed.stderr
