@@ -6,8 +6,9 @@
 # 1. optimizer parity on the device (benchmarks/gpu_parity.py), 2. optimizer-step ratios on the
 # device (benchmarks/optimizer_step.py), 3. a Llama-2-7B-shaped model, bf16 and 4-bit, against the
 # memory planner and against peft + fused AdamW (benchmarks/gpu_7b.py), 4. FSDP2 parity
-# (tests/optim/fsdp2_worker.py over every GPU, into fsdp2_parity.json), 5. ZeRO-3 parity
-# (benchmarks/zero3_parity.sh, into zero3_parity.json). Each has its own time limit,
+# (tests/optim/fsdp2_worker.py over every GPU, into fsdp2_parity.json), 5. ZeRO-3 parity and
+# 6. the FSDP2 stream's parity (benchmarks/sharded_parity.sh, into zero3_parity.json and
+# fsdp2_stream/fsdp2_parity.json). Each has its own time limit,
 # so one that hangs does not take the others' results with it. SKIP_SMOKE=1 skips step 0.
 set -uo pipefail
 out=${1:-docs/gpu}
@@ -48,5 +49,7 @@ timeout ${GPU_7B_TIMEOUT:-330} $py benchmarks/gpu_7b.py --out "$out/gpu_7b.md" -
     --steps 6 || status=1
 # 5. routing under DeepSpeed ZeRO-3 over every GPU (a world of 1 still runs the stage-3 path, nccl):
 # the tiny recipe's ogp stream, one example per GPU, against one process with the same global batch
-gpus=$gpus out=$out py=$py timeout 420 bash benchmarks/zero3_parity.sh || status=1
+gpus=$gpus out=$out py=$py sharding=zero3 timeout 420 bash benchmarks/sharded_parity.sh || status=1
+# 6. the same stream under the Trainer's FSDP2 (training.fsdp; accelerate's own FSDP2 on a GPU)
+gpus=$gpus out=$out/fsdp2_stream py=$py sharding=fsdp2 timeout 300 bash benchmarks/sharded_parity.sh || status=1
 exit $status
