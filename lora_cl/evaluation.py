@@ -122,19 +122,47 @@ def _device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
+def _my_batches(n_batches: int, ranks: int, rank: int | None = None) -> list[int | None]:
+    """The batch indices this rank evaluates when the model is sharded over ``ranks`` (ZeRO-3,
+    FSDP2: every forward is collective, so every rank runs the same number): batch b goes to rank
+    b mod ranks, and a rank short of one at the end runs a dummy (None). One rank: all of them."""
+    if ranks == 1:
+        return list(range(n_batches))
+    if rank is None:
+        import torch.distributed as dist
+
+        rank = dist.get_rank()
+    rounds = -(-n_batches // ranks)
+    return [b if (b := k * ranks + rank) < n_batches else None for k in range(rounds)]
+
+
 def _nll(model: Any, data: DomainData, tokenizer: Any, batch_size: int) -> tuple[float, int]:
-    """(summed NLL, number of predicted label tokens) over ``data.eval``."""
+    """(summed NLL, number of predicted label tokens) over ``data.eval``. Sharded over the ranks
+    when the model is (each rank its share of the batches, the sums all-reduced): the same
+    batches as one process, so the same sums up to their order."""
     collate, device = pad_collate(tokenizer), _device(model)
+    n = len(data.eval)
+    n_batches = -(-n // batch_size)
+    ranks = _sharded_ranks(model)
     total, count = 0.0, 0
-    for start in range(0, len(data.eval), batch_size):
-        batch = collate(list(data.eval.select(range(start, min(start + batch_size, len(data.eval))))))
+    for b in _my_batches(n_batches, ranks):
+        start = (b if b is not None else n_batches - 1) * batch_size  # a dummy repeats the last batch
+        batch = collate(list(data.eval.select(range(start, min(start + batch_size, n)))))
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        if b is None:
+            continue
         labels = batch["labels"][:, 1:]
         total += F.cross_entropy(
             logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         ).item()
         count += int((labels != IGNORE_INDEX).sum())
+    if ranks > 1:
+        import torch.distributed as dist
+
+        sums = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
+        dist.all_reduce(sums)
+        total, count = float(sums[0]), int(sums[1])
     return total, count
 
 
@@ -151,9 +179,12 @@ def _greedy(
     # under ZeRO-3 and FSDP2 each forward all-gathers the layers from every rank: a rank whose batch
     # stopped early must keep stepping until all have (transformers' synced_gpus), or the others
     # wait for ever
-    synced = _sharded_ranks(model) > 1
-    out: list[str] = []
-    for start in range(0, len(prompts), batch_size):
+    ranks = _sharded_ranks(model)
+    synced = ranks > 1
+    n_batches = -(-len(prompts) // batch_size)
+    mine: dict[int, list[str]] = {}  # batch index -> its answers (this rank's share when sharded)
+    for b in _my_batches(n_batches, ranks):
+        start = (b if b is not None else n_batches - 1) * batch_size  # a dummy repeats the last batch
         batch = tokenizer.pad({"input_ids": prompts[start : start + batch_size]}, return_tensors="pt")
         input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         generated = model.generate(
@@ -166,10 +197,20 @@ def _greedy(
             eos_token_id=sorted(eos) or None,
             synced_gpus=synced,
         )
+        if b is None:
+            continue
+        answers = []
         for row in generated[:, input_ids.shape[1] :]:
             text = tokenizer.decode(row, skip_special_tokens=True).strip()
-            out.append(text.splitlines()[0].strip() if text else "")
-    return out
+            answers.append(text.splitlines()[0].strip() if text else "")
+        mine[b] = answers
+    if ranks > 1:  # every rank's answers, back in the batches' order
+        import torch.distributed as dist
+
+        shares: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(shares, mine)
+        mine = {b: a for share in shares for b, a in share.items()}
+    return [answer for b in range(n_batches) for answer in mine[b]]
 
 
 def _sharded_ranks(model: Any) -> int:

@@ -172,3 +172,15 @@ def test_exact_match_and_rouge_l_by_hand() -> None:
     # pred "red green blue" vs ref "blue red": LCS 1 ("red" or "blue"), P = 1/3, R = 1/2, F = 0.4
     assert rouge_l("red green blue", "blue red") == pytest.approx(0.4)
     assert rouge_l("red", "blue") == 0.0 and rouge_l("", "blue") == 0.0 and rouge_l("a", "the") == 1.0
+
+
+def test_sharded_evaluation_splits_the_batches_evenly():
+    """Under ZeRO-3 / FSDP2 each rank scores batch b with b mod ranks == rank; a rank short of one
+    runs a dummy (None) so every rank runs the same number of (collective) forwards."""
+    from lora_cl.evaluation import _my_batches
+
+    shares = [_my_batches(5, 2, r) for r in range(2)]
+    assert shares == [[0, 2, 4], [1, 3, None]]
+    assert sorted(b for share in shares for b in share if b is not None) == list(range(5))
+    assert [_my_batches(1, 3, r) for r in range(3)] == [[0], [None], [None]]
+    assert _my_batches(4, 1) == [0, 1, 2, 3] and _my_batches(0, 2, 1) == []

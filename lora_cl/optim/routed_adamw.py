@@ -507,9 +507,10 @@ class RoutedAdamW(Optimizer):
                                                             memory_format=torch.preserve_format)
                         state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32,
                                                                memory_format=torch.preserve_format)
-                grad = dt.local(p.grad)
+                grad = p.grad.to_local() if sharded else p.grad
                 grad = grad if grad.dtype == torch.float32 else grad.float()
-                entry = dict(group=gi, name=_param_name(group, gi, pi), param=dt.local(p), key=p,
+                entry = dict(group=gi, name=_param_name(group, gi, pi), param=p.to_local() if sharded else p,
+                             key=p,
                              grad=grad, routing=group["routing"], state=state)
                 if sharded:  # FSDP2: step the local shards (lora_cl.optim.dtensor)
                     entry["dtensor"] = p

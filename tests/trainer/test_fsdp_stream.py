@@ -70,6 +70,9 @@ def test_cli_train_under_fsdp2_equals_single_process(tmp_path: Path, test_cache_
                     torch.testing.assert_close(s2[pid][key], s1[pid][key], **TOL)
         m1, m2 = (json.loads((r / "matrix.json").read_text())["metrics"]["loss"]["R"] for r in (a, b))
         torch.testing.assert_close(torch.tensor(m2), torch.tensor(m1), rtol=1e-5, atol=1e-5)
+        for ddir in want:  # the ranks split the held-out batches: the same examples and tokens
+            e1, e2 = (json.loads((r / "domains" / ddir / "metrics.json").read_text())["eval"] for r in (a, b))
+            assert [(e["n"], e["tokens"]) for e in e2] == [(e["n"], e["tokens"]) for e in e1]
     leaks = [json.loads((r / "ogp" / "domains" / "02-law" / "metrics.json").read_text())["protection_leak"]
              for r in (tmp_path / "one", tmp_path / "two")]
     assert leaks[0] and leaks[1].keys() == leaks[0].keys()
