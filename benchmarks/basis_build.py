@@ -2,9 +2,11 @@
 
 SmolLM2-135M + LoRA r=8 on q,k,v,o, one real Debian domain trained through the HF Trainer with
 ContinualCallback, for each basis source lora-cl ships: "gradient" (ogp: rank-32 SVD of the last
-256 raw-gradient rows per tensor), "activation" (gpm: layer inputs of 64 examples, 97% energy)
-and "adapter" (the learned dW = scaling * B A). The callback times the build itself
-(``basis_build_seconds``); the domain's step time is the median interval between optimizer
+256 raw-gradient rows per tensor), "activation" (gpm: layer inputs of 64 examples, 97% energy;
+forwards at the domain's end, or with ``activation_sample="last_steps"`` sampled by hooks from
+the domain's last training forwards, whose own time counts as build time) and "adapter" (the
+learned dW = scaling * B A). The callback times the build itself (``basis_build_seconds``); the
+domain's step time is the median interval between optimizer
 steps. The fraction is reported at the demo's 16 steps per domain and the reproduction's 80,
 with the number of steps from which it falls under 5%.
 
@@ -38,6 +40,9 @@ SOURCES = {
     "gradient (ogp)": ("ogp", {}),
     "activation (gpm)": ("gpm", {}),
     "adapter (ogp, basis=adapter)": ("ogp", {"basis": "adapter"}),
+    # GPM's layer inputs sampled by hooks from the domain's last training forwards: no forward at the
+    # end; the callback's build time is the hooks' own time plus the decomposition
+    "activation (gpm, activation_sample=last_steps)": ("gpm", {"activation_sample": "last_steps"}),
 }
 TARGET = 0.05
 

@@ -38,6 +38,8 @@ IMPORTANCES = ("fisher", "si")
 REPLAYS = (None, "mix", "agem")
 BANK_MODES = ("accumulate", "replace")
 SCOPES = ("global", "tensor")
+#: How activation (GPM) bases are sampled: forwards at the domain's end, or the last training steps' inputs.
+ACTIVATION_SAMPLES = ("end", "last_steps")
 
 
 class MethodError(ValueError):
@@ -53,7 +55,10 @@ class MethodSpec:
     EMA (``beta``) of s_t = ||G U||^2 / ||G||^2. Bases U per finished domain from ``basis``:
     raw-gradient rows sampled over the domain's last ``basis_window_steps`` steps (or all of
     it, if shorter), at most ``basis_rows`` rows per tensor ("gradient"), layer inputs ("activation",
-    GPM) or the learned dW = scaling * B A ("adapter"); kept by ``basis_rank`` or
+    GPM: ``basis_examples`` examples run through the model at the domain's end, or, with
+    ``activation_sample="last_steps"``, the inputs of the domain's last training forwards over as
+    many examples, sampled by hooks: no extra forward, weights still moving) or the learned
+    dW = scaling * B A ("adapter"); kept by ``basis_rank`` or
     ``basis_energy``. ``side="both"`` protects both factors of each LoRA layer: lora_A on its
     input side, lora_B on its output side; activation bases exist only on the input side, so
     ``basis_out="gradient"`` gives lora_B output-side bases from its gradient rows (rank
@@ -83,6 +88,7 @@ class MethodSpec:
     basis_rows: int = 256
     basis_window_steps: int = 256
     basis_examples: int = 64
+    activation_sample: str = "end"
     bank_mode: str = "accumulate"
     bank_max_rank: int | None = None
     # importance penalties
@@ -233,7 +239,7 @@ def validate(spec: MethodSpec) -> None:
             raise MethodError(f"{where}: {name} must be {_type_name(hints[name])}, got {value!r}")
     choices = {"routing": tuple(ROUTINGS), "strength": STRENGTHS, "basis": BASES, "side": SIDES,
                "penalty": PENALTIES, "importance": IMPORTANCES, "replay": REPLAYS,
-               "bank_mode": BANK_MODES, "scope": SCOPES}
+               "bank_mode": BANK_MODES, "scope": SCOPES, "activation_sample": ACTIVATION_SAMPLES}
     for name, allowed in choices.items():
         value = getattr(spec, name)
         if value not in allowed:
@@ -272,6 +278,10 @@ def validate(spec: MethodSpec) -> None:
         raise MethodError(f"{where}: activation bases live on the input side; use side='in', or "
                           "set basis_out='gradient' to protect lora_B's output side from its "
                           "gradient rows")
+    if spec.activation_sample != "end" and spec.basis != "activation":
+        raise MethodError(f"{where}: activation_sample={spec.activation_sample!r} chooses how "
+                          f"activation bases are sampled, but basis is {spec.basis!r}; drop it or set "
+                          "basis='activation'")
     if spec.basis_out is not None and spec.side == "in":
         raise MethodError(f"{where}: basis_out={spec.basis_out!r} gives output-side bases, but "
                           "side='in' never uses them; set side='both' or drop basis_out")

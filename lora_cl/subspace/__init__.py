@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lora_cl.subspace.activations import activation_bases
+from lora_cl.subspace.activations import ActivationSample, activation_bases
 from lora_cl.subspace.adapters import adapter_bases
 from lora_cl.subspace.bank import SubspaceBank
 from lora_cl.subspace.builders import GradientRowBuffer, basis_from_rows, select_rank
@@ -10,6 +10,7 @@ from lora_cl.subspace.builders import GradientRowBuffer, basis_from_rows, select
 __all__ = [
     "GradientRowBuffer",
     "SubspaceBank",
+    "ActivationSample",
     "activation_bases",
     "adapter_bases",
     "basis_from_rows",

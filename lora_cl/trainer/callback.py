@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 import warnings
 import weakref
@@ -17,7 +18,7 @@ from lora_cl.diagnostics import optimizer_probes
 from lora_cl.methods import MethodSpec
 from lora_cl.modifiers.base import GradientModifier
 from lora_cl.optim import RoutedAdamW
-from lora_cl.subspace import SubspaceBank
+from lora_cl.subspace import ActivationSample, SubspaceBank
 from lora_cl.trainer.domain_data import adapter_snapshot, build_domain_bases, check_domain_data
 from lora_cl.trainer.fsdp import fsdp_version, load_checkpoint_extra, save_checkpoint_extra, steps_fsdp2
 from lora_cl.trainer.optimizer_factory import bank_of, method_of, routed_optimizer, unwrap_optimizer
@@ -84,6 +85,10 @@ class ContinualCallback(TrainerCallback):
         self._emitting = False
         self._warned_order = False
         self._zero3: Any = None  # this domain's DeepSpeed ZeRO-3 optimizer, retired at the next's start
+        # activation_sample="last_steps": the global step from which the training forwards are
+        # sampled (None: not sampling this domain), and the hooks' sample once it began
+        self.sample_from: int | None = None
+        self._sample: ActivationSample | None = None
 
     # -- user API ------------------------------------------------------------------------
     @property
@@ -162,12 +167,34 @@ class ContinualCallback(TrainerCallback):
         check_domain_data(spec, self.current, self._source, self._collate, user_rows=given is not None,
                           has_basis_batches=self._inputs.get("basis_batches") is not None,
                           replay_source=self._inputs.get("replay_source"))
+        self.sample_from = self._sample_window(spec, args, state)
         if state.global_step == 0:  # a resumed Trainer restored the modifiers: no reset
             optimizer.start_domain(self.current)
             mass = v_mass(optimizer)
             self.v_start = None if mass is None else (mass, optimizer.global_step)
         self.started = True
         self._check_order(args)
+
+    def _sample_window(self, spec: MethodSpec, args: TrainingArguments, state: TrainerState) -> int | None:
+        """activation_sample="last_steps": the step after which the training forwards are sampled,
+        enough of the domain's last steps for ``basis_examples`` examples."""
+        if spec.basis != "activation" or spec.activation_sample != "last_steps":
+            return None
+        if args.world_size > 1:
+            raise RuntimeError(
+                f"ContinualCallback: method {spec.name!r} samples its activation bases from the "
+                f"training forwards (activation_sample='last_steps'), which differ across the "
+                f"{args.world_size} ranks, so their bases would too; use activation_sample='end' "
+                "(the same examples on every rank) when training on several processes")
+        per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        return max(0, state.max_steps - math.ceil(spec.basis_examples / per_step))
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                      **kwargs: Any) -> None:
+        if (self.sample_from is not None and self._sample is None and self.started
+                and state.global_step >= self.sample_from):
+            seed = self._seed(args) + self.domain_index
+            self._sample = ActivationSample(kwargs["model"], seed=seed).attach()
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState,
                               control: TrainerControl, **kwargs: Any) -> None:
@@ -196,6 +223,11 @@ class ContinualCallback(TrainerCallback):
         optimizer = self._optimizer
         if optimizer is not None and steps_fsdp2(optimizer):
             save_checkpoint_extra(optimizer, args, state)
+        if self.sample_from is not None and state.global_step > self.sample_from:
+            warnings.warn(f"ContinualCallback: checkpoint at step {state.global_step} inside the steps "
+                          f"whose inputs the activation bases sample (after step {self.sample_from}); "
+                          "the sample is not saved, so a run resumed from it samples fewer steps. "
+                          "lora-cl train skips checkpoints there", RuntimeWarning, stacklevel=2)
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
@@ -225,13 +257,18 @@ class ContinualCallback(TrainerCallback):
         start = time.perf_counter()
         # ZeRO-3 keeps the LoRA tensors as (0,)-shaped partitions: whole for adapter bases, which
         # read them (activation bases run forwards, whose hooks gather and release them again)
+        sample, self._sample, self.sample_from = self._sample, None, None
+        if sample is not None:
+            sample.detach()
         with gathered_trainable(model) if spec.basis == "adapter" else contextlib.nullcontext():
             added = build_domain_bases(spec, optimizer, bank_of(optimizer), model, name,
                                        seed=self._seed(args) + index,
                                        basis_batches=self._inputs.get("basis_batches"),
                                        source=self._source, collate=self._collate,
-                                       batch_size=args.per_device_train_batch_size)
-        seconds = time.perf_counter() - start
+                                       batch_size=args.per_device_train_batch_size,
+                                       activation_sample=sample)
+        # activation_sample="last_steps": the hooks' time during the sampled steps counts too
+        seconds = time.perf_counter() - start + (sample.seconds if sample is not None else 0.0)
         self.basis_build_seconds[name], self.bases_added[name] = seconds, added
         if spec.basis is not None and added == 0:
             warnings.warn(f"domain {name!r}: method {spec.name!r} built no {spec.basis} bases, so "

@@ -31,7 +31,9 @@ class CheckpointMarker(TrainerCallback):
     """Marks a Trainer checkpoint complete (the Trainer writes it non-atomically, then calls on_save).
 
     No checkpoint at a domain's last step: the domain directory follows it, and a Trainer resumed
-    from a checkpoint at ``max_steps`` trains one step too many (transformers 5.24).
+    from a checkpoint at ``max_steps`` trains one step too many (transformers 5.24). None inside
+    the steps an ``activation_sample="last_steps"`` method samples either: the sample is not
+    saved, so a resume from before them samples them all again (exact resume).
     """
 
     def __init__(self, callback: ContinualCallback, domain: str) -> None:
@@ -39,6 +41,9 @@ class CheckpointMarker(TrainerCallback):
 
     def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
         if state.global_step >= state.max_steps:
+            control.should_save = False
+        sample_from = self.callback.sample_from  # activation_sample="last_steps": not mid-sample
+        if sample_from is not None and state.global_step > sample_from:
             control.should_save = False
 
     def on_save(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:

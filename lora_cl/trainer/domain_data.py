@@ -9,7 +9,13 @@ from torch import Tensor, nn
 
 from lora_cl.methods import MethodSpec
 from lora_cl.optim import RoutedAdamW
-from lora_cl.subspace import GradientRowBuffer, SubspaceBank, activation_bases, adapter_bases
+from lora_cl.subspace import (
+    ActivationSample,
+    GradientRowBuffer,
+    SubspaceBank,
+    activation_bases,
+    adapter_bases,
+)
 from lora_cl.trainer.replay import Collate, ReplayDataError, collate_chunks, is_indexable, seeded_subset
 
 DEFAULT_ACTIVATION_ENERGY = 0.97
@@ -26,7 +32,8 @@ def check_domain_data(spec: MethodSpec, name: str, source: Any, collate: Collate
             f"domain {name!r}: method {spec.name!r} replays examples of earlier domains, but this "
             f"domain's data cannot be kept (the Trainer's dataset is {type(source).__name__}, not "
             f"indexable): pass callback.set_domain({name!r}, train_dataset=<a map-style dataset>)")
-    sample = spec.basis == "activation" and not has_basis_batches
+    # (activation_sample="last_steps" samples the training forwards: no examples needed later)
+    sample = spec.basis == "activation" and not has_basis_batches and spec.activation_sample == "end"
     if sample and not is_indexable(source):
         raise ReplayDataError(
             f"domain {name!r}: activation bases need a sample of the domain: pass "
@@ -61,13 +68,15 @@ def _check_rows(name: str, label: str, rows: Any, collate: Collate, wanted: str)
 def build_domain_bases(spec: MethodSpec, optimizer: RoutedAdamW, bank: SubspaceBank | None,
                        model: nn.Module, name: str, *, seed: int,
                        basis_batches: Iterable[Mapping[str, Any]] | None = None, source: Any = None,
-                       collate: Collate | None = None, batch_size: int = 8) -> int:
+                       collate: Collate | None = None, batch_size: int = 8,
+                       activation_sample: ActivationSample | None = None) -> int:
     """Add domain ``name``'s bases to ``bank`` from the method's source; return how many were added.
 
     gradient: each GradientRowBuffer of the chain (raw-gradient rows of the domain's last steps);
     adapter: dW = scaling * B A of every LoRA layer; activation: layer inputs on
-    ``basis_batches``, else on ``spec.basis_examples`` seeded examples of ``source`` (plus the
-    gradient-row buffers of ``basis_out="gradient"``).
+    ``basis_batches``, else on ``spec.basis_examples`` seeded examples of ``source``, or from
+    ``activation_sample`` (the domain's last training forwards, ``activation_sample="last_steps"``:
+    no forward here) (plus the gradient-row buffers of ``basis_out="gradient"``).
     """
     if spec.basis is None or bank is None:
         return 0
@@ -76,13 +85,17 @@ def build_domain_bases(spec: MethodSpec, optimizer: RoutedAdamW, bank: SubspaceB
                    if isinstance(m, GradientRowBuffer))
     if spec.basis == "adapter":
         return adapter_bases(model, bank, name, rank=spec.basis_rank, energy=spec.basis_energy)
+    energy = spec.basis_energy if spec.basis_energy is not None else DEFAULT_ACTIVATION_ENERGY
+    if activation_sample is not None:
+        added = activation_sample.add_bases(bank, name, energy=energy, max_rank=spec.basis_rank)
+        return added + sum(m.build(bank, name, seed=seed) for m in optimizer.modifiers
+                           if isinstance(m, GradientRowBuffer))
     if basis_batches is None:
         if collate is None or not is_indexable(source):
             raise ReplayDataError(f"domain {name!r}: activation bases need basis_batches or a "
                                   "map-style dataset and a collator")
         idx = seeded_subset(len(source), spec.basis_examples, seed)
         basis_batches = collate_chunks([source[i] for i in idx], collate, batch_size)
-    energy = spec.basis_energy if spec.basis_energy is not None else DEFAULT_ACTIVATION_ENERGY
     added = activation_bases(model, basis_batches, bank, name, energy=energy,
                              max_rank=spec.basis_rank, seed=seed)
     # basis_out="gradient": lora_B's output-side bases from its buffered gradient rows
