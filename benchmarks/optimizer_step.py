@@ -37,6 +37,7 @@ NO_MODIFIER_FED = ("RoutedAdamW decoupled, no modifier, guard fed the clipping n
 PROJECTION = "RoutedAdamW decoupled + rank-{rank} projection, overlap-adaptive (fused path)"
 ROUTED_8BIT = "RoutedAdamW decoupled, no modifier, state_bits=8 (fused path)"
 OGP_CHAIN = "the ogp preset's chain: gradient-row buffers + the projection"
+GUARD_READ = "the guard's read of every gradient alone (torch._foreach_norm + isfinite, no update)"
 
 
 def host_syncs(make: Callable[[], torch.optim.Optimizer], params, grads, steps: int = 3) -> float:  # noqa: ANN001
@@ -95,6 +96,18 @@ class ClipNormFed:
         self.opt.step()
 
 
+class GuardRead:
+    """No update: what the default guard reads when no norm is supplied (every gradient once,
+    torch._foreach_norm, then one isfinite on the stacked norms). Its ratio to fused AdamW is the
+    floor of the guarded step's overhead: the read cannot be folded into torch's fused kernel."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self.params, self.state = params, {}
+
+    def step(self) -> None:
+        torch.stack(torch._foreach_norm([p.grad for p in self.params])).isfinite().all()
+
+
 def variants(names, params, rank, device) -> dict[str, Callable[[], torch.optim.Optimizer]]:
     groups = [{"params": params, "param_names": names}]
     out: dict[str, Callable[[], torch.optim.Optimizer]] = {
@@ -107,6 +120,7 @@ def variants(names, params, rank, device) -> dict[str, Callable[[], torch.optim.
             lambda: RoutedAdamW(groups, lr=1e-4, impl="fused", nonfinite="off"),
         NO_MODIFIER_FED:
             lambda: ClipNormFed(RoutedAdamW(groups, lr=1e-4, impl="fused"), params),
+        GUARD_READ: lambda: GuardRead(params),
         "RoutedAdamW decoupled, no modifier (reference path)":
             lambda: RoutedAdamW(groups, lr=1e-4, impl="reference"),
     }
@@ -244,7 +258,7 @@ def main() -> None:
                "routed_8bit": ROUTED_8BIT, "bnb_8bit": BNB_8BIT,
                "projection": PROJECTION.format(rank=args.rank), "no_modifier": NO_MODIFIER,
                "no_modifier_off": NO_MODIFIER_OFF, "no_modifier_fed": NO_MODIFIER_FED,
-               "syncs_per_step": syncs, "ogp_chain": OGP_CHAIN}
+               "syncs_per_step": syncs, "ogp_chain": OGP_CHAIN, "guard_read": GUARD_READ}
         if BNB_8BIT in times:
             doc["ratio_8bit_vs_bnb"] = statistics.median(ratios)
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -61,8 +61,11 @@ def targets_table(opt: dict | None, trainer: dict | None, basis: dict | None) ->
     if opt:
         r = opt["ratio"]
         nm, pj = r[opt["no_modifier"]], r[opt["projection"]]
+        read = r.get(opt.get("guard_read", ""))
+        floor = ("" if read is None else
+                 f" (floor {1 + read:.2f}x: the guard's read of g alone is {read:.2f}x)")
         lines.append(_row("RoutedAdamW decoupled, no modifier, guard on, 7B-shaped LoRA step",
-                          opt["baseline"], "<= 1.10x", f"{nm:.2f}x", nm <= 1.10))
+                          opt["baseline"], "<= 1.10x", f"{nm:.2f}x{floor}", nm <= 1.10))
         off = r[opt["no_modifier_off"]]
         lines.append(_row("same without the inf/nan guard (nonfinite='off', as torch AdamW)",
                           opt["baseline"], "<= 1.10x", f"{off:.2f}x", off <= 1.10))
