@@ -28,17 +28,24 @@ def evaluate_domain(
     batch_size: int = 8,
     generate: bool = True,
     max_new_tokens: int = 32,
+    across_ranks: bool = False,
 ) -> dict[str, float]:
     """``{"loss", "ppl", "n", "tokens"}`` on ``data.eval``, plus ``{"exact_match", "rougeL"}`` of
     greedy answers to ``data.eval_prompts`` when there are any and ``generate`` is set.
 
     loss = sum_i sum_t -log p(y_it | y_i<t) / (number of label tokens), over every predicted label
     (labels shifted by one, -100 ignored), so longer examples weigh more.
+
+    Split across the ranks of a distributed run (each its share of the batches, the sums
+    all-reduced, the answers gathered in order: one process's scores) when the model is sharded
+    (ZeRO-3, FSDP2: its forwards are collective) or ``across_ranks`` is set; then every rank must
+    call it.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    ranks = _eval_ranks(model, across_ranks)
     with _untouched(model, tokenizer):
-        nll, tokens = _nll(model, data, tokenizer, batch_size)
+        nll, tokens = _nll(model, data, tokenizer, batch_size, ranks)
         loss = nll / tokens if tokens else float("nan")
         result = {
             "loss": loss,
@@ -48,9 +55,8 @@ def evaluate_domain(
         }
         if generate and data.eval_prompts:
             answers = [p["answers"] for p in data.eval_prompts]
-            predictions = _greedy(
-                model, tokenizer, [p["prompt_ids"] for p in data.eval_prompts], batch_size, max_new_tokens
-            )
+            predictions = _greedy(model, tokenizer, [p["prompt_ids"] for p in data.eval_prompts],
+                                  batch_size, max_new_tokens, ranks)
             result["exact_match"] = sum(map(exact_match, predictions, answers)) / len(predictions)
             result["rougeL"] = sum(
                 max(rouge_l(pred, ref) for ref in refs)
@@ -136,16 +142,18 @@ def _my_batches(n_batches: int, ranks: int, rank: int | None = None) -> list[int
     return [b if (b := k * ranks + rank) < n_batches else None for k in range(rounds)]
 
 
-def _nll(model: Any, data: DomainData, tokenizer: Any, batch_size: int) -> tuple[float, int]:
-    """(summed NLL, number of predicted label tokens) over ``data.eval``. Sharded over the ranks
-    when the model is (each rank its share of the batches, the sums all-reduced): the same
-    batches as one process, so the same sums up to their order."""
+def _nll(model: Any, data: DomainData, tokenizer: Any, batch_size: int, ranks: int = 1) -> tuple[float, int]:
+    """(summed NLL, number of predicted label tokens) over ``data.eval``. Split over ``ranks``
+    ranks (each its share of the batches, the sums all-reduced): the same batches as one
+    process, so the same sums up to their order."""
     collate, device = pad_collate(tokenizer), _device(model)
     n = len(data.eval)
     n_batches = -(-n // batch_size)
-    ranks = _sharded_ranks(model)
     total, count = 0.0, 0
+    collective = _sharded_ranks(model) > 1
     for b in _my_batches(n_batches, ranks):
+        if b is None and not collective:
+            continue  # (local forwards: no dummy needed)
         start = (b if b is not None else n_batches - 1) * batch_size  # a dummy repeats the last batch
         batch = collate(list(data.eval.select(range(start, min(start + batch_size, n)))))
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -166,9 +174,8 @@ def _nll(model: Any, data: DomainData, tokenizer: Any, batch_size: int) -> tuple
     return total, count
 
 
-def _greedy(
-    model: Any, tokenizer: Any, prompts: list[list[int]], batch_size: int, max_new_tokens: int
-) -> list[str]:
+def _greedy(model: Any, tokenizer: Any, prompts: list[list[int]], batch_size: int, max_new_tokens: int,
+            ranks: int = 1) -> list[str]:
     """Greedy continuations (first line, stripped) of left-padded prompt batches."""
     device = _device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -179,11 +186,12 @@ def _greedy(
     # under ZeRO-3 and FSDP2 each forward all-gathers the layers from every rank: a rank whose batch
     # stopped early must keep stepping until all have (transformers' synced_gpus), or the others
     # wait for ever
-    ranks = _sharded_ranks(model)
-    synced = ranks > 1
+    synced = _sharded_ranks(model) > 1
     n_batches = -(-len(prompts) // batch_size)
-    mine: dict[int, list[str]] = {}  # batch index -> its answers (this rank's share when sharded)
+    mine: dict[int, list[str]] = {}  # batch index -> its answers (this rank's share when split)
     for b in _my_batches(n_batches, ranks):
+        if b is None and not synced:
+            continue  # (local forwards: no dummy needed)
         start = (b if b is not None else n_batches - 1) * batch_size  # a dummy repeats the last batch
         batch = tokenizer.pad({"input_ids": prompts[start : start + batch_size]}, return_tensors="pt")
         input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
@@ -211,6 +219,17 @@ def _greedy(
         dist.all_gather_object(shares, mine)
         mine = {b: a for share in shares for b, a in share.items()}
     return [answer for b in range(n_batches) for answer in mine[b]]
+
+
+def _eval_ranks(model: Any, across_ranks: bool) -> int:
+    """How many ranks split an evaluation: the world when the model is sharded or it is asked for
+    (and a process group is up), else 1."""
+    if across_ranks:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size()
+    return _sharded_ranks(model)
 
 
 def _sharded_ranks(model: Any) -> int:

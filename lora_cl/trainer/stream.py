@@ -48,7 +48,6 @@ from lora_cl.trainer.run_files import (
     write_json,
 )
 from lora_cl.trainer.trainers import StreamError, make_trainer
-from lora_cl.trainer.zero import zero_stage_of
 from lora_cl.trainer.zero3 import gathered_trainable
 
 Log = Callable[[str], None]
@@ -191,9 +190,13 @@ def _run_method(recipe: Any, choice: Any, run_dir: str | os.PathLike[str], *,
     primary = primary_metric(recipe.eval.metric, has_generation)
     eval_kw = dict(batch_size=recipe.eval.batch_size, generate=recipe.eval.generate,
                    max_new_tokens=recipe.eval.max_new_tokens)
-    # under ZeRO-3 and FSDP2 every forward is collective: every rank evaluates (the same examples,
-    # so the same scores); rank 0 alone writes. Elsewhere rank 0 evaluates alone.
-    evaluates = main or zero_stage_of(tr.deepspeed) == 3 or tr.fsdp
+    # After each domain every rank of a distributed run scores its share of the held-out batches
+    # (lora_cl.evaluation: sums all-reduced, answers gathered; under ZeRO-3 and FSDP2 each forward
+    # is collective anyway); rank 0 alone writes. The base model, before any Trainer set up the
+    # process group, is scored by rank 0 alone.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    evaluates = main or world > 1
+    split = {"across_ranks": world > 1}
     general = load_general_data(recipe, tokenizer) if evaluates else None
     if main and not (run_dir / "base_eval.json").is_file():
         _write_run_json(recipe, choice, spec, run_dir, data, primary)
@@ -212,8 +215,8 @@ def _run_method(recipe: Any, choice: Any, run_dir: str | os.PathLike[str], *,
         if not evaluates:
             continue  # the other ranks go on to the next domain's Trainer and wait for rank 0 there
         start = time.perf_counter()
-        scores = evaluate_all(model, data, tokenizer, **eval_kw)
-        general_scores = _general_scores(model, general, tokenizer, eval_kw)
+        scores = evaluate_all(model, data, tokenizer, **eval_kw, **split)
+        general_scores = _general_scores(model, general, tokenizer, {**eval_kw, **split})
         eval_seconds = time.perf_counter() - start
         # ZeRO-3 / FSDP2: the LoRA tensors whole for the leak and the save (after the forwards,
         # whose hooks would release them again); a collective, so every rank enters it, as it

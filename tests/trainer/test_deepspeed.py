@@ -280,7 +280,8 @@ def test_cli_train_under_torchrun_equals_single_process(tmp_path: Path, test_cac
     one process x 4, under ZeRO-2, ZeRO-3 (every LoRA tensor partitioned; every rank evaluates,
     since a ZeRO-3 forward is collective), ZeRO-3 with a 4-bit (nf4) base against the 1-process
     4-bit run, plain DDP, and ZeRO-2 / ZeRO-3 with `training.state_bits: 8` against the 1-process
-    8-bit run; rank 0 alone writes the run files."""
+    8-bit run; every rank scores its share of the held-out batches (the same example and token
+    counts as one process), rank 0 alone writes the run files."""
     common = ["train", str(REPO / "recipes" / "tiny.yaml"), "--set", "compare=[]", "--no-progress",
               "--set", "training.lr=1e-3", "--set", "data.train_examples=8"]  # whole global batches
     if launch.endswith("-4bit"):
@@ -313,6 +314,10 @@ def test_cli_train_under_torchrun_equals_single_process(tmp_path: Path, test_cac
     assert moved > 1e-3, "the reference run did not train"
     m1, m2 = (json.loads((d / "matrix.json").read_text())["metrics"]["loss"]["R"] for d in (one, two))
     torch.testing.assert_close(torch.tensor(m2), torch.tensor(m1), rtol=1e-5, atol=1e-5)
+    for ddir in sorted((one / "domains").iterdir()):  # every rank scored its share: the same counts
+        e1, e2 = (json.loads((d / "domains" / ddir.name / "metrics.json").read_text())["eval"]
+                  for d in (one, two))
+        assert [(e["n"], e["tokens"]) for e in e2] == [(e["n"], e["tokens"]) for e in e1]
     leaks = [json.loads((d / "domains" / ddir.name / "metrics.json").read_text())["protection_leak"]
              for d in (one, two)]  # the last domain's update against the earlier bases, whole tensors
     assert leaks[0] and leaks[1].keys() == leaks[0].keys()
