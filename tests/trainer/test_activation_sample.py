@@ -64,3 +64,27 @@ def test_activation_sample_needs_activation_bases():
         lora_cl.resolve_method("ogp", {"activation_sample": "last_steps"})
     with pytest.raises(lora_cl.MethodError, match=r"activation_sample must be one of"):
         lora_cl.resolve_method("gpm", {"activation_sample": "train"})
+
+
+def test_a_checkpointed_layer_recomputed_in_backward_is_not_sampled_twice(tiny_factory):
+    """With gradient checkpointing each decoder layer runs its forward again during backward; the
+    hooks are armed only inside a model forward, so each token is offered once."""
+    from lora_cl.subspace import ActivationSample
+
+    torch.manual_seed(0)
+    model, _ = lora_model(tiny_factory)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.train()
+    offered: dict[str, int] = {}
+    sample = ActivationSample(model, max_tokens=10_000).attach()
+    ids = torch.randint(0, 100, (2, 8))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0  # 3 padding tokens: 13 real tokens
+    model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    sample.detach()
+    for name, s in sample.samples.items():
+        if sample.owners[name] == name:
+            offered[name] = int(s.rows.shape[0])
+    assert offered and set(offered.values()) == {13}, offered
+    assert sample.forwards == 1
