@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -162,7 +163,8 @@ def test_cli_train_under_fsdp2_with_a_4bit_base(tmp_path: Path, test_cache_dir: 
     uint8-packed 4-bit weights whole on every rank); the 3-domain stream equals the 1-process 4-bit
     run (uint8 storage, the same nf4 values)."""
     probe = tmp_path / "probe.json"
-    proc = _run([*LAUNCH, str(Path(__file__).with_name("fsdp_qlora_worker.py")), str(probe)], test_cache_dir)
+    proc = _run([*LAUNCH, str(Path(__file__).with_name("fsdp_qlora_worker.py")), str(probe), "4bit"],
+                test_cache_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(probe.read_text())
     base = {n: r for n, r in rows.items() if "base_layer" in n}
@@ -181,3 +183,28 @@ def test_cli_train_under_fsdp2_with_a_4bit_base(tmp_path: Path, test_cache_dir: 
         for name in want[ddir]:
             torch.testing.assert_close(got[ddir][name], want[ddir][name], **TOL,
                                        msg=lambda m, n=name, d=ddir: f"{d} {n}: {m}")
+
+
+def test_fsdp2_ranks_hold_what_the_planner_says(tmp_path: Path, test_cache_dir: Path) -> None:
+    """The planner's per-GPU base-weight and LoRA-param rows under FSDP2 (`training.fsdp`) for the
+    run's own shapes (tiny Llama, fp32, LoRA r=4 on q,v, 2 GPUs) against the bytes of each rank's
+    local shards after 2 training steps: within 1% (uneven shards)."""
+    from transformers import LlamaConfig
+
+    from lora_cl.models import architecture_of
+    from lora_cl.plan import PlanInputs, plan_memory
+
+    proc = _run([*LAUNCH, str(Path(__file__).with_name("fsdp_qlora_worker.py")), str(tmp_path / "rows.json")],
+                test_cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = architecture_of("tiny")
+    config = LlamaConfig(hidden_size=a["hidden"], intermediate_size=a["intermediate"],
+                         num_hidden_layers=a["layers"], num_attention_heads=a["heads"],
+                         num_key_value_heads=a["kv_heads"], vocab_size=a["vocab"], tie_word_embeddings=True)
+    plan = plan_memory(config, PlanInputs(lora_r=4, lora_targets=("q_proj", "v_proj"), dtype="float32",
+                                          gpus=2, fsdp=True, batch_size=1, seq_len=32))
+    want = {name: b for name, b, _ in plan.rows}
+    for rank in (0, 1):
+        held = json.loads((tmp_path / f"rank{rank}_bytes.json").read_text())
+        assert held["frozen"] == pytest.approx(want["base weights"], rel=0.01), (rank, held, want)
+        assert held["trainable"] == pytest.approx(want["LoRA params"], rel=0.01), (rank, held, want)
