@@ -10,6 +10,7 @@ and trainable (``rank<r>_bytes.json`` beside the output).
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -42,6 +43,11 @@ def main() -> None:
     (out.parent / f"rank{dist.get_rank()}_bytes.json").write_text(json.dumps(held))
     if dist.get_rank() == 0:
         out.write_text(json.dumps(rows))
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # (no C++ teardown at interpreter exit: see tests/optim/fsdp2_worker.py)
 
 
 if __name__ == "__main__":
