@@ -38,6 +38,16 @@ def _run(args: list[str], cache: Path) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=REPO, env=_env(cache))
 
 
+def _one_and_two(tmp_path: Path, cache: Path, common: list[str]) -> subprocess.CompletedProcess:
+    """`lora-cl train` with ``common`` in one process (into tmp_path/one) and under FSDP2 on 2 ranks
+    (tmp_path/two); returns the 2-rank run."""
+    one = _run([sys.executable, "-m", "lora_cl.cli", *common, "--output", str(tmp_path / "one")], cache)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _run([*LAUNCH, "-m", "lora_cl.cli", *common, *FSDP2, "--output", str(tmp_path / "two")], cache)
+    assert two.returncode == 0, two.stderr[-3000:]
+    return two
+
+
 def _adapters(run: Path) -> dict[str, dict[str, torch.Tensor]]:
     return {d.name: load_file(str(d / "adapter" / "adapter_model.safetensors"))
             for d in sorted((run / "domains").iterdir())}
@@ -47,13 +57,7 @@ def test_cli_train_under_fsdp2_equals_single_process(tmp_path: Path, test_cache_
     """ogp and vanilla, 3 domains: 2 ranks x 2 examples under FSDP2 equal one process x 4 in every
     domain's adapter, optimizer.pt (whole m and v), loss matrix and protection leak; the check
     tells ogp from vanilla."""
-    common = [*COMMON, "--set", "compare=[vanilla]"]
-    one = _run([sys.executable, "-m", "lora_cl.cli", *common, "--output", str(tmp_path / "one")],
-               test_cache_dir)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = _run([*LAUNCH, "-m", "lora_cl.cli", *common, *FSDP2, "--output", str(tmp_path / "two")],
-               test_cache_dir)
-    assert two.returncode == 0, two.stderr[-3000:]
+    two = _one_and_two(tmp_path, test_cache_dir, [*COMMON, "--set", "compare=[vanilla]"])
     assert two.stdout.count("report:") == 1  # one results table, from rank 0
     for method in ("ogp", "vanilla"):
         a, b = tmp_path / "one" / method, tmp_path / "two" / method
@@ -117,17 +121,11 @@ def test_cli_train_under_fsdp2_with_8bit_states(tmp_path: Path, test_cache_dir: 
     8-bit over each rank's shard. Against the one-process 8-bit run the adapters stay within 8-bit
     noise (v_proj's lora_B, 32 x 8, shards into half blocks whose scales differ from one process's:
     about the 8-bit vs fp32 distance), ten times nearer it than the fp32 vanilla run is after the
-    last domain; optimizer.pt is
-    in one process's 8-bit layout; SIGKILL at domain 2 step 4 and `--resume` equal the
-    uninterrupted 2-rank run exactly."""
+    last domain; optimizer.pt is in one process's 8-bit layout; SIGKILL at domain 2 step 4 and
+    `--resume` equal the uninterrupted 2-rank run exactly."""
     common = [*COMMON, "--set", "compare=[]", "--set", "training.state_bits=8",
               "--set", "training.min_8bit_size=0", "--set", "lora.r=8"]
-    one = _run([sys.executable, "-m", "lora_cl.cli", *common, "--output", str(tmp_path / "one")],
-               test_cache_dir)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = _run([*LAUNCH, "-m", "lora_cl.cli", *common, *FSDP2, "--output", str(tmp_path / "two")],
-               test_cache_dir)
-    assert two.returncode == 0, two.stderr[-3000:]
+    _one_and_two(tmp_path, test_cache_dir, common)
     vanilla = _run([sys.executable, "-m", "lora_cl.cli", *COMMON, "--set", "compare=[]", "--set",
                     "method=vanilla", "--set", "lora.r=8", "--output", str(tmp_path / "vanilla")],
                    test_cache_dir)
@@ -171,13 +169,8 @@ def test_cli_train_under_fsdp2_with_a_4bit_base(tmp_path: Path, test_cache_dir: 
     assert base and all(r["type"] == "DTensor" and r["local"][0] * 2 == r["shape"][0]
                         for r in base.values()), base
     assert all(r["type"] == "DTensor" for n, r in rows.items() if "lora_" in n)
-    common = [*COMMON, "--set", "compare=[]", "--set", "model.quantization=4bit"]
-    one = _run([sys.executable, "-m", "lora_cl.cli", *common, "--output", str(tmp_path / "one")],
-               test_cache_dir)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = _run([*LAUNCH, "-m", "lora_cl.cli", *common, *FSDP2, "--output", str(tmp_path / "two")],
-               test_cache_dir)
-    assert two.returncode == 0, two.stderr[-3000:]
+    _one_and_two(tmp_path, test_cache_dir,
+                 [*COMMON, "--set", "compare=[]", "--set", "model.quantization=4bit"])
     want, got = _adapters(tmp_path / "one" / "ogp"), _adapters(tmp_path / "two" / "ogp")
     for ddir in want:
         for name in want[ddir]:
