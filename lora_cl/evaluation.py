@@ -142,19 +142,25 @@ def _my_batches(n_batches: int, ranks: int, rank: int | None = None) -> list[int
     return [b if (b := k * ranks + rank) < n_batches else None for k in range(rounds)]
 
 
+def _my_starts(n_items: int, batch_size: int, ranks: int,
+               collective: bool) -> Iterator[tuple[int | None, int]]:
+    """(batch index, first item) of each batch this rank runs (:func:`_my_batches`); a dummy
+    (None) repeats the last batch, and runs only where forwards are ``collective``."""
+    n_batches = -(-n_items // batch_size)
+    for b in _my_batches(n_batches, ranks):
+        if b is None and not collective:
+            continue  # (local forwards: no dummy needed)
+        yield b, (b if b is not None else n_batches - 1) * batch_size
+
+
 def _nll(model: Any, data: DomainData, tokenizer: Any, batch_size: int, ranks: int = 1) -> tuple[float, int]:
     """(summed NLL, number of predicted label tokens) over ``data.eval``. Split over ``ranks``
     ranks (each its share of the batches, the sums all-reduced): the same batches as one
     process, so the same sums up to their order."""
     collate, device = pad_collate(tokenizer), _device(model)
     n = len(data.eval)
-    n_batches = -(-n // batch_size)
     total, count = 0.0, 0
-    collective = _sharded_ranks(model) > 1
-    for b in _my_batches(n_batches, ranks):
-        if b is None and not collective:
-            continue  # (local forwards: no dummy needed)
-        start = (b if b is not None else n_batches - 1) * batch_size  # a dummy repeats the last batch
+    for b, start in _my_starts(n, batch_size, ranks, _sharded_ranks(model) > 1):
         batch = collate(list(data.eval.select(range(start, min(start + batch_size, n)))))
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -189,10 +195,7 @@ def _greedy(model: Any, tokenizer: Any, prompts: list[list[int]], batch_size: in
     synced = _sharded_ranks(model) > 1
     n_batches = -(-len(prompts) // batch_size)
     mine: dict[int, list[str]] = {}  # batch index -> its answers (this rank's share when split)
-    for b in _my_batches(n_batches, ranks):
-        if b is None and not synced:
-            continue  # (local forwards: no dummy needed)
-        start = (b if b is not None else n_batches - 1) * batch_size  # a dummy repeats the last batch
+    for b, start in _my_starts(len(prompts), batch_size, ranks, synced):
         batch = tokenizer.pad({"input_ids": prompts[start : start + batch_size]}, return_tensors="pt")
         input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         generated = model.generate(

@@ -93,6 +93,12 @@ class GradientModifier:
     def on_domain_end(self, domain: str, names: list[str], params: list[Tensor]) -> None:
         """Called when training on ``domain`` ends (consolidate what was observed)."""
 
+    @property
+    def consolidates(self) -> bool:
+        """Whether it reads the parameters at a domain's end (overrides :meth:`on_domain_end`, as
+        EWC does): sharded optimizers (ZeRO, FSDP2) hold them as partitions there."""
+        return type(self).on_domain_end is not GradientModifier.on_domain_end
+
     def metrics(self) -> dict[str, float]:
         """Scalars worth logging (read lazily: may synchronise the device)."""
         return {}

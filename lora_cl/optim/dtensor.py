@@ -150,9 +150,20 @@ def shard_like(full: Tensor, like: Tensor) -> Tensor:
 def like_param(full: Tensor, p: Tensor) -> Tensor:
     """A whole tensor of DTensor ``p``'s shape (the same on every rank) as a DTensor laid out like
     ``p``: this rank keeps its shard. No communication."""
-    mesh = p.device_mesh
-    return DTensor.from_local(shard_like(full, p), mesh, p.placements, run_check=False,
-                              shape=p.shape, stride=p.stride())
+    return _like(shard_like(full, p), p)
+
+
+def to_shards(state: dict[str, Any], p: Tensor) -> dict[str, Any]:
+    """A per-tensor state saved for the whole tensor (one process's layout: ``full_state_dict``, or
+    loaded before FSDP2 sharded ``p``) laid out on DTensor ``p``'s shard: 8-bit states requantized
+    over the shard's blocks (:func:`shard_8bit`), whole moments cut; entries already DTensors, and
+    the rest, as they are. No communication."""
+    from lora_cl.optim import quantized_state as q8
+
+    if q8.is_8bit(state) and not is_dtensor(state["state1"]):
+        return shard_8bit(state, p)
+    return {k: like_param(v, p) if isinstance(v, Tensor) and not is_dtensor(v) and v.shape == p.shape
+            else v for k, v in state.items()}
 
 
 def full_state_dict(optimizer: Any) -> dict[str, Any]:

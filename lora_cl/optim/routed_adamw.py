@@ -243,13 +243,7 @@ class RoutedAdamW(Optimizer):
                 state = self.state.pop(q, None)
                 if not state or self.state.get(p):
                     continue
-                if dt.is_dtensor(p) and q8.is_8bit(state) and not dt.is_dtensor(state["state1"]):
-                    self.state[p] = dt.shard_8bit(state, p)  # to this shard's blocks
-                    moved += 1
-                    continue
-                self.state[p] = {k: dt.like_param(v, p) if (
-                    isinstance(v, Tensor) and dt.is_dtensor(p) and not dt.is_dtensor(v)
-                    and v.shape == p.shape) else v for k, v in state.items()}
+                self.state[p] = dt.to_shards(state, p) if dt.is_dtensor(p) else state
                 moved += 1
         self._bound = [list(g["params"]) for g in self.param_groups]
         return moved
@@ -691,19 +685,17 @@ class RoutedAdamW(Optimizer):
         # torch casts loaded float states to the param dtype; ours stay fp32 (8-bit codes
         # stay uint8), and the step lives on the param's device, where the fused kernel reads it.
         # Nested states (ZeRO's per-tensor list) come back as saved, on the param's device.
+        # A whole state loaded onto an FSDP2 (DTensor) parameter is cut to its shard.
         for p, saved in self._saved_states(state_dict):
-            if dt.is_dtensor(p) and q8.is_8bit(saved) and not dt.is_dtensor(saved["state1"]):
-                saved = dt.shard_8bit(saved, p)  # one process's 8-bit layout: to this shard's blocks
+            restored: dict[str, Any] = {}
             for key, value in saved.items():
                 if isinstance(value, Tensor):
                     dtype = torch.uint8 if value.dtype == torch.uint8 else torch.float32
-                    value = value.to(device=p.device, dtype=dtype, copy=True)
-                    if dt.is_dtensor(p) and not dt.is_dtensor(value) and value.shape == p.shape:
-                        value = dt.like_param(value, p)  # a whole state (one process, full_state_dict)
-                    self.state[p][key] = value
+                    restored[key] = value.to(device=p.device, dtype=dtype, copy=True)
                 elif isinstance(value, list) and all(isinstance(v, dict) for v in value):
-                    self.state[p][key] = [{k: t.to(device=p.device, copy=True) if isinstance(t, Tensor) else t
-                                           for k, t in v.items()} for v in value]
+                    restored[key] = [{k: t.to(device=p.device, copy=True) if isinstance(t, Tensor) else t
+                                      for k, t in v.items()} for v in value]
+            self.state[p].update(dt.to_shards(restored, p) if dt.is_dtensor(p) else restored)
 
 
 def state_moments(state: dict[str, Any] | None) -> tuple[Tensor, Tensor] | None:

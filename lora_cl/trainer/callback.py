@@ -16,7 +16,6 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from lora_cl.diagnostics import optimizer_probes
 from lora_cl.methods import MethodSpec
-from lora_cl.modifiers.base import GradientModifier
 from lora_cl.optim import RoutedAdamW
 from lora_cl.subspace import ActivationSample, SubspaceBank
 from lora_cl.trainer.domain_data import adapter_snapshot, build_domain_bases, check_domain_data
@@ -470,8 +469,7 @@ def _check_fsdp(args: TrainingArguments, optimizer: RoutedAdamW, spec: MethodSpe
             "ContinualCallback: TrainingArguments.fsdp is set but the Trainer did not shard the model "
             "(on a CPU accelerate trains fsdp=... as plain DDP); build the Trainer class with "
             "lora_cl.trainer.fsdp.fsdp2_trainer(Trainer), or run lora-cl train with training.fsdp: true")
-    if spec.replay is not None or any(type(m).on_domain_end is not GradientModifier.on_domain_end
-                                      for m in optimizer.modifiers):
+    if spec.replay is not None or any(m.consolidates for m in optimizer.modifiers):
         raise RuntimeError(
             f"ContinualCallback: method {spec.name!r} (replay or importance/EWC) does not run under FSDP2 "
             "yet (its extra backward or its domain-end consolidation would meet sharded parameters); "

@@ -29,7 +29,6 @@ import torch
 from torch import Tensor
 
 from lora_cl.methods import MethodSpec
-from lora_cl.modifiers.base import GradientModifier
 from lora_cl.optim import RoutedAdamW
 
 SUPPORTED = ("deepspeed_configs/zero2.json (ZeRO-2; ZeRO-1 works too), deepspeed_configs/zero3.json "
@@ -156,7 +155,7 @@ def _check_supported(optimizer: RoutedAdamW, spec: MethodSpec | None, where: str
                                "gradient partitioning; use plain DDP (torchrun without "
                                "training.deepspeed) for replay methods")
     for mod in optimizer.modifiers:
-        if type(mod).on_domain_end is not GradientModifier.on_domain_end:
+        if mod.consolidates:
             raise ZeroRoutingError(
                 f"{where}: modifier {type(mod).__name__} consolidates the parameters at the end of a "
                 "domain, which DeepSpeed holds as flat partitions there; use plain DDP for "
