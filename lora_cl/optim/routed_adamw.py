@@ -170,9 +170,21 @@ class RoutedAdamW(Optimizer):
         for mod in self.modifiers:
             mod.on_domain_start(domain)
 
-    def end_domain(self, domain: str) -> None:
-        """Tell the modifiers ``domain`` ended (importances consolidate, anchors snapshot)."""
-        names, params = self.routed_named_params()
+    def end_domain(self, domain: str, params: list[Tensor] | None = None) -> None:
+        """Tell the modifiers ``domain`` ended (importances consolidate, anchors snapshot).
+
+        They see the routed tensors whole, as one process holds them: FSDP2 shards are gathered
+        (a collective, when a modifier consolidates: every rank calls this). ``params`` replaces
+        the routed tensors, in :meth:`routed_named_params` order, where a sharded trainer holds
+        them elsewhere (ZeRO's fp32 master weights).
+        """
+        names, own = self.routed_named_params()
+        if params is None:
+            params = own
+            if any(m.consolidates for m in self.modifiers) and any(dt.is_dtensor(p) for p in own):
+                params = [dt.whole(p.detach()) for p in own]
+        elif len(params) != len(own):
+            raise ValueError(f"end_domain: {len(params)} params for {len(own)} routed tensors")
         for mod in self.modifiers:
             mod.on_domain_end(domain, names, params)
 

@@ -25,8 +25,8 @@ from lora_cl.trainer.replay import (
     ReplayBuffer,
     ReplayDataError,
     is_indexable,
-    mean_across_ranks,
     replay_gradients,
+    replay_share,
     seeded_subset,
 )
 from lora_cl.trainer.zero import (
@@ -34,6 +34,7 @@ from lora_cl.trainer.zero import (
     release_zero,
     retire_zero3,
     route_under_zero,
+    zero_masters,
     zero_stage3,
     zero_stage12,
 )
@@ -145,7 +146,7 @@ class ContinualCallback(TrainerCallback):
             raise RuntimeError("ContinualCallback: this Trainer steps a different RoutedAdamW than "
                                "the earlier domains; the stream needs one optimizer (its bank and "
                                "modifier state): pass the same optimizer to every Trainer")
-        _check_fsdp(args, optimizer, method_of(optimizer))
+        _check_fsdp(args, optimizer)
         optimizer.rebind_states()  # accelerate's FSDP2 prepare swapped in the sharded parameters
         if state.global_step > 0 and steps_fsdp2(optimizer):
             load_checkpoint_extra(optimizer, args, state.global_step)
@@ -194,16 +195,33 @@ class ContinualCallback(TrainerCallback):
                 and state.global_step >= self.sample_from):
             seed = self._seed(args) + self.domain_index
             self._sample = ActivationSample(kwargs["model"], seed=seed).attach()
+        if getattr(args, "deepspeed", None):
+            # DeepSpeed steps inside the backward of the step's last micro-batch, before
+            # on_pre_optimizer_step: g_r comes now, at the same parameters (they change only at
+            # the step), so the routed step of this very step mixes it in
+            self._supply_replay(args, state, kwargs["model"])
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState,
                               control: TrainerControl, **kwargs: Any) -> None:
+        if not getattr(args, "deepspeed", None):
+            self._supply_replay(args, state, kwargs["model"])
+
+    def _supply_replay(self, args: TrainingArguments, state: TrainerState, model: Any) -> None:
+        """This step's replay gradient g_r into the optimizer (methods that replay; every rank).
+
+        One draw of ``replay_batch_size`` (default: the per-device batch) examples per rank, seeded
+        by the step and not by the rank, so the ranks replay disjoint shares of one draw of
+        ``world`` times that size and average their token-weighted gradients
+        (:func:`~lora_cl.trainer.replay.replay_gradients`): N ranks replay what one process with
+        an N-times larger replay batch replays, to rounding.
+        """
         optimizer = self._optimizer
         if optimizer is None or not self.started or method_of(optimizer).replay is None:
             return
         spec = method_of(optimizer)
-        size = spec.replay_batch_size or args.per_device_train_batch_size
-        # per step and per rank: ranks replay different examples, then average g_r
-        seed = (self._seed(args) * 1_000_003 + state.global_step) * 131 + args.process_index
+        world = max(1, int(args.world_size))
+        size = (spec.replay_batch_size or args.per_device_train_batch_size) * world
+        seed = (self._seed(args) * 1_000_003 + state.global_step) * 131
         pool = self._inputs.get("replay_source")
         if pool is not None:
             examples = [pool[i] for i in seeded_subset(len(pool), size, seed)]
@@ -211,10 +229,11 @@ class ContinualCallback(TrainerCallback):
             examples = self.replay.sample(size, seed)
         else:
             return  # first domain: nothing to replay yet, g~ = g
-        names, params = optimizer.routed_named_params()
-        loss, grads = replay_gradients(kwargs["model"], self._collate(examples), names, params,
+        names, params = routed_model_params(optimizer, model)
+        share = replay_share(examples, world, int(args.process_index))
+        loss, grads = replay_gradients(model, self._collate(share), names, params,
                                        max_norm=float(args.max_grad_norm or 0.0))
-        optimizer.supply(replay_grads=mean_across_ranks(grads))
+        optimizer.supply(replay_grads=grads)
         self.last_replay_loss = loss
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -249,7 +268,11 @@ class ContinualCallback(TrainerCallback):
         name, index, spec = self.current, self.domain_index, method_of(optimizer)
         model = kwargs["model"]
         release_zero(kwargs.get("optimizer"))  # under ZeRO: per-tensor layout again, as in one process
-        optimizer.end_domain(name)
+        if any(m.consolidates for m in optimizer.modifiers):  # (importance/EWC read the weights)
+            with gathered_trainable(model):  # ZeRO-3: whole; under ZeRO's bf16, its fp32 masters
+                optimizer.end_domain(name, params=zero_masters(optimizer))
+        else:
+            optimizer.end_domain(name)
         share = current_v_share(optimizer, self.v_start)
         if share is not None:
             self.v_current_share[name] = share
@@ -418,14 +441,14 @@ def check_steps_model_tensors(optimizer: RoutedAdamW, model: Any, wrapped: Any =
         # and so that 8-bit states quantize the blocks of each tensor as one process does. ZeRO-3
         # likewise: its first engine leaves the groups' params empty outside step()
         if wrapped is not None and (zero_stage12(wrapped) is not None or zero_stage3(wrapped) is not None):
-            route_under_zero(wrapped, optimizer, method_of(optimizer))
+            route_under_zero(wrapped, optimizer)
         return
     model_ids = {id(p) for p in model.parameters()}
     names, params = optimizer.routed_named_params()
     foreign = [n for n, p in zip(names, params, strict=True) if id(p) not in model_ids]
     if not foreign and params:
         return  # (ZeRO-3 leaves the groups empty outside step(): no tensors is not "the model's own")
-    if wrapped is not None and route_under_zero(wrapped, optimizer, method_of(optimizer)):
+    if wrapped is not None and route_under_zero(wrapped, optimizer):
         return
     raise RuntimeError(
         "ContinualCallback: the Trainer's RoutedAdamW steps copies of the LoRA tensors, not the "
@@ -452,10 +475,31 @@ def _refuse_optimizer_offload(trainer: Any) -> None:
             "(deepspeed_configs/zero2.json routes LoRA on full tensors without it)")
 
 
-def _check_fsdp(args: TrainingArguments, optimizer: RoutedAdamW, spec: MethodSpec) -> None:
+def routed_model_params(optimizer: RoutedAdamW, model: Any) -> tuple[list[str], list[Tensor]]:
+    """The names and the model's own tensors of the routed LoRA tensors, during a domain.
+
+    The optimizer's groups hold them, except under DeepSpeed ZeRO, whose engine puts its flat fp32
+    partitions in their place until the domain's end: then the model's tensors of the groups'
+    ``param_names`` (ZeRO-3's are (0,)-shaped partitions that its forward hooks gather).
+    """
+    names, params = optimizer.routed_named_params()
+    own = {id(p) for p in model.parameters()}
+    if params and all(id(p) in own for p in params):
+        return names, params
+    by_name = dict(model.named_parameters())
+    names = [n for g in optimizer.param_groups if g["routing"] != "vanilla" for n in g.get("param_names", ())]
+    missing = [n for n in names if n not in by_name]
+    if missing or not names:
+        raise RuntimeError(f"ContinualCallback: {len(missing)} routed tensor name(s) are not the model's "
+                           f"(first: {missing[:1]}), so the replay gradient cannot be taken; build the "
+                           "optimizer with lora_cl.make_optimizer on this model")
+    return names, [by_name[n] for n in names]
+
+
+def _check_fsdp(args: TrainingArguments, optimizer: RoutedAdamW) -> None:
     """The stream runs under the Trainer's FSDP2 (lora_cl.trainer.fsdp); refuse, in one line
     naming what works, FSDP1 (flat parameters), an FSDP the Trainer did not apply (a CPU without
-    :func:`~lora_cl.trainer.fsdp.fsdp2_trainer`: accelerate trains it as DDP), replay and EWC."""
+    :func:`~lora_cl.trainer.fsdp.fsdp2_trainer`: accelerate trains it as DDP)."""
     if not getattr(args, "fsdp", None):
         return
     version = fsdp_version(args)
@@ -469,11 +513,6 @@ def _check_fsdp(args: TrainingArguments, optimizer: RoutedAdamW, spec: MethodSpe
             "ContinualCallback: TrainingArguments.fsdp is set but the Trainer did not shard the model "
             "(on a CPU accelerate trains fsdp=... as plain DDP); build the Trainer class with "
             "lora_cl.trainer.fsdp.fsdp2_trainer(Trainer), or run lora-cl train with training.fsdp: true")
-    if spec.replay is not None or any(m.consolidates for m in optimizer.modifiers):
-        raise RuntimeError(
-            f"ContinualCallback: method {spec.name!r} (replay or importance/EWC) does not run under FSDP2 "
-            "yet (its extra backward or its domain-end consolidation would meet sharded parameters); "
-            "use plain DDP for it (projection methods such as ogp run under FSDP2)")
 
 
 def attach(trainer: Any, callback: ContinualCallback | None = None, **kwargs: Any) -> ContinualCallback:

@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lora_cl.optim import dtensor as dt
+
 Collate = Callable[[list[Any]], Mapping[str, Any]]
 
 
@@ -81,6 +83,34 @@ def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
+def replay_share(examples: Sequence[Any], world: int, rank: int) -> list[Any]:
+    """This rank's part of one replay draw for all ``world`` ranks: every ``world``-th example from
+    ``rank``, so the ranks together replay the draw once (the token weights of
+    :func:`replay_gradients` make their gradients add up to the whole draw's). A draw with fewer
+    examples than ranks gives rank r example r mod k (every rank must run the replay forward
+    under ZeRO-3 and FSDP2)."""
+    if world <= 1:
+        return list(examples)
+    if len(examples) >= world:
+        return list(examples[rank::world])
+    return [examples[rank % len(examples)]] if examples else []
+
+
+def label_tokens(batch: Mapping[str, Any]) -> int:
+    """The tokens a causal-LM loss averages over in ``batch``: labels after the one-token shift
+    that are not -100 (a batch without labels counts 0; its forward then reports no loss)."""
+    labels = batch.get("labels")
+    if not isinstance(labels, Tensor) or labels.dim() < 1:
+        return 0
+    return int((labels[..., 1:] != -100).sum())
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
 def replay_gradients(model: nn.Module, batch: Mapping[str, Any], names: Sequence[str],
                      params: Sequence[Tensor], *, max_norm: float = 0.0) -> tuple[float, dict[str, Tensor]]:
     """g_r = d loss(replay batch) / d theta for the routed tensors, leaving every ``.grad`` alone.
@@ -89,8 +119,26 @@ def replay_gradients(model: nn.Module, batch: Mapping[str, Any], names: Sequence
     mode; dropout applies as it does to the loss gradient). With ``max_norm`` > 0, g_r is
     clipped to that global norm, as the Trainer clips the loss gradient before the step. A tensor
     with a loss gradient (``.grad`` set) but no replay gradient is an error, never a silent skip.
+
+    On several ranks (call it on every rank, each with its :func:`replay_share` of one draw) the
+    result is the whole draw's gradient on every rank, whole tensors as one process computes
+    them: each rank's loss is weighted by its share of the draw's label tokens (as the Trainer
+    weights the loss with ``num_items_in_batch``), the weighted gradients are averaged in one
+    all-reduce, and the clip applies to the average, as it does to the loss gradient. The
+    returned loss is the draw's token-weighted mean. Under FSDP2 (DTensor ``params``) the
+    backward runs through FSDP's own reduce-scatter with every trainable ``.grad`` set aside and
+    put back, and the averaged shards are gathered whole.
     """
-    device = params[0].device if params else torch.device("cpu")
+    world, _ = _world()
+    device = dt.local(params[0]).device if params else torch.device("cpu")
+    scale, total = 1.0, 0
+    if world > 1:
+        tokens = label_tokens(batch)
+        count = torch.tensor([float(tokens)], dtype=torch.float64, device=device)
+        dist.all_reduce(count)
+        total = int(count.item())
+        scale = tokens * world / total if total > 0 else 1.0
+    sharded = any(dt.is_dtensor(p) for p in params)
     was_training = model.training
     model.train()
     try:
@@ -100,7 +148,9 @@ def replay_gradients(model: nn.Module, batch: Mapping[str, Any], names: Sequence
             if loss is None:
                 raise ReplayDataError("the replay batch gave no loss: its collated examples need "
                                       "labels (use the same collator/columns as the training data)")
-            grads = torch.autograd.grad(loss, list(params), allow_unused=True)
+            scaled = loss * scale if world > 1 else loss
+            grads = (_fsdp_grads(model, scaled, params) if sharded
+                     else torch.autograd.grad(scaled, list(params), allow_unused=True))
     finally:
         model.train(was_training)
     found = {n: g.detach() for n, g in zip(names, grads, strict=True) if g is not None}
@@ -111,23 +161,54 @@ def replay_gradients(model: nn.Module, batch: Mapping[str, Any], names: Sequence
             f"no replay gradient (first: {missing[0]!r}). Reentrant activation checkpointing hides "
             "parameters from torch.autograd.grad: set gradient_checkpointing_kwargs="
             "{'use_reentrant': False} (the default) in the training arguments")
+    if params and not found:
+        raise RuntimeError(f"replay gradient: none of the {len(names)} routed tensors (first: {names[0]!r}) "
+                           "is in the replay loss's graph; pass the model's own LoRA tensors (under "
+                           "DeepSpeed ZeRO the optimizer holds flat partitions in their place)")
+    value = loss.detach().float()
+    if world > 1:
+        value = value * (scale / world)  # summed over the ranks: the draw's token-weighted mean
+        found, value = _average(found, value, reduced=sharded)
     if max_norm > 0 and found:
-        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float())
-                                                      for g in found.values()]))
-        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        found = {n: g * scale.to(g.dtype) for n, g in found.items()}
-    return float(loss.detach()), found
+        total_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float())
+                                                           for g in found.values()]))
+        clip = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+        found = {n: g * clip.to(g.dtype) for n, g in found.items()}
+    return float(value), found
 
 
-def mean_across_ranks(grads: dict[str, Tensor]) -> dict[str, Tensor]:
-    """g_r averaged over data-parallel ranks, as DDP averages the loss gradient (no-op alone)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return grads
-    world = dist.get_world_size()
-    for g in grads.values():  # same names in the same order on every rank
-        dist.all_reduce(g)
-        g.div_(world)
-    return grads
+def _fsdp_grads(model: nn.Module, loss: Tensor, params: Sequence[Tensor]) -> list[Tensor | None]:
+    """The replay gradients of FSDP2 (DTensor) ``params``, whole: a plain backward (FSDP's hooks
+    all-gather, reduce-scatter and average over the ranks) with every trainable tensor's ``.grad``
+    set aside and restored, so the loss gradient stays as it was."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    kept = [p.grad for p in trainable]
+    for p in trainable:
+        p.grad = None
+    try:
+        loss.backward()
+        got = [p.grad for p in params]
+    finally:
+        for p, g in zip(trainable, kept, strict=True):
+            p.grad = g
+    return [None if g is None else dt.whole(g) for g in got]  # collective: same order on every rank
+
+
+def _average(grads: dict[str, Tensor], loss: Tensor, *, reduced: bool) -> tuple[dict[str, Tensor], Tensor]:
+    """Weighted replay gradients averaged over the ranks (one all-reduce of one flat buffer, the
+    loss in its last slot); ``reduced``: the gradients are averaged already (FSDP2)."""
+    world, _ = _world()
+    keys = [] if reduced else list(grads)
+    flat = torch.cat([grads[k].float().reshape(-1) for k in keys] + [loss.reshape(1).to(
+        next(iter(grads.values())).device if grads else loss.device)])
+    dist.all_reduce(flat)
+    out = dict(grads)
+    at = 0
+    for k in keys:
+        n = grads[k].numel()
+        out[k] = flat[at:at + n].div_(world).view_as(grads[k]).to(grads[k].dtype)
+        at += n
+    return out, flat[-1]
 
 
 def collate_chunks(examples: Sequence[Any], collate: Collate, batch_size: int) -> list[Mapping[str, Any]]:

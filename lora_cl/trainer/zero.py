@@ -28,7 +28,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lora_cl.methods import MethodSpec
 from lora_cl.optim import RoutedAdamW
 
 SUPPORTED = ("deepspeed_configs/zero2.json (ZeRO-2; ZeRO-1 works too), deepspeed_configs/zero3.json "
@@ -60,6 +59,15 @@ MASTER = "lora_cl_fp32_master"
 PER_TENSOR = "lora_cl_per_tensor_states"
 
 
+def zero_masters(optimizer: RoutedAdamW) -> list[Tensor] | None:
+    """The fp32 master weights of the routed tensors, in ``routed_named_params`` order, that
+    :func:`release_zero` left in their states (low-precision LoRA tensors under ZeRO); None when
+    the tensors themselves are the weights (fp32, or no ZeRO)."""
+    _, params = optimizer.routed_named_params()
+    masters = [optimizer.state.get(p, {}).get(MASTER) for p in params]
+    return masters if params and all(m is not None for m in masters) else None
+
+
 class ZeroRoutingError(RuntimeError):
     """A DeepSpeed stage or option under which lora-cl cannot route with single-process math."""
 
@@ -76,14 +84,14 @@ def zero_stage3(wrapped: Any) -> Any:
                  if type(w).__module__ == "deepspeed.runtime.zero.stage3"), None)
 
 
-def route_under_zero(wrapped: Any, optimizer: RoutedAdamW, spec: MethodSpec | None = None) -> bool:
+def route_under_zero(wrapped: Any, optimizer: RoutedAdamW) -> bool:
     """Put :class:`ZeroRoutedStep` (ZeRO-1/2) or :class:`~lora_cl.trainer.zero3.Zero3RoutedStep`
     (ZeRO-3) in the DeepSpeed optimizer that steps ``optimizer``.
 
     ``wrapped`` is what the Trainer steps (accelerate's wrapper). Returns False when no DeepSpeed
     optimizer wraps ``optimizer`` (the caller decides), True once routing runs on full tensors;
-    raises :class:`ZeroRoutingError` for DeepSpeed's stage-0 bf16/fp16 optimizers and for methods,
-    options or layouts that need more than the full gradient inside the step.
+    raises :class:`ZeroRoutingError` for DeepSpeed's stage-0 bf16/fp16 optimizers and for options
+    or layouts under which the modifiers could not see every full LoRA tensor of a step together.
     """
     from lora_cl.trainer.zero3 import Zero3RoutedStep, check_stage3_layout
 
@@ -93,12 +101,12 @@ def route_under_zero(wrapped: Any, optimizer: RoutedAdamW, spec: MethodSpec | No
     zero, stage3 = zero_stage12(wrapped), zero_stage3(wrapped)
     if stage3 is not None:
         where = "lora-cl under DeepSpeed ZeRO-3"
-        _check_supported(optimizer, spec, where)
+        _check_supported(optimizer, where)
         check_stage3_layout(optimizer, stage3, where)
         zero, step_cls = stage3, Zero3RoutedStep
     elif zero is not None:
         where = "lora-cl under DeepSpeed ZeRO-1/2"
-        _check_supported(optimizer, spec, where)
+        _check_supported(optimizer, where)
         _check_stage12_layout(optimizer, zero, where)
         step_cls = ZeroRoutedStep
     elif any(type(w).__module__.startswith("deepspeed") for w in chain):
@@ -148,18 +156,7 @@ def release_zero(wrapped: Any) -> bool:
     return False
 
 
-def _check_supported(optimizer: RoutedAdamW, spec: MethodSpec | None, where: str) -> None:
-    if spec is not None and spec.replay is not None:
-        raise ZeroRoutingError(f"{where}: method {spec.name!r} replays (replay={spec.replay!r}), and "
-                               "the replay gradient's extra backward would run through DeepSpeed's "
-                               "gradient partitioning; use plain DDP (torchrun without "
-                               "training.deepspeed) for replay methods")
-    for mod in optimizer.modifiers:
-        if mod.consolidates:
-            raise ZeroRoutingError(
-                f"{where}: modifier {type(mod).__name__} consolidates the parameters at the end of a "
-                "domain, which DeepSpeed holds as flat partitions there; use plain DDP for "
-                "importance/EWC methods (projection methods such as ogp route under ZeRO)")
+def _check_supported(optimizer: RoutedAdamW, where: str) -> None:
     routed = [g for g in optimizer.param_groups if g["routing"] != "vanilla"]
     if len(routed) > 1:
         raise ZeroRoutingError(f"{where}: {len(routed)} routed param groups; DeepSpeed steps one group "

@@ -1,9 +1,9 @@
 """Worker for test_callback_errors.py: Trainers with ``fsdp`` on 2 CPU ranks under torchrun.
 
-Two cases, each refused by ContinualCallback at the domain's start: FSDP2 asked of a plain
-Trainer (on a CPU accelerate trains it as DDP, ../shared/STACK.md), and a replay method under a
-real FSDP2 Trainer (``lora_cl.trainer.fsdp.fsdp2_trainer``). Writes, from rank 0, per case whether the Trainer
-enabled FSDP and the error the stream raised.
+Two cases: FSDP2 asked of a plain Trainer (on a CPU accelerate trains it as DDP,
+../shared/STACK.md), refused by ContinualCallback at the domain's start, and a replay method under
+a real FSDP2 Trainer (``lora_cl.trainer.fsdp.fsdp2_trainer``), which trains. Writes, from rank 0,
+per case whether the Trainer enabled FSDP and the error the stream raised (None).
 """
 
 from __future__ import annotations

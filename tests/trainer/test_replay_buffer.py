@@ -10,6 +10,7 @@ from trainer_helpers import DOMAINS, lm_dataset, lora_model
 
 import lora_cl
 from lora_cl.trainer import ReplayBuffer, ReplayDataError, replay_gradients
+from lora_cl.trainer.replay import label_tokens, replay_share
 
 
 def test_buffer_keeps_a_seeded_fraction_of_at_least_one():
@@ -82,3 +83,18 @@ def test_replay_gradients_match_autograd_and_leave_grad_alone(tiny_factory):
     _, clipped = replay_gradients(model, batch, names, params, max_norm=1e-3)
     total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in clipped.values()]))
     assert float(total) == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_replay_share_splits_one_draw_across_ranks():
+    draw = list(range(5))
+    shares = [replay_share(draw, 2, r) for r in range(2)]
+    assert sorted(shares[0] + shares[1]) == draw  # together the draw, once
+    assert replay_share(draw, 1, 0) == draw
+    # fewer examples than ranks: every rank still gets one (ZeRO-3/FSDP2 forwards are collective)
+    assert [replay_share([7, 8], 4, r) for r in range(4)] == [[7], [8], [7], [8]]
+
+
+def test_label_tokens_counts_what_the_shifted_loss_averages():
+    labels = torch.tensor([[5, 6, -100, 7], [-100, 1, 2, -100]])
+    assert label_tokens({"labels": labels}) == 4  # after the one-token shift: 6, 7 | 1, 2
+    assert label_tokens({"input_ids": labels}) == 0
