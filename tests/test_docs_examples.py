@@ -215,3 +215,15 @@ def test_committed_reproduction_pages_are_what_the_committed_cells_generate(tmp_
     for page in pages:
         got = (tmp_path / page).read_text(encoding="utf-8").replace(f" --docs {tmp_path}", "")
         assert got == (DOCS / page).read_text(encoding="utf-8"), f"{page}: rerun `lora-cl reproduce --report`"
+
+
+def test_deepspeed_page_figures_are_on_the_generated_pages():
+    """docs/deepspeed.md quotes memory figures (GiB) of docs/memory.md, which `make bench`'s
+    planner run generates, and points to docs/sharding.md for its measured differences: a figure
+    the generated pages no longer print fails here, as the README's do."""
+    page = (DOCS / "deepspeed.md").read_text(encoding="utf-8")
+    quoted = re.findall(r"(\d+\.\d+) GiB", page)
+    assert quoted, "docs/deepspeed.md lost its GiB figures: update this test"
+    pages = [(DOCS / "memory.md").read_text(encoding="utf-8")]
+    assert not figures_not_on_pages(quoted, pages)
+    assert "(sharding.md)" in page and "max abs diff" in (DOCS / "sharding.md").read_text(encoding="utf-8")
