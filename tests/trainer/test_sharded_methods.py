@@ -9,6 +9,7 @@ process's 4; EWC consolidates the whole fp32 weights at each domain's end on eve
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -44,6 +45,14 @@ def _env(cache: Path) -> dict[str, str]:
 def _run(args: list[str], cache: Path) -> None:
     proc = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=REPO, env=_env(cache))
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _zero3(tmp: Path) -> Path:
+    """zero3.json keeping no LoRA tensor whole between steps (a 7B model's case)."""
+    doc = json.loads((REPO / "deepspeed_configs" / "zero3.json").read_text())
+    doc["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp / "zero3.json").write_text(json.dumps(doc))
+    return tmp / "zero3.json"
 
 
 def _adapters(run: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -83,13 +92,8 @@ def test_replay_and_ewc_under_sharding_equal_one_process(single: Path, tmp_path:
     """2 ranks x 2 examples (ZeRO-3: x 1 example x 2 accumulation steps), each replaying 2 examples
     a step, equal one process x 4 replaying 4: every domain's adapter, for replay and ewc."""
     extra = list(LAUNCHES[launch])
-    if launch.startswith("zero3"):  # no LoRA tensor kept whole between steps (a 7B model's case)
-        import json
-
-        doc = json.loads((REPO / "deepspeed_configs" / "zero3.json").read_text())
-        doc["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-        (tmp_path / "zero3.json").write_text(json.dumps(doc))
-        extra += ["--set", f"training.deepspeed={tmp_path / 'zero3.json'}"]
+    if launch.startswith("zero3"):
+        extra += ["--set", f"training.deepspeed={_zero3(tmp_path)}"]
     two = tmp_path / "two"
     _run([*LAUNCH, "-m", "lora_cl.cli", *_common(2, "compare=[ewc]"), *extra, "--output", str(two)],
          test_cache_dir)
@@ -100,3 +104,29 @@ def test_replay_and_ewc_under_sharding_equal_one_process(single: Path, tmp_path:
             for name in want[ddir]:
                 torch.testing.assert_close(got[ddir][name], want[ddir][name], **TOL,
                                            msg=lambda m, n=name, d=ddir, k=method: f"{k} {d} {n}: {m}")
+
+
+@pytest.mark.deepspeed
+def test_replay_under_zero3_resumes_after_kill_9(tmp_path: Path, test_cache_dir: Path) -> None:
+    """Both ranks killed with SIGKILL at the third domain's step 4 (its replay buffer holds both
+    earlier domains; ZeRO-3, gradient accumulation 2), then `--resume` from its step-3 checkpoint:
+    every domain's adapter equals the uninterrupted 2-rank run's (the buffer and the step-seeded
+    draws come back as they were)."""
+    common = [*_common(2, "compare=[]"), *LAUNCHES["zero3-accum2"],
+              "--set", f"training.deepspeed={_zero3(tmp_path)}"]
+    fault_cli = Path(__file__).with_name("fault_cli.py")
+    killed = subprocess.run([*LAUNCH, str(fault_cli), "kill:2:4", *common, "--output",
+                             str(tmp_path / "killed")], capture_output=True, text=True, timeout=300, cwd=REPO,
+                            env=_env(test_cache_dir))
+    assert killed.returncode != 0 and "SIGKILL" in killed.stderr, killed.stderr[-2000:]
+    ckpt = tmp_path / "killed" / "replay" / "checkpoints" / "02-law" / "checkpoint-3"
+    assert ckpt.is_dir(), "the kill came before the checkpoint"
+    _run([*LAUNCH, "-m", "lora_cl.cli", *common, "--output", str(tmp_path / "killed"), "--resume"],
+         test_cache_dir)
+    _run([*LAUNCH, "-m", "lora_cl.cli", *common, "--output", str(tmp_path / "whole")], test_cache_dir)
+    got, want = _adapters(tmp_path / "killed" / "replay"), _adapters(tmp_path / "whole" / "replay")
+    assert got.keys() == want.keys() and len(want) == 3
+    for ddir in want:
+        for key in want[ddir]:
+            torch.testing.assert_close(got[ddir][key], want[ddir][key], rtol=0, atol=1e-7,
+                                       msg=lambda m, k=key, d=ddir: f"{d} {k}: {m}")
