@@ -1,6 +1,6 @@
 """Replay and importance (EWC) methods under sharding: `lora-cl train` on 2 gloo ranks under ZeRO-2,
-ZeRO-3 (every LoRA tensor partitioned, gradient accumulation 2) and FSDP2 equals one process, for
-the whole 3-domain stream (real torchrun, DeepSpeed and accelerate's FSDP2 on CPU).
+ZeRO-3 (every LoRA tensor partitioned) and FSDP2, the last two with gradient accumulation 2, equals
+one process, for the whole 3-domain stream (real torchrun, DeepSpeed and accelerate's FSDP2 on CPU).
 
 The ranks replay disjoint shares of one draw (seeded by the step, not the rank) and weight their
 replay gradients by their share of its label tokens, so 2 ranks x 2 replayed examples are one
@@ -81,16 +81,18 @@ def test_the_check_can_tell_replay_and_ewc_from_vanilla(single: Path) -> None:
 LAUNCHES = {
     "zero2": ["--set", "training.batch_size=2", "--set", "training.deepspeed=deepspeed_configs/zero2.json"],
     "zero3-accum2": ["--set", "training.batch_size=1", "--set", "training.grad_accum=2"],  # + its config
-    "fsdp2": ["--set", "training.batch_size=2", "--set", "training.fsdp=true"],
+    "fsdp2-accum2": ["--set", "training.batch_size=1", "--set", "training.grad_accum=2",
+                     "--set", "training.fsdp=true"],
 }
 
 
 @pytest.mark.parametrize("launch", [pytest.param("zero2", marks=pytest.mark.deepspeed),
-                                    pytest.param("zero3-accum2", marks=pytest.mark.deepspeed), "fsdp2"])
+                                    pytest.param("zero3-accum2", marks=pytest.mark.deepspeed), "fsdp2-accum2"])
 def test_replay_and_ewc_under_sharding_equal_one_process(single: Path, tmp_path: Path, test_cache_dir: Path,
                                                          launch: str) -> None:
-    """2 ranks x 2 examples (ZeRO-3: x 1 example x 2 accumulation steps), each replaying 2 examples
-    a step, equal one process x 4 replaying 4: every domain's adapter, for replay and ewc."""
+    """2 ranks x 2 examples (ZeRO-3 and FSDP2: x 1 example x 2 accumulation steps), each replaying
+    2 examples a step, equal one process x 4 replaying 4: every domain's adapter, for replay and
+    ewc."""
     extra = list(LAUNCHES[launch])
     if launch.startswith("zero3"):
         extra += ["--set", f"training.deepspeed={_zero3(tmp_path)}"]
