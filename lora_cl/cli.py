@@ -444,8 +444,18 @@ def main(argv: list[str] | None = None, *, callbacks: Sequence[Any] = ()) -> Non
             message = err.args[0] if isinstance(err, KeyError) and err.args else err
             print(f"lora-cl {args.command}: error: {message}", file=sys.stderr)
             code = 2
+        finally:
+            _close_distributed()
         sys.exit(code)
     sys.exit(args.func(args))
+
+
+def _close_distributed() -> None:
+    """Destroy the process group a ``torchrun`` run opened (torch asks for it before exit; left to
+    the interpreter's exit, gloo's threads can abort the C++ teardown after the work is done)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,23 @@ from typing import Any
 import torch
 
 from lora_cl.modifiers.base import GradBatch
+
+REPO = Path(__file__).resolve().parents[1]
+#: ``torchrun`` on 2 processes of this interpreter (gloo on a CPU); append the script or ``-m ...``.
+TORCHRUN2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def torchrun_env(cache: Path | None = None, *paths: Path) -> dict[str, str]:
+    """The environment of a test's ``torchrun`` (or single) subprocess: one thread per process (two
+    ranks on two cores), the repo (and ``paths``) importable, ``LORA_CL_CACHE`` set to ``cache``
+    when given, and no RANK/WORLD_SIZE/LOCAL_RANK inherited from a launcher around the tests."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), *map(str, paths), os.environ.get("PYTHONPATH", "")])}
+    if cache is not None:
+        env["LORA_CL_CACHE"] = str(cache)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    return env
 
 
 def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> Path:

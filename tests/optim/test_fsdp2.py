@@ -9,13 +9,12 @@ the step on both.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import TORCHRUN2, torchrun_env
 from safetensors.torch import load_file
 
 from lora_cl import RoutedAdamW
@@ -25,12 +24,8 @@ REPO = WORKER.parents[2]
 
 
 def _torchrun(worker: Path, *args: str, **extra_env: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra_env,
-           "PYTHONPATH": os.pathsep.join([str(REPO), str(WORKER.parent), os.environ.get("PYTHONPATH", "")])}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(key, None)
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node", "2", str(worker), *args],
+    env = {**torchrun_env(None, WORKER.parent), **extra_env}
+    return subprocess.run([*TORCHRUN2, str(worker), *args],
                           capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
 
 

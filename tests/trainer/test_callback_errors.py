@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from datasets import Dataset
+from helpers import TORCHRUN2, torchrun_env
 from torch.utils.data import IterableDataset
 from trainer_helpers import DOMAINS, lm_dataset, lora_model, run_domain, train_args
 from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
@@ -114,13 +113,8 @@ def test_what_does_not_run_under_the_trainers_fsdp_is_refused(tmp_path):
     (../shared/STACK.md), is refused naming fsdp2_trainer; a replay method under a real FSDP2
     Trainer trains (tests/trainer/test_sharded_methods.py checks it against one process)."""
     out = tmp_path / "result.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(key, None)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node", "2", str(Path(__file__).with_name("fsdp_trainer_worker.py")),
-                           str(out)], capture_output=True, text=True, timeout=240, cwd=REPO, env=env)
+    proc = subprocess.run([*TORCHRUN2, str(Path(__file__).with_name("fsdp_trainer_worker.py")), str(out)],
+                          capture_output=True, text=True, timeout=240, cwd=REPO, env=torchrun_env())
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())
     plain, replay = result["fsdp2_plain_trainer"], result["fsdp2_replay"]

@@ -5,13 +5,13 @@ DeepSpeed Trainer (tests/trainer/ds_worker.py)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import torchrun_env
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.deepspeed
@@ -25,19 +25,11 @@ CONFIGS = REPO / "deepspeed_configs"
 TOL = dict(rtol=1e-4, atol=1e-5)
 
 
-def _env(cache: Path) -> dict[str, str]:
-    env = {**os.environ, "LORA_CL_CACHE": str(cache), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    return env
-
-
 def _run(args: list[str], cache: Path, nproc: int | None = 2) -> subprocess.CompletedProcess:
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
                  "--nproc_per_node", str(nproc)] if nproc else [sys.executable])
     return subprocess.run([*launcher, str(WORKER), *args], capture_output=True, text=True,
-                          timeout=240, cwd=REPO, env=_env(cache))
+                          timeout=240, cwd=REPO, env=torchrun_env(cache))
 
 
 def _train(out: Path, prep: Path, cache: Path, *extra: str, nproc: int = 2) -> dict[str, torch.Tensor]:
@@ -283,7 +275,8 @@ def test_cli_train_under_torchrun_equals_single_process(tmp_path: Path, test_cac
     if launch.endswith("-8bit"):  # training.state_bits: 8 on every LoRA tensor
         common += ["--set", "training.state_bits=8", "--set", "training.min_8bit_size=0"]
     single = subprocess.run([sys.executable, "-m", "lora_cl.cli", *common, "--output", str(tmp_path / "one")],
-                            capture_output=True, text=True, timeout=300, cwd=REPO, env=_env(test_cache_dir))
+                            capture_output=True, text=True, timeout=300, cwd=REPO,
+                            env=torchrun_env(test_cache_dir))
     assert single.returncode == 0, single.stderr[-3000:]
     configs = {"zero2": str(CONFIGS / "zero2.json"), "zero3": _zero3_config(tmp_path, persistence=0)}
     config = configs.get(launch.removesuffix("-4bit").removesuffix("-8bit"))
@@ -291,7 +284,8 @@ def test_cli_train_under_torchrun_equals_single_process(tmp_path: Path, test_cac
     ds = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                          "2", "-m", "lora_cl.cli", *common, "--output", str(tmp_path / "two"),
                          "--set", "training.batch_size=2", *deepspeed],
-                        capture_output=True, text=True, timeout=300, cwd=REPO, env=_env(test_cache_dir))
+                        capture_output=True, text=True, timeout=300, cwd=REPO,
+                        env=torchrun_env(test_cache_dir))
     assert ds.returncode == 0, ds.stderr[-3000:]
     assert ds.stdout.count("report:") == 1  # one results table, from rank 0
     one, two = tmp_path / "one" / "ogp", tmp_path / "two" / "ogp"
@@ -493,7 +487,7 @@ def test_cli_train_under_zero_resumes_after_kill_9(tmp_path: Path, test_cache_di
 
     def run(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([*torchrun, *args], capture_output=True, text=True, timeout=300, cwd=REPO,
-                              env=_env(test_cache_dir))
+                              env=torchrun_env(test_cache_dir))
 
     killed = run(str(fault_cli), "kill:1:4", *common, "--output", str(tmp_path / "killed"))
     assert killed.returncode != 0 and "SIGKILL" in killed.stderr, killed.stderr[-2000:]
@@ -535,14 +529,16 @@ def test_cli_qa_stream_with_generation_under_zero3_equals_single_process(tmp_pat
         "eval": {"batch_size": 4, "generate": True, "max_new_tokens": 4}}))  # JSON is YAML
     common = ["train", str(recipe), "--no-progress"]
     single = subprocess.run([sys.executable, "-m", "lora_cl.cli", *common, "--output", str(tmp_path / "one")],
-                            capture_output=True, text=True, timeout=300, cwd=REPO, env=_env(test_cache_dir))
+                            capture_output=True, text=True, timeout=300, cwd=REPO,
+                            env=torchrun_env(test_cache_dir))
     assert single.returncode == 0, single.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                           "--nproc_per_node", "2", "-m", "lora_cl.cli", *common,
                           "--output", str(tmp_path / "two"),
                           "--set", "training.batch_size=2",
                           "--set", f"training.deepspeed={_zero3_config(tmp_path, persistence=0)}"],
-                         capture_output=True, text=True, timeout=300, cwd=REPO, env=_env(test_cache_dir))
+                         capture_output=True, text=True, timeout=300, cwd=REPO,
+                         env=torchrun_env(test_cache_dir))
     assert two.returncode == 0, two.stderr[-3000:]
     one_run, two_run = tmp_path / "one" / "ogp", tmp_path / "two" / "ogp"
     for ddir in sorted((one_run / "domains").iterdir()):

@@ -8,13 +8,13 @@ run killed with SIGKILL mid-domain resumes to the uninterrupted run's adapters.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import TORCHRUN2, torchrun_env
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -22,20 +22,13 @@ REPO = Path(__file__).resolve().parents[2]
 TOL = dict(rtol=1e-4, atol=1e-5)
 COMMON = ["train", str(REPO / "recipes" / "tiny.yaml"), "--no-progress", "--set", "training.lr=1e-3",
           "--set", "data.train_examples=8"]  # whole global batches
-LAUNCH = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+LAUNCH = TORCHRUN2
 FSDP2 = ["--set", "training.batch_size=2", "--set", "training.fsdp=true"]
 
 
-def _env(cache: Path) -> dict[str, str]:
-    env = {**os.environ, "LORA_CL_CACHE": str(cache), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(key, None)
-    return env
-
-
 def _run(args: list[str], cache: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=REPO, env=_env(cache))
+    return subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env=torchrun_env(cache))
 
 
 def _one_and_two(tmp_path: Path, cache: Path, common: list[str]) -> subprocess.CompletedProcess:

@@ -10,13 +10,13 @@ process's 4; EWC consolidates the whole fp32 weights at each domain's end on eve
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import TORCHRUN2, torchrun_env
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 # fp32 end to end; 2 ranks average 2 + 2 examples where one process takes 4 at once
 TOL = dict(rtol=1e-4, atol=1e-5)
-LAUNCH = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+LAUNCH = TORCHRUN2
 # a buffer of every earlier example (fraction 1), so the draw of 4 differs from step to step
 REPLAY = "method={name: replay, label: replay, replay_fraction: 1.0, replay_batch_size: %d}"
 
@@ -34,16 +34,9 @@ def _common(per_rank_replay: int, compare: str) -> list[str]:
             "--set", "data.train_examples=8", "--set", REPLAY % per_rank_replay, "--set", compare]
 
 
-def _env(cache: Path) -> dict[str, str]:
-    env = {**os.environ, "LORA_CL_CACHE": str(cache), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(key, None)
-    return env
-
-
 def _run(args: list[str], cache: Path) -> None:
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=REPO, env=_env(cache))
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env=torchrun_env(cache))
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -86,8 +79,8 @@ LAUNCHES = {
 }
 
 
-@pytest.mark.parametrize("launch", [pytest.param("zero2", marks=pytest.mark.deepspeed),
-                                    pytest.param("zero3-accum2", marks=pytest.mark.deepspeed), "fsdp2-accum2"])
+@pytest.mark.parametrize("launch", [pytest.param(name, marks=pytest.mark.deepspeed) if name.startswith("zero")
+                                    else name for name in LAUNCHES])
 def test_replay_and_ewc_under_sharding_equal_one_process(single: Path, tmp_path: Path, test_cache_dir: Path,
                                                          launch: str) -> None:
     """2 ranks x 2 examples (ZeRO-3 and FSDP2: x 1 example x 2 accumulation steps), each replaying
@@ -119,7 +112,7 @@ def test_replay_under_zero3_resumes_after_kill_9(tmp_path: Path, test_cache_dir:
     fault_cli = Path(__file__).with_name("fault_cli.py")
     killed = subprocess.run([*LAUNCH, str(fault_cli), "kill:2:4", *common, "--output",
                              str(tmp_path / "killed")], capture_output=True, text=True, timeout=300, cwd=REPO,
-                            env=_env(test_cache_dir))
+                            env=torchrun_env(test_cache_dir))
     assert killed.returncode != 0 and "SIGKILL" in killed.stderr, killed.stderr[-2000:]
     ckpt = tmp_path / "killed" / "replay" / "checkpoints" / "02-law" / "checkpoint-3"
     assert ckpt.is_dir(), "the kill came before the checkpoint"
