@@ -98,3 +98,26 @@ def test_label_tokens_counts_what_the_shifted_loss_averages():
     labels = torch.tensor([[5, 6, -100, 7], [-100, 1, 2, -100]])
     assert label_tokens({"labels": labels}) == 4  # after the one-token shift: 6, 7 | 1, 2
     assert label_tokens({"input_ids": labels}) == 0
+
+
+def test_a_replay_gradient_of_tensors_outside_the_model_is_an_error(tiny_factory):
+    """Under DeepSpeed ZeRO the optimizer's groups hold flat partitions in place of the LoRA
+    tensors: a replay gradient taken of those is empty, which must fail loudly (it used to mix in
+    nothing, silently), and routed_model_params names the model's own tensors instead."""
+    from lora_cl.trainer.callback import routed_model_params
+
+    model, tok = lora_model(tiny_factory)
+    optimizer = lora_cl.make_optimizer(model, "replay")
+    names, params = optimizer.routed_named_params()
+    rows = lm_dataset(tok, DOMAINS["law"])
+    batch = {k: torch.tensor(rows[:2][k]) for k in ("input_ids", "attention_mask", "labels")}
+    flat = [torch.zeros(sum(p.numel() for p in params), requires_grad=True)]  # a ZeRO partition
+    with pytest.raises(RuntimeError, match="none of the 1 routed tensors .* is in the replay loss's graph"):
+        replay_gradients(model, batch, names[:1], flat)
+    group = optimizer.param_groups[0]
+    group["params"] = flat  # as DeepSpeed leaves the group during a domain
+    got_names, got = routed_model_params(optimizer, model)
+    assert got_names == names and all(a is b for a, b in zip(got, params, strict=True))
+    group["param_names"] = ["not.a.model.tensor", *names[1:]]
+    with pytest.raises(RuntimeError, match="1 routed tensor name.* are not the model's"):
+        routed_model_params(optimizer, model)
