@@ -35,6 +35,8 @@ NO_MODIFIER_OFF = "RoutedAdamW decoupled, no modifier, nonfinite='off' (fused pa
 NO_MODIFIER_FED = ("RoutedAdamW decoupled, no modifier, guard fed the clipping norm "
                    "(a Trainer under lora_cl.attach)")
 PROJECTION = "RoutedAdamW decoupled + rank-{rank} projection, overlap-adaptive (fused path)"
+PROJECTION_FED = ("RoutedAdamW decoupled + rank-{rank} projection, overlap-adaptive, guard fed the "
+                  "clipping norm (a Trainer under lora_cl.attach)")
 ROUTED_8BIT = "RoutedAdamW decoupled, no modifier, state_bits=8 (fused path)"
 OGP_CHAIN = "the ogp preset's chain: gradient-row buffers + the projection"
 GUARD_READ = "the guard's read of every gradient alone (torch._foreach_norm + isfinite, no update)"
@@ -128,6 +130,10 @@ def variants(names, params, rank, device) -> dict[str, Callable[[], torch.optim.
     out[PROJECTION.format(rank=rank)] = (
         lambda: RoutedAdamW(groups, lr=1e-4, impl="fused",
                             modifiers=[Projection(bank, OverlapAdaptiveStrength())])
+    )
+    out[PROJECTION_FED.format(rank=rank)] = (
+        lambda: ClipNormFed(RoutedAdamW(groups, lr=1e-4, impl="fused",
+                                        modifiers=[Projection(bank, OverlapAdaptiveStrength())]), params)
     )
     try:
         import bitsandbytes as bnb
@@ -256,7 +262,8 @@ def main() -> None:
                "step_seconds": times, "state_bytes_per_param": nbytes,
                "ratio": {k: statistics.median(ts) / base for k, ts in times.items()},
                "routed_8bit": ROUTED_8BIT, "bnb_8bit": BNB_8BIT,
-               "projection": PROJECTION.format(rank=args.rank), "no_modifier": NO_MODIFIER,
+               "projection": PROJECTION.format(rank=args.rank),
+               "projection_fed": PROJECTION_FED.format(rank=args.rank), "no_modifier": NO_MODIFIER,
                "no_modifier_off": NO_MODIFIER_OFF, "no_modifier_fed": NO_MODIFIER_FED,
                "syncs_per_step": syncs, "ogp_chain": OGP_CHAIN, "guard_read": GUARD_READ}
         if BNB_8BIT in times:

@@ -75,6 +75,10 @@ def targets_table(opt: dict | None, trainer: dict | None, basis: dict | None) ->
                               opt["baseline"], "<= 1.10x", f"{fed:.2f}x", fed <= 1.10))
         lines.append(_row("same + rank-32 projection, overlap-adaptive, guard on", opt["baseline"],
                           "<= 2.6x", f"{pj:.2f}x", pj <= 2.6))
+        pf = r.get(opt.get("projection_fed", ""))
+        if pf is not None:
+            lines.append(_row("same, guard fed the Trainer's clipping norm (lora_cl.attach)",
+                              opt["baseline"], "<= 2.6x", f"{pf:.2f}x", pf <= 2.6))
         syncs = opt.get("syncs_per_step")
         if syncs:
             guarded = [syncs[opt["no_modifier"]], syncs[opt["projection"]]]
