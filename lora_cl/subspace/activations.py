@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -115,6 +116,7 @@ class ActivationSample:
         self.current: dict[str, Any] = {"mask": None, "last": None, "last_layer": None, "armed": False}
         self.handles: list[Any] = []
         self.forwards = 0  # model forwards sampled
+        self.paused = False  # forwards while True are not sampled (a replay batch's, say)
         self.seconds = 0.0  # time spent in the layer hooks (what sampling adds to the forwards)
 
     def _layer_hook(self, a_name: str) -> Any:
@@ -145,8 +147,8 @@ class ActivationSample:
         return hook
 
     def _model_pre_hook(self, _mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if not torch.is_grad_enabled():  # an evaluation inside training: not a training forward
-            return
+        if self.paused or not torch.is_grad_enabled():  # (an evaluation inside training, or a
+            return  # forward that is not the domain's: neither is a training forward of it)
         self.current.update(mask=kwargs.get("attention_mask"), last=None, armed=True)
         self.forwards += 1
 
@@ -161,6 +163,16 @@ class ActivationSample:
             self.handles.append(self.model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True))
             self.handles.append(self.model.register_forward_hook(self._model_hook))
         return self
+
+    @contextlib.contextmanager
+    def pause(self) -> Iterator[None]:
+        """Forwards inside the block are not sampled (the callback's replay forwards: earlier
+        domains' examples, whose inputs are not this domain's)."""
+        before, self.paused = self.paused, True
+        try:
+            yield
+        finally:
+            self.paused = before
 
     def detach(self) -> None:
         for h in self.handles:

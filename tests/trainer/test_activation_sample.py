@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from trainer_helpers import lora_model, run_domain
-from transformers import TrainerControl, TrainerState
+from transformers import TrainerCallback, TrainerControl, TrainerState
 
 import lora_cl
 from lora_cl.trainer.checkpoints import CheckpointMarker
@@ -88,3 +88,23 @@ def test_a_checkpointed_layer_recomputed_in_backward_is_not_sampled_twice(tiny_f
             offered[name] = int(s.rows.shape[0])
     assert offered and set(offered.values()) == {13}, offered
     assert sample.forwards == 1
+
+
+def test_replay_forwards_are_not_sampled_for_the_domains_bases(tiny_factory, tmp_path):
+    """gpm with last_steps sampling and replay: the replay batch (earlier domains' examples) runs a
+    training-mode forward before every step of the second domain; only the domain's own training
+    forwards may enter its activation sample (the replay ones used to, doubling it)."""
+    torch.manual_seed(0)
+    model, tokenizer = lora_model(tiny_factory)
+    optimizer = lora_cl.make_optimizer(model, "gpm", lr=1e-3, basis_examples=8,
+                                       activation_sample="last_steps", replay="mix", replay_fraction=1.0)
+    callback = lora_cl.ContinualCallback()
+    seen = []
+
+    class Probe(TrainerCallback):  # after the ContinualCallback (attach puts it first)
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+            seen.append((len(callback.replay), callback._sample.forwards if callback._sample else 0))
+
+    for name in ("d0", "d1"):  # 8 examples, batch 4, 2 steps: the window is the whole domain
+        run_domain(model, tokenizer, optimizer, callback, name, TEXTS, tmp_path, max_steps=2, extra=[Probe()])
+    assert seen[2:] == [(8, 1), (8, 2)], seen  # d1 replays the 8 kept examples; 2 sampled forwards
