@@ -140,6 +140,48 @@ def whole(t: Tensor) -> Tensor:
     return t.full_tensor() if is_dtensor(t) else t
 
 
+def whole_many(tensors: list[Tensor]) -> list[Tensor]:
+    """:func:`whole` of each tensor, with one all-gather per (mesh, dtype) for the ``Shard(0)``
+    DTensors on a 1-D mesh (FSDP2's layout) instead of one per tensor: each rank sends its local
+    shards end to end, each padded to the largest shard of its tensor (``torch.chunk``'s first
+    chunk), and every tensor is cut back out of the ranks' pieces. Other tensors: as :func:`whole`.
+    Collective when any is such a DTensor: every rank calls it with the same tensors."""
+    out = [whole(t) if is_dtensor(t) and not _row_sharded(t) else t for t in tensors]
+    groups: dict[tuple[int, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        if is_dtensor(t) and _row_sharded(t):
+            groups.setdefault((id(t.device_mesh), t.dtype), []).append(i)
+    for idx in groups.values():
+        mesh = tensors[idx[0]].device_mesh
+        world = mesh.size()
+        layout = [_chunks(tensors[i], world) for i in idx]  # (rows per chunk, elements per row)
+        flat = torch.cat([_padded(tensors[i].to_local().reshape(-1), chunk * per_row)
+                          for i, (chunk, per_row) in zip(idx, layout, strict=True)])
+        pieces = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(pieces, flat, group=mesh.get_group())  # a list: gloo has no *_into_tensor
+        at = 0
+        for i, (chunk, per_row) in zip(idx, layout, strict=True):
+            t, size = tensors[i], chunk * per_row
+            rows = [min(chunk, max(0, t.shape[0] - r * chunk)) for r in range(world)]
+            parts = [p[at:at + n * per_row] for p, n in zip(pieces, rows, strict=True)]
+            out[i] = torch.cat(parts).view(t.shape)
+            at += size
+    return out
+
+
+def _row_sharded(t: Tensor) -> bool:
+    return t.device_mesh.ndim == 1 and t.dim() > 0 and tuple(t.placements) == (Shard(0),)
+
+
+def _chunks(t: Tensor, world: int) -> tuple[int, int]:
+    rows = t.shape[0]
+    return -(-rows // world), (t.numel() // rows if rows else 0)
+
+
+def _padded(x: Tensor, n: int) -> Tensor:
+    return x if x.numel() == n else torch.cat([x, x.new_zeros(n - x.numel())])
+
+
 def shard_like(full: Tensor, like: Tensor) -> Tensor:
     """This rank's local shard of ``full`` (the same on every rank) laid out as DTensor ``like``."""
     mesh = like.device_mesh

@@ -370,8 +370,14 @@ class RoutedAdamW(Optimizer):
         if not (routed and self.modifiers):
             return routed
         # FSDP2 shards: the chain sees whole tensors, as in one process (lora_cl.optim.dtensor)
-        raw = [dt.whole(e["dtensor"].grad).float() if "dtensor" in e else e["grad"] for e in routed]
-        params = [dt.whole(e["dtensor"]) if "dtensor" in e else e["param"] for e in routed]
+        raw = [e["grad"] for e in routed]
+        params = [e["param"] for e in routed]
+        sharded = [k for k, e in enumerate(routed) if "dtensor" in e]
+        if sharded:  # one all-gather for every gradient and parameter of the step
+            whole = dt.whole_many([routed[k]["dtensor"].grad for k in sharded]
+                                  + [routed[k]["dtensor"] for k in sharded])
+            for j, k in enumerate(sharded):
+                raw[k], params[k] = whole[j].float(), whole[len(sharded) + j]
         batch = GradBatch(names=[e["name"] for e in routed], params=params,
                           grads=list(raw), raw=raw, step=step, extras=extras)
         for k, modifier in enumerate(self.modifiers):

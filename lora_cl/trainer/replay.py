@@ -191,7 +191,9 @@ def _fsdp_grads(model: nn.Module, loss: Tensor, params: Sequence[Tensor]) -> lis
     finally:
         for p, g in zip(trainable, kept, strict=True):
             p.grad = g
-    return [None if g is None else dt.whole(g) for g in got]  # collective: same order on every rank
+    held = [g for g in got if g is not None]  # the same on every rank (the same graph)
+    gathered = iter(dt.whole_many(held))  # collective: one all-gather
+    return [None if g is None else next(gathered) for g in got]
 
 
 def _average(grads: dict[str, Tensor], loss: Tensor, *, reduced: bool) -> tuple[dict[str, Tensor], Tensor]:

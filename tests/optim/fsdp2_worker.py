@@ -107,6 +107,39 @@ def strength_state(opt: RoutedAdamW) -> Any:
     return None
 
 
+def gathers_per_step(mesh: Any, rank: int) -> dict[str, int]:
+    """Gathers one projection step of the sharded Net makes: all-gathers (``dist.all_gather``,
+    what ``lora_cl.optim.dtensor.whole_many`` sends) and per-tensor ``DTensor.full_tensor`` calls."""
+    from torch.distributed.tensor import DTensor
+
+    model = Net().to(DEVICE)
+    for module in (model.a, model.b, model.odd, model):
+        fully_shard(module, mesh=mesh)
+    opt = optimizer(model, "decoupled", "both", "overlap")
+    counts = {"all_gather": 0, "full_tensor": 0}
+    x = batches()[0].chunk(WORLD)[rank]
+    model(x).backward()
+    opt.step()  # (the first step builds the states)
+    opt.zero_grad()
+    model(x).backward()
+    all_gather, full_tensor = dist.all_gather, DTensor.full_tensor
+
+    def counted_all_gather(*args: Any, **kwargs: Any) -> Any:
+        counts["all_gather"] += 1
+        return all_gather(*args, **kwargs)
+
+    def counted_full_tensor(self: Any, *args: Any, **kwargs: Any) -> Any:
+        counts["full_tensor"] += 1
+        return full_tensor(self, *args, **kwargs)
+
+    dist.all_gather, DTensor.full_tensor = counted_all_gather, counted_full_tensor
+    try:
+        opt.step()
+    finally:
+        dist.all_gather, DTensor.full_tensor = all_gather, full_tensor
+    return counts
+
+
 def peft_ogp(mesh: Any, rank: int) -> dict[str, Any]:
     """The guide's example: a tiny peft Llama, fully_shard per decoder layer, make_optimizer("ogp");
     a domain's gradient-row bases built from the (whole, gathered) rows, then a projected domain."""
@@ -209,9 +242,10 @@ def main() -> None:
             "final": {n: got[n].tolist() for n in ("a.weight",)},
         })
     peft_row = peft_ogp(mesh, rank)
+    gathers = gathers_per_step(mesh, rank)
     if rank == 0:
         with open(out_path, "w", encoding="utf-8") as fh:
-            json.dump({"cases": results, "peft_ogp": peft_row}, fh)
+            json.dump({"cases": results, "peft_ogp": peft_row, "gathers_per_step": gathers}, fh)
     dist.barrier()
     dist.destroy_process_group()
     # A rank sometimes aborted in C++ teardown at interpreter exit ("terminate called without an

@@ -161,3 +161,10 @@ def test_dtensor_refusals_name_what_works():
     finally:
         if created:
             dist.destroy_process_group()
+
+
+def test_a_step_gathers_every_sharded_tensor_in_one_all_gather(results):
+    """The chain sees whole gradients and parameters: 3 routed DTensors (one with uneven row
+    chunks) x 2 used to be 6 all-gathers a step (DTensor.full_tensor each); whole_many sends one,
+    and the parity tests above check what it reassembles."""
+    assert results["gathers_per_step"] == {"all_gather": 1, "full_tensor": 0}
