@@ -140,6 +140,26 @@ def gathers_per_step(mesh: Any, rank: int) -> dict[str, int]:
     return counts
 
 
+def whole_many_edges(mesh: Any) -> bool:
+    """dtensor.whole_many against DTensor.full_tensor on awkward shapes: fewer rows than ranks (a
+    rank with an empty shard), 1-D, 3-D, uneven chunks, two dtypes, a replicated DTensor and a
+    plain tensor among them."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from lora_cl.optim import dtensor as dt
+
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(1, 5), (3,), (2, 3, 4), (7, 16), (5, 2)]
+    whole = [torch.randn(s, generator=gen).to(DEVICE) for s in shapes]
+    tensors = [distribute_tensor(t, mesh, [Shard(0)]) for t in whole]
+    tensors[-1] = distribute_tensor(whole[-1].double(), mesh, [Shard(0)])
+    tensors.append(distribute_tensor(whole[0], mesh, [Replicate()]))
+    tensors.append(whole[1])
+    got = dt.whole_many(tensors)
+    want = [t.full_tensor() if dt.is_dtensor(t) else t for t in tensors]
+    return all(g.dtype == w.dtype and torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+
 def peft_ogp(mesh: Any, rank: int) -> dict[str, Any]:
     """The guide's example: a tiny peft Llama, fully_shard per decoder layer, make_optimizer("ogp");
     a domain's gradient-row bases built from the (whole, gathered) rows, then a projected domain."""
@@ -243,9 +263,11 @@ def main() -> None:
         })
     peft_row = peft_ogp(mesh, rank)
     gathers = gathers_per_step(mesh, rank)
+    edges = whole_many_edges(mesh)
     if rank == 0:
         with open(out_path, "w", encoding="utf-8") as fh:
-            json.dump({"cases": results, "peft_ogp": peft_row, "gathers_per_step": gathers}, fh)
+            json.dump({"cases": results, "peft_ogp": peft_row, "gathers_per_step": gathers,
+                       "whole_many_edges_equal": edges}, fh)
     dist.barrier()
     dist.destroy_process_group()
     # A rank sometimes aborted in C++ teardown at interpreter exit ("terminate called without an

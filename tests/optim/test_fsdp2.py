@@ -168,3 +168,4 @@ def test_a_step_gathers_every_sharded_tensor_in_one_all_gather(results):
     chunks) x 2 used to be 6 all-gathers a step (DTensor.full_tensor each); whole_many sends one,
     and the parity tests above check what it reassembles."""
     assert results["gathers_per_step"] == {"all_gather": 1, "full_tensor": 0}
+    assert results["whole_many_edges_equal"]  # rows < ranks, 1-D, 3-D, two dtypes, replicated
