@@ -249,3 +249,15 @@ def test_a_claim_holds_only_when_its_holm_adjusted_p_does():
     assert claim.holds
     claim.p_holm = 3 * nats.p_value
     assert not claim.holds
+
+
+def test_each_regime_page_names_its_own_training():
+    """Regime (b) trains a LoRA adapter on the pretrained SmolLM2; its page's opening said
+    "full-parameter training ... from scratch", regime (a)'s words (the committed pages are what
+    the committed cells generate: tests/test_docs_examples.py)."""
+    pages = Path(__file__).resolve().parents[1] / "docs" / "reproduction"
+    b = (pages / "regime-b.md").read_text(encoding="utf-8")
+    assert "In this regime" in b and "a LoRA adapter on the pretrained smollm2-135m" in b
+    assert "from scratch" not in b.split("## The regime")[0]
+    assert "full-parameter training of scratch-5m from scratch" in (pages / "regime-a.md").read_text(
+        encoding="utf-8")

@@ -251,9 +251,11 @@ class RegimePage:
                 lines.append(f"- **{what}: no difference detectable** between decoupled routing and "
                              f"{other} — {size}.")
         h = horizons(s, self.regime)
+        training = (f"full-parameter training of {s.model} from scratch" if self.regime == "a"
+                    else f"a LoRA adapter on the pretrained {s.model}")
         return (f"In this regime (every domain {s.steps} steps = {h['beta2']:.1f} horizons of "
-                f"beta2 = {s.adam_beta2} and {h['overlap_ema']:.1f} of the overlap EMA; full-parameter "
-                f"training of {s.model} from scratch; {n_done} of {n_all} cells finished), decoupled "
+                f"beta2 = {s.adam_beta2} and {h['overlap_ema']:.1f} of the overlap EMA; {training}; "
+                f"{n_done} of {n_all} cells finished), decoupled "
                 "against shared routing, same bases, same strength, paired by seed (negative: "
                 "decoupled forgets less); an effective-lr control pits decoupled routing against "
                 "shared routing at a lower lr instead:\n\n" + "\n".join(lines))
