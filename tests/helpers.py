@@ -71,3 +71,22 @@ def tiny_peft_model(factory: Any, *, r: int = 4, lora_alpha: int = 8,
     config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=list(target_modules),
                         modules_to_save=modules_to_save)
     return get_peft_model(model, config), tokenizer
+
+
+def domain_adapters(run: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Every domain's saved adapter of a `lora-cl train` method run directory, by domain folder."""
+    from safetensors.torch import load_file
+
+    return {d.name: load_file(str(d / "adapter" / "adapter_model.safetensors"))
+            for d in sorted((run / "domains").iterdir())}
+
+
+def assert_same_adapters(got_run: Path, want_run: Path, *, domains: int = 3, **tol: float) -> None:
+    """Two method runs saved the same adapters in every domain (within ``tol``; default exact to 1e-7)."""
+    got, want = domain_adapters(got_run), domain_adapters(want_run)
+    assert got.keys() == want.keys() and len(want) == domains
+    tol = tol or {"rtol": 0.0, "atol": 1e-7}
+    for ddir in want:
+        for key in want[ddir]:
+            torch.testing.assert_close(got[ddir][key], want[ddir][key], **tol,
+                                       msg=lambda m, k=key, d=ddir: f"{d} {k}: {m}")

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TORCHRUN2, torchrun_env
-from safetensors.torch import load_file
+from helpers import TORCHRUN2, assert_same_adapters, domain_adapters, torchrun_env
 
 REPO = Path(__file__).resolve().parents[2]
 # fp32 end to end; 2 ranks average 2 + 2 examples where one process takes 4 at once
@@ -41,10 +40,6 @@ def _one_and_two(tmp_path: Path, cache: Path, common: list[str]) -> subprocess.C
     return two
 
 
-def _adapters(run: Path) -> dict[str, dict[str, torch.Tensor]]:
-    return {d.name: load_file(str(d / "adapter" / "adapter_model.safetensors"))
-            for d in sorted((run / "domains").iterdir())}
-
 
 def test_cli_train_under_fsdp2_equals_single_process(tmp_path: Path, test_cache_dir: Path) -> None:
     """ogp and vanilla, 3 domains: 2 ranks x 2 examples under FSDP2 equal one process x 4 in every
@@ -55,7 +50,7 @@ def test_cli_train_under_fsdp2_equals_single_process(tmp_path: Path, test_cache_
     for method in ("ogp", "vanilla"):
         a, b = tmp_path / "one" / method, tmp_path / "two" / method
         assert json.loads((b / "run.json").read_text())["world_size"] == 2
-        want, got = _adapters(a), _adapters(b)
+        want, got = domain_adapters(a), domain_adapters(b)
         assert want.keys() == got.keys() and len(want) == 3
         for ddir in want:
             for name in want[ddir]:
@@ -76,7 +71,7 @@ def test_cli_train_under_fsdp2_equals_single_process(tmp_path: Path, test_cache_
     assert leaks[0] and leaks[1].keys() == leaks[0].keys()
     for key in leaks[0]:
         assert abs(leaks[1][key] - leaks[0][key]) < 1e-4, leaks
-    ogp, vanilla = (_adapters(tmp_path / "two" / m)["02-law"] for m in ("ogp", "vanilla"))
+    ogp, vanilla = (domain_adapters(tmp_path / "two" / m)["02-law"] for m in ("ogp", "vanilla"))
     assert max(float((ogp[k] - vanilla[k]).abs().max()) for k in ogp) > 1e-3, "the check cannot tell"
 
 
@@ -98,12 +93,7 @@ def test_cli_train_under_fsdp2_resumes_after_kill_9(tmp_path: Path, test_cache_d
     assert f"resuming domain 'astronomy' from {ckpt}" in resumed.stderr
     whole = _run([*LAUNCH, "-m", "lora_cl.cli", *common, "--output", str(tmp_path / "whole")], test_cache_dir)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    got, want = _adapters(tmp_path / "killed" / "ogp"), _adapters(tmp_path / "whole" / "ogp")
-    assert got.keys() == want.keys() and len(want) == 3
-    for ddir in want:
-        for key in want[ddir]:
-            torch.testing.assert_close(got[ddir][key], want[ddir][key], rtol=0, atol=1e-7,
-                                       msg=lambda m, k=key, d=ddir: f"{d} {k}: {m}")
+    assert_same_adapters(tmp_path / "killed" / "ogp", tmp_path / "whole" / "ogp")
     m1, m2 = (json.loads((tmp_path / r / "ogp" / "matrix.json").read_text())["metrics"]["loss"]["R"]
               for r in ("whole", "killed"))
     torch.testing.assert_close(torch.tensor(m2), torch.tensor(m1), rtol=0, atol=1e-6)
@@ -123,8 +113,8 @@ def test_cli_train_under_fsdp2_with_8bit_states(tmp_path: Path, test_cache_dir: 
                     "method=vanilla", "--set", "lora.r=8", "--output", str(tmp_path / "vanilla")],
                    test_cache_dir)
     assert vanilla.returncode == 0, vanilla.stderr[-3000:]
-    want, got = _adapters(tmp_path / "one" / "ogp"), _adapters(tmp_path / "two" / "ogp")
-    other = _adapters(tmp_path / "vanilla" / "vanilla")
+    want, got = domain_adapters(tmp_path / "one" / "ogp"), domain_adapters(tmp_path / "two" / "ogp")
+    other = domain_adapters(tmp_path / "vanilla" / "vanilla")
     errs = {d: max(float((got[d][k] - want[d][k]).abs().max()) for k in want[d]) for d in want}
     assert max(errs.values()) <= 2e-3, errs
     # the last domain, where ogp's projection has acted twice: measured 6.1e-4 against 6.4e-3
@@ -141,7 +131,7 @@ def test_cli_train_under_fsdp2_with_8bit_states(tmp_path: Path, test_cache_dir: 
     resumed = _run([*LAUNCH, "-m", "lora_cl.cli", *common, *FSDP2, "--output", str(tmp_path / "killed"),
                     "--resume"], test_cache_dir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    again = _adapters(tmp_path / "killed" / "ogp")
+    again = domain_adapters(tmp_path / "killed" / "ogp")
     for ddir in got:
         for key in got[ddir]:
             torch.testing.assert_close(again[ddir][key], got[ddir][key], rtol=0, atol=1e-7,
@@ -164,7 +154,7 @@ def test_cli_train_under_fsdp2_with_a_4bit_base(tmp_path: Path, test_cache_dir: 
     assert all(r["type"] == "DTensor" for n, r in rows.items() if "lora_" in n)
     _one_and_two(tmp_path, test_cache_dir,
                  [*COMMON, "--set", "compare=[]", "--set", "model.quantization=4bit"])
-    want, got = _adapters(tmp_path / "one" / "ogp"), _adapters(tmp_path / "two" / "ogp")
+    want, got = domain_adapters(tmp_path / "one" / "ogp"), domain_adapters(tmp_path / "two" / "ogp")
     for ddir in want:
         for name in want[ddir]:
             torch.testing.assert_close(got[ddir][name], want[ddir][name], **TOL,

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TORCHRUN2, torchrun_env
-from safetensors.torch import load_file
+from helpers import TORCHRUN2, assert_same_adapters, domain_adapters, torchrun_env
 
 pytestmark = pytest.mark.slow
 
@@ -48,10 +47,6 @@ def _zero3(tmp: Path) -> Path:
     return tmp / "zero3.json"
 
 
-def _adapters(run: Path) -> dict[str, dict[str, torch.Tensor]]:
-    return {d.name: load_file(str(d / "adapter" / "adapter_model.safetensors"))
-            for d in sorted((run / "domains").iterdir())}
-
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory: pytest.TempPathFactory, test_cache_dir: Path) -> Path:
@@ -63,9 +58,9 @@ def single(tmp_path_factory: pytest.TempPathFactory, test_cache_dir: Path) -> Pa
 
 
 def test_the_check_can_tell_replay_and_ewc_from_vanilla(single: Path) -> None:
-    vanilla = _adapters(single / "vanilla")
+    vanilla = domain_adapters(single / "vanilla")
     for method in ("replay", "ewc"):
-        got = _adapters(single / method)
+        got = domain_adapters(single / method)
         # domain 1 has nothing to replay or protect yet; later domains must differ from vanilla
         assert max(float((got["01-astronomy"][k] - vanilla["01-astronomy"][k]).abs().max())
                    for k in vanilla["01-astronomy"]) > 1e-3, method
@@ -93,7 +88,7 @@ def test_replay_and_ewc_under_sharding_equal_one_process(single: Path, tmp_path:
     _run([*LAUNCH, "-m", "lora_cl.cli", *_common(2, "compare=[ewc]"), *extra, "--output", str(two)],
          test_cache_dir)
     for method in ("replay", "ewc"):
-        want, got = _adapters(single / method), _adapters(two / method)
+        want, got = domain_adapters(single / method), domain_adapters(two / method)
         assert want.keys() == got.keys() and len(want) == 3
         for ddir in want:
             for name in want[ddir]:
@@ -119,9 +114,4 @@ def test_replay_under_zero3_resumes_after_kill_9(tmp_path: Path, test_cache_dir:
     _run([*LAUNCH, "-m", "lora_cl.cli", *common, "--output", str(tmp_path / "killed"), "--resume"],
          test_cache_dir)
     _run([*LAUNCH, "-m", "lora_cl.cli", *common, "--output", str(tmp_path / "whole")], test_cache_dir)
-    got, want = _adapters(tmp_path / "killed" / "replay"), _adapters(tmp_path / "whole" / "replay")
-    assert got.keys() == want.keys() and len(want) == 3
-    for ddir in want:
-        for key in want[ddir]:
-            torch.testing.assert_close(got[ddir][key], want[ddir][key], rtol=0, atol=1e-7,
-                                       msg=lambda m, k=key, d=ddir: f"{d} {k}: {m}")
+    assert_same_adapters(tmp_path / "killed" / "replay", tmp_path / "whole" / "replay")
