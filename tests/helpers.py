@@ -90,3 +90,15 @@ def assert_same_adapters(got_run: Path, want_run: Path, *, domains: int = 3, **t
         for key in want[ddir]:
             torch.testing.assert_close(got[ddir][key], want[ddir][key], **tol,
                                        msg=lambda m, k=key, d=ddir: f"{d} {k}: {m}")
+
+
+def zero3_config(tmp: Path, *, persistence: int | None = None) -> str:
+    """deepspeed_configs/zero3.json written into ``tmp``, with ``stage3_param_persistence_threshold``
+    set when given (0: DeepSpeed keeps no tensor whole between steps, a 7B model's LoRA tensors'
+    case)."""
+    doc = json.loads((REPO / "deepspeed_configs" / "zero3.json").read_text())
+    if persistence is not None:
+        doc["zero_optimization"]["stage3_param_persistence_threshold"] = persistence
+    path = tmp / "zero3.json"
+    path.write_text(json.dumps(doc))
+    return str(path)

@@ -182,7 +182,7 @@ class RoutedAdamW(Optimizer):
         if params is None:
             params = own
             if any(m.consolidates for m in self.modifiers) and any(dt.is_dtensor(p) for p in own):
-                params = [dt.whole(p.detach()) for p in own]
+                params = dt.whole_many([p.detach() for p in own])  # one all-gather
         elif len(params) != len(own):
             raise ValueError(f"end_domain: {len(params)} params for {len(own)} routed tensors")
         for mod in self.modifiers:

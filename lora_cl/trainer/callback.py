@@ -270,11 +270,12 @@ class ContinualCallback(TrainerCallback):
         name, index, spec = self.current, self.domain_index, method_of(optimizer)
         model = kwargs["model"]
         release_zero(kwargs.get("optimizer"))  # under ZeRO: per-tensor layout again, as in one process
-        if any(m.consolidates for m in optimizer.modifiers):  # (importance/EWC read the weights)
-            with gathered_trainable(model):  # ZeRO-3: whole; under ZeRO's bf16, its fp32 masters
-                optimizer.end_domain(name, params=zero_masters(optimizer))
-        else:
-            optimizer.end_domain(name)
+        # importance/EWC read the weights whole: ZeRO-3's partitions gathered for the block, ZeRO's
+        # fp32 masters under bf16 (FSDP2's shards: end_domain gathers them itself)
+        consolidates = any(m.consolidates for m in optimizer.modifiers)
+        with (gathered_trainable(model) if consolidates and not steps_fsdp2(optimizer)
+              else contextlib.nullcontext()):
+            optimizer.end_domain(name, params=zero_masters(optimizer))
         share = current_v_share(optimizer, self.v_start)
         if share is not None:
             self.v_current_share[name] = share

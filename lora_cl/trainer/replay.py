@@ -105,10 +105,8 @@ def label_tokens(batch: Mapping[str, Any]) -> int:
     return int((labels[..., 1:] != -100).sum())
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def replay_gradients(model: nn.Module, batch: Mapping[str, Any], names: Sequence[str],
@@ -129,9 +127,9 @@ def replay_gradients(model: nn.Module, batch: Mapping[str, Any], names: Sequence
     backward runs through FSDP's own reduce-scatter with every trainable ``.grad`` set aside and
     put back, and the averaged shards are gathered whole.
     """
-    world, _ = _world()
+    world = _world()
     device = dt.local(params[0]).device if params else torch.device("cpu")
-    scale, total = 1.0, 0
+    scale = 1.0
     if world > 1:
         tokens = label_tokens(batch)
         count = torch.tensor([float(tokens)], dtype=torch.float64, device=device)
@@ -168,7 +166,7 @@ def replay_gradients(model: nn.Module, batch: Mapping[str, Any], names: Sequence
     value = loss.detach().float()
     if world > 1:
         value = value * (scale / world)  # summed over the ranks: the draw's token-weighted mean
-        found, value = _average(found, value, reduced=sharded)
+        found, value = _average(found, value, world, reduced=sharded)
     if max_norm > 0 and found:
         total_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float())
                                                            for g in found.values()]))
@@ -196,10 +194,10 @@ def _fsdp_grads(model: nn.Module, loss: Tensor, params: Sequence[Tensor]) -> lis
     return [None if g is None else next(gathered) for g in got]
 
 
-def _average(grads: dict[str, Tensor], loss: Tensor, *, reduced: bool) -> tuple[dict[str, Tensor], Tensor]:
-    """Weighted replay gradients averaged over the ranks (one all-reduce of one flat buffer, the
-    loss in its last slot); ``reduced``: the gradients are averaged already (FSDP2)."""
-    world, _ = _world()
+def _average(grads: dict[str, Tensor], loss: Tensor, world: int, *,
+             reduced: bool) -> tuple[dict[str, Tensor], Tensor]:
+    """Weighted replay gradients averaged over the ``world`` ranks (one all-reduce of one flat
+    buffer, the loss in its last slot); ``reduced``: the gradients are averaged already (FSDP2)."""
     keys = [] if reduced else list(grads)
     flat = torch.cat([grads[k].float().reshape(-1) for k in keys] + [loss.reshape(1).to(
         next(iter(grads.values())).device if grads else loss.device)])

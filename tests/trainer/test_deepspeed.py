@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import torchrun_env
+from helpers import torchrun_env, zero3_config
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.deepspeed
@@ -278,7 +278,7 @@ def test_cli_train_under_torchrun_equals_single_process(tmp_path: Path, test_cac
                             capture_output=True, text=True, timeout=300, cwd=REPO,
                             env=torchrun_env(test_cache_dir))
     assert single.returncode == 0, single.stderr[-3000:]
-    configs = {"zero2": str(CONFIGS / "zero2.json"), "zero3": _zero3_config(tmp_path, persistence=0)}
+    configs = {"zero2": str(CONFIGS / "zero2.json"), "zero3": zero3_config(tmp_path, persistence=0)}
     config = configs.get(launch.removesuffix("-4bit").removesuffix("-8bit"))
     deepspeed = ["--set", f"training.deepspeed={config}"] if config else []
     ds = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
@@ -339,15 +339,6 @@ def test_zero2_bf16_stream_on_2_ranks_as_on_1(prep: Path, tmp_path: Path, test_c
     assert json.loads((tmp_path / "info.json").read_text()) == {"global_step": 6, "world": 2}
 
 
-def _zero3_config(tmp: Path, *, persistence: int | None = None) -> str:
-    """zero3.json, with ``stage3_param_persistence_threshold`` set when given (0: DeepSpeed keeps
-    no tensor whole between steps, the case of a 7B model's LoRA tensors)."""
-    doc = json.loads((CONFIGS / "zero3.json").read_text())
-    if persistence is not None:
-        doc["zero_optimization"]["stage3_param_persistence_threshold"] = persistence
-    path = tmp / "zero3.json"
-    path.write_text(json.dumps(doc))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -356,7 +347,7 @@ def zero3_run(prep: Path, tmp_path_factory: pytest.TempPathFactory, test_cache_d
     example x 2 accumulation steps (the global batch of the 1-process run), 4 steps, a ZeRO
     checkpoint at step 2."""
     out = tmp_path_factory.mktemp("ds-zero3")
-    _train(out, prep, test_cache_dir, "--config", _zero3_config(out, persistence=0), "--steps", "4",
+    _train(out, prep, test_cache_dir, "--config", zero3_config(out, persistence=0), "--steps", "4",
            "--grad-accum", "2", "--save-steps", "2")
     return out
 
@@ -401,7 +392,7 @@ def test_zero3_checkpoint_resumes_exactly(prep: Path, zero3_run: Path, tmp_path:
                                           test_cache_dir: Path) -> None:
     checkpoint = zero3_run / "checkpoint-2"
     assert any(checkpoint.glob("global_step*/*optim_states.pt")), "no ZeRO optimizer states saved"
-    got = _train(tmp_path, prep, test_cache_dir, "--config", _zero3_config(tmp_path, persistence=0),
+    got = _train(tmp_path, prep, test_cache_dir, "--config", zero3_config(tmp_path, persistence=0),
                  "--steps", "4", "--grad-accum", "2", "--resume", str(checkpoint))
     want = load_file(str(zero3_run / "final.safetensors"))
     for name in want:
@@ -412,7 +403,7 @@ def test_zero3_nonfinite_skip_is_decided_for_the_whole_optimizer(prep: Path, tmp
                                                                  test_cache_dir: Path) -> None:
     """The norm trains too (its own param group, so its own ZeRO-3 sub-group, stepped after the
     LoRA one): a NaN g~ at step 2 skips both, as in one process."""
-    got = _train(tmp_path, prep, test_cache_dir, "--config", _zero3_config(tmp_path, persistence=0),
+    got = _train(tmp_path, prep, test_cache_dir, "--config", zero3_config(tmp_path, persistence=0),
                  "--steps", "4", "--nan")
     want = load_file(str(prep / "reference-nan" / "final.safetensors"))
     assert any("norm" in k for k in want) and want.keys() == got.keys()
@@ -450,7 +441,7 @@ def test_zero3_stream_of_two_domains_equals_single_process(prep: Path, tmp_path:
     that the second backward failed inside them), the states cross the boundary (release/adopt;
     vanilla too, whose second engine met the first's emptied param groups: IndexError), and the
     domain's end sees whole LoRA tensors (snapshots, bases) as one process does."""
-    got = _train(tmp_path, prep, test_cache_dir, "--config", _zero3_config(tmp_path, persistence=0),
+    got = _train(tmp_path, prep, test_cache_dir, "--config", zero3_config(tmp_path, persistence=0),
                  "--steps", "3", "--stream", "--method", method)
     ref = prep / ("reference-stream" if method == "ogp" else "reference-stream-vanilla")
     start = load_file(str(prep / "adapter.safetensors"))
@@ -476,7 +467,7 @@ def test_cli_train_under_zero_resumes_after_kill_9(tmp_path: Path, test_cache_di
     (after its step-3 ZeRO checkpoint), then `--resume`: every domain's adapter and the loss matrix
     equal the uninterrupted 2-rank run's."""
     fault_cli = Path(__file__).with_name("fault_cli.py")
-    config = (_zero3_config(tmp_path, persistence=0) if launch.startswith("zero3")
+    config = (zero3_config(tmp_path, persistence=0) if launch.startswith("zero3")
               else str(CONFIGS / "zero2.json"))
     common = ["train", str(REPO / "recipes" / "tiny.yaml"), "--set", "compare=[]", "--no-progress",
               "--set", "training.lr=1e-3", "--set", "data.train_examples=8",
@@ -536,7 +527,7 @@ def test_cli_qa_stream_with_generation_under_zero3_equals_single_process(tmp_pat
                           "--nproc_per_node", "2", "-m", "lora_cl.cli", *common,
                           "--output", str(tmp_path / "two"),
                           "--set", "training.batch_size=2",
-                          "--set", f"training.deepspeed={_zero3_config(tmp_path, persistence=0)}"],
+                          "--set", f"training.deepspeed={zero3_config(tmp_path, persistence=0)}"],
                          capture_output=True, text=True, timeout=300, cwd=REPO,
                          env=torchrun_env(test_cache_dir))
     assert two.returncode == 0, two.stderr[-3000:]
@@ -558,7 +549,7 @@ def test_zero3_bf16_stream_on_2_ranks_as_on_1(prep: Path, tmp_path: Path, test_c
     """bf16 compute under ZeRO-3, every LoRA tensor partitioned, two domains (one engine each):
     the fp32 master LoRA weights cross the boundary (release/adopt) and ogp on 2 ranks lands where
     ogp on 1 rank does (measured 0.025 apart, as under ZeRO-2), not where vanilla does."""
-    got = _train(tmp_path, prep, test_cache_dir, "--config", _zero3_config(tmp_path, persistence=0),
+    got = _train(tmp_path, prep, test_cache_dir, "--config", zero3_config(tmp_path, persistence=0),
                  "--steps", "3", "--bf16", "--stream")
     _assert_nearer(got, bf16_one_rank["ogp", "stream"], bf16_one_rank["vanilla", "stream"],
                    load_file(str(prep / "adapter.safetensors")))

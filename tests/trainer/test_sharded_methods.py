@@ -9,14 +9,13 @@ process's 4; EWC consolidates the whole fp32 weights at each domain's end on eve
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import TORCHRUN2, assert_same_adapters, domain_adapters, torchrun_env
+from helpers import TORCHRUN2, assert_same_adapters, domain_adapters, torchrun_env, zero3_config
 
 pytestmark = pytest.mark.slow
 
@@ -38,13 +37,6 @@ def _run(args: list[str], cache: Path) -> None:
                           env=torchrun_env(cache))
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-
-def _zero3(tmp: Path) -> Path:
-    """zero3.json keeping no LoRA tensor whole between steps (a 7B model's case)."""
-    doc = json.loads((REPO / "deepspeed_configs" / "zero3.json").read_text())
-    doc["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    (tmp / "zero3.json").write_text(json.dumps(doc))
-    return tmp / "zero3.json"
 
 
 
@@ -83,7 +75,7 @@ def test_replay_and_ewc_under_sharding_equal_one_process(single: Path, tmp_path:
     ewc."""
     extra = list(LAUNCHES[launch])
     if launch.startswith("zero3"):
-        extra += ["--set", f"training.deepspeed={_zero3(tmp_path)}"]
+        extra += ["--set", f"training.deepspeed={zero3_config(tmp_path, persistence=0)}"]
     two = tmp_path / "two"
     _run([*LAUNCH, "-m", "lora_cl.cli", *_common(2, "compare=[ewc]"), *extra, "--output", str(two)],
          test_cache_dir)
@@ -103,7 +95,7 @@ def test_replay_under_zero3_resumes_after_kill_9(tmp_path: Path, test_cache_dir:
     every domain's adapter equals the uninterrupted 2-rank run's (the buffer and the step-seeded
     draws come back as they were)."""
     common = [*_common(2, "compare=[]"), *LAUNCHES["zero3-accum2"],
-              "--set", f"training.deepspeed={_zero3(tmp_path)}"]
+              "--set", f"training.deepspeed={zero3_config(tmp_path, persistence=0)}"]
     fault_cli = Path(__file__).with_name("fault_cli.py")
     killed = subprocess.run([*LAUNCH, str(fault_cli), "kill:2:4", *common, "--output",
                              str(tmp_path / "killed")], capture_output=True, text=True, timeout=300, cwd=REPO,
