@@ -88,7 +88,8 @@ def replay_share(examples: Sequence[Any], world: int, rank: int) -> list[Any]:
     ``rank``, so the ranks together replay the draw once (the token weights of
     :func:`replay_gradients` make their gradients add up to the whole draw's). A draw with fewer
     examples than ranks gives rank r example r mod k (every rank must run the replay forward
-    under ZeRO-3 and FSDP2)."""
+    under ZeRO-3 and FSDP2): one process's gradient when k divides the world size; otherwise the
+    first examples count once more than the others (3 examples on 4 ranks: example 0 twice)."""
     if world <= 1:
         return list(examples)
     if len(examples) >= world:
