@@ -230,10 +230,10 @@ class ContinualCallback(TrainerCallback):
         else:
             return  # first domain: nothing to replay yet, g~ = g
         names, params = routed_model_params(optimizer, model)
-        share = replay_share(examples, world, int(args.process_index))
+        share, counted = replay_share(examples, world, int(args.process_index))
         # (activation_sample="last_steps" samples this domain's training forwards, not replayed ones)
         with self._sample.pause() if self._sample is not None else contextlib.nullcontext():
-            loss, grads = replay_gradients(model, self._collate(share), names, params,
+            loss, grads = replay_gradients(model, self._collate(share), names, params, counted=counted,
                                            max_norm=float(args.max_grad_norm or 0.0))
         optimizer.supply(replay_grads=grads)
         self.last_replay_loss = loss

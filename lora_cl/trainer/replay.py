@@ -83,18 +83,20 @@ def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
-def replay_share(examples: Sequence[Any], world: int, rank: int) -> list[Any]:
-    """This rank's part of one replay draw for all ``world`` ranks: every ``world``-th example from
-    ``rank``, so the ranks together replay the draw once (the token weights of
-    :func:`replay_gradients` make their gradients add up to the whole draw's). A draw with fewer
-    examples than ranks gives rank r example r mod k (every rank must run the replay forward
-    under ZeRO-3 and FSDP2): one process's gradient when k divides the world size; otherwise the
-    first examples count once more than the others (3 examples on 4 ranks: example 0 twice)."""
+def replay_share(examples: Sequence[Any], world: int, rank: int) -> tuple[list[Any], bool]:
+    """This rank's part of one replay draw for all ``world`` ranks, and whether it counts: every
+    ``world``-th example from ``rank``, so the ranks together replay the draw once (the token
+    weights of :func:`replay_gradients` make their gradients add up to the whole draw's). A draw
+    with fewer examples than ranks gives rank r example r mod k, since every rank must run the
+    replay forward (ZeRO-3 and FSDP2 gather the weights in it), and the ranks past the draw's end
+    do not count (``counted`` False: their token weight is 0), so each example counts once."""
     if world <= 1:
-        return list(examples)
+        return list(examples), bool(examples)
     if len(examples) >= world:
-        return list(examples[rank::world])
-    return [examples[rank % len(examples)]] if examples else []
+        return list(examples[rank::world]), True
+    if not examples:
+        return [], False
+    return [examples[rank % len(examples)]], rank < len(examples)
 
 
 def label_tokens(batch: Mapping[str, Any]) -> int:
@@ -111,7 +113,8 @@ def _world() -> int:
 
 
 def replay_gradients(model: nn.Module, batch: Mapping[str, Any], names: Sequence[str],
-                     params: Sequence[Tensor], *, max_norm: float = 0.0) -> tuple[float, dict[str, Tensor]]:
+                     params: Sequence[Tensor], *, max_norm: float = 0.0,
+                     counted: bool = True) -> tuple[float, dict[str, Tensor]]:
     """g_r = d loss(replay batch) / d theta for the routed tensors, leaving every ``.grad`` alone.
 
     Runs in train mode under ``enable_grad`` (the Trainer calls hooks with the model in train
@@ -124,7 +127,9 @@ def replay_gradients(model: nn.Module, batch: Mapping[str, Any], names: Sequence
     them: each rank's loss is weighted by its share of the draw's label tokens (as the Trainer
     weights the loss with ``num_items_in_batch``), the weighted gradients are averaged in one
     all-reduce, and the clip applies to the average, as it does to the loss gradient. The
-    returned loss is the draw's token-weighted mean. Under FSDP2 (DTensor ``params``) the
+    returned loss is the draw's token-weighted mean. A rank whose share does not count
+    (``counted`` False, from :func:`replay_share`: a draw smaller than the world) runs the forward
+    and backward with a token weight of 0. Under FSDP2 (DTensor ``params``) the
     backward runs through FSDP's own reduce-scatter with every trainable ``.grad`` set aside and
     put back, and the averaged shards are gathered whole.
     """
@@ -132,7 +137,7 @@ def replay_gradients(model: nn.Module, batch: Mapping[str, Any], names: Sequence
     device = dt.local(params[0]).device if params else torch.device("cpu")
     scale = 1.0
     if world > 1:
-        tokens = label_tokens(batch)
+        tokens = label_tokens(batch) if counted else 0
         count = torch.tensor([float(tokens)], dtype=torch.float64, device=device)
         dist.all_reduce(count)
         total = int(count.item())

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from helpers import torchrun_env
+from safetensors.torch import load_file
 from trainer_helpers import DOMAINS, lm_dataset, lora_model
 
 import lora_cl
@@ -88,10 +93,30 @@ def test_replay_gradients_match_autograd_and_leave_grad_alone(tiny_factory):
 def test_replay_share_splits_one_draw_across_ranks():
     draw = list(range(5))
     shares = [replay_share(draw, 2, r) for r in range(2)]
-    assert sorted(shares[0] + shares[1]) == draw  # together the draw, once
-    assert replay_share(draw, 1, 0) == draw
-    # fewer examples than ranks: every rank still gets one (ZeRO-3/FSDP2 forwards are collective)
-    assert [replay_share([7, 8], 4, r) for r in range(4)] == [[7], [8], [7], [8]]
+    assert shares == [([0, 2, 4], True), ([1, 3], True)]
+    assert replay_share(draw, 1, 0) == (draw, True)
+    # fewer examples than ranks: every rank runs a forward (ZeRO-3 and FSDP2 gather in it), the
+    # ranks past the draw's end with a weight of 0, so each example counts once
+    assert [replay_share([7, 8], 3, r) for r in range(3)] == [([7], True), ([8], True), ([7], False)]
+    assert replay_share([], 2, 1) == ([], False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("k", [2, 4])
+def test_ranks_replaying_shares_of_a_draw_equal_one_process(tmp_path: Path, test_cache_dir: Path, k: int):
+    """3 gloo ranks replay their shares of a draw of k examples (2: fewer than the ranks; 4: shares
+    of 2, 1, 1): the averaged, token-weighted replay gradient is one process's gradient of the draw."""
+    worker = Path(__file__).with_name("replay_ranks_worker.py")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           "3", str(worker), str(tmp_path), str(k)], capture_output=True, text=True,
+                          timeout=300, env=torchrun_env(test_cache_dir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = load_file(str(tmp_path / "grads.safetensors"))
+    names = [n[len("one."):] for n in got if n.startswith("one.")]
+    assert len(names) > 2
+    for n in names:
+        torch.testing.assert_close(got[f"ranks.{n}"], got[f"one.{n}"], rtol=1e-4, atol=1e-6,
+                                   msg=lambda m, n=n: f"{n}: {m}")
 
 
 def test_label_tokens_counts_what_the_shifted_loss_averages():
