@@ -44,7 +44,7 @@ def main() -> None:
     collate = DataCollatorForLanguageModeling(tok, mlm=False)
     rows = H.lm_dataset(tok, H.DOMAINS["law"])
     # examples of different lengths, so counting one twice changes the token-weighted mean
-    draw = [{"input_ids": rows[i]["input_ids"], "attention_mask": rows[i]["attention_mask"]} for i in range(k)]
+    draw = [{key: rows[i][key] for key in ("input_ids", "attention_mask")} for i in range(k)]
     optimizer = lora_cl.make_optimizer(model, "replay")
     names, params = optimizer.routed_named_params()
     share, counted = replay_share(draw, world, rank)
