@@ -131,7 +131,7 @@ def test_regime_refuses_the_main_grids_flags(capsys):
 
 
 def _hand_cell(cache: Path, method: str, seed: int, forgetting: float, eta: float, leak: float,
-               just_trained: float = 3.0) -> None:
+               just_trained: float = 3.0, eta_out: float | None = None) -> None:
     settings = regime_settings()
     cell = next(c for c in regime_cells(settings, [method]) if c.seed == seed)
     run = cell.run_dir(cache)
@@ -144,6 +144,7 @@ def _hand_cell(cache: Path, method: str, seed: int, forgetting: float, eta: floa
         d.mkdir()
         alpha = 1.0 if method.startswith("hard") else 0.5
         history = [{"loss": 3.0, "epoch": 0.8, "probe/old_direction_lr": eta, "projection/alpha": alpha,
+                    **({} if eta_out is None else {"probe/old_direction_lr_out": eta_out}),
                     **({"cl/replay_examples": 125 * (i + 1)} if method.startswith("replay") else {})},
                    {"cl/v_current_share": 1.0 if i == 0 else 0.99, "epoch": 0.8}]
         (d / "metrics.json").write_text(json.dumps({"log_history": history, "train_seconds": 60.0,
@@ -249,6 +250,22 @@ def test_a_claim_holds_only_when_its_holm_adjusted_p_does():
     assert claim.holds
     claim.p_holm = 3 * nats.p_value
     assert not claim.holds
+
+
+def test_the_output_sides_inflation_is_its_own_column_where_cells_logged_it(tmp_path):
+    """Regime (b) protects lora_B on its output side; cells that logged that side's probe give its
+    shared / decoupled ratio beside the input side's, in the table and in the answer."""
+    from lora_cl.reproduce.regime_doc import RegimePage
+
+    cache = tmp_path / "cells"
+    for seed in range(3):
+        _hand_cell(cache, "vanilla", seed, 1.0, 1.0, 0.9)
+        _hand_cell(cache, "fixed-shared", seed, 0.8, 2.0, 0.5, eta_out=3.0)
+        _hand_cell(cache, "fixed-decoupled", seed, 0.7 + 0.01 * seed, 1.0, 0.3, eta_out=1.0)
+    page = RegimePage(cache, regime_settings(), tmp_path / "docs")
+    assert "| fixed strength (alpha 0.5) | 2.000 [2.000, 2.000] | 3.000 [3.000, 3.000] | 2.00 |" in page.render()
+    assert ("old-direction learning rate was 2.00 [2.00, 2.00]x the decoupled run's on the input side "
+            "(lora_A) and 3.00 [3.00, 3.00]x on the output side (lora_B) (1/(1 - alpha) = 2.00)") in page.answer()
 
 
 def test_each_regime_page_names_its_own_training():

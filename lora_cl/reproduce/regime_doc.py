@@ -65,9 +65,10 @@ class DomainMech:
     v_share: float | None      # share of v's mass from this domain's gradients at its end
     alpha: float | None        # mean logged projection strength
     overlap: float | None      # mean logged overlap s_t of the gradient with the old bases
-    eta_old: float | None      # mean logged old-direction effective learning rate (probe)
+    eta_old: float | None      # mean logged old-direction effective learning rate (probe, input side)
     leak: float | None         # ||P dW|| / ||dW|| of the domain's update in the earlier bases
     epoch: float | None        # passes over the domain's training slice
+    eta_old_out: float | None = None  # the same probe on the output side (lora_B, regime b)
 
 
 def _mean(xs: Sequence[float | None]) -> float | None:
@@ -96,7 +97,8 @@ def domain_mechanism(run_dir: Path) -> list[DomainMech]:
         epochs = values("epoch")
         out.append(DomainMech(share[-1] if share else None, _mean(values("projection/alpha")),
                               _mean(values("projection/overlap")), _mean(values("probe/old_direction_lr")),
-                              _leak(m.get("protection_leak")), epochs[-1] if epochs else None))
+                              _leak(m.get("protection_leak")), epochs[-1] if epochs else None,
+                              _mean(values("probe/old_direction_lr_out"))))
     return out
 
 
@@ -196,16 +198,18 @@ class RegimePage:
                     vals.append(v)
         return mean_ci(vals)
 
-    def eta_ratio(self, shared: str, decoupled: str) -> MeanCI:
-        """eta_U(shared) / eta_U(decoupled) per seed and later domain: Proposition 1's 1/(1-alpha)."""
+    def eta_ratio(self, shared: str, decoupled: str, attr: str = "eta_old") -> MeanCI:
+        """eta_U(shared) / eta_U(decoupled) per seed and later domain: Proposition 1's 1/(1-alpha).
+        ``attr`` "eta_old_out": the output side's probe (lora_B's bases, regime b)."""
         ratios = []
         for (m, seed), doms in self.mech.items():
             other = self.mech.get((decoupled, seed))
             if m != shared or other is None:
                 continue
             for ds, dd in zip(doms[1:], other[1:], strict=False):
-                if ds.eta_old and dd.eta_old:
-                    ratios.append(ds.eta_old / dd.eta_old)
+                a, b = getattr(ds, attr), getattr(dd, attr)
+                if a and b:
+                    ratios.append(a / b)
         return mean_ci(ratios)
 
     def seconds(self) -> float:
@@ -236,8 +240,11 @@ class RegimePage:
             if ratio.mean is not None and alpha.mean is not None:
                 bound = f"{1 / (1 - alpha.mean):.2f}" if alpha.mean < 1 else "unbounded at alpha 1"
                 who = "shared routing" if other == "shared" else other
+                out_side = self.eta_ratio(shared_label, decoupled_label, "eta_old_out")
+                sides = "" if out_side.mean is None else (
+                    f" on the input side (lora_A) and {_ci(out_side, 2)}x on the output side (lora_B)")
                 size += (f"; {who}'s old-direction learning rate was {_ci(ratio, 2)}x the "
-                         f"decoupled run's (1/(1 - alpha) = {bound})")
+                         f"decoupled run's{sides} (1/(1 - alpha) = {bound})")
             size += self._plasticity(decoupled_label, shared_label, other)
             if c.holds:
                 direction = "less" if c.nats.ci.mean < 0 else "more"
@@ -380,13 +387,16 @@ class RegimePage:
                          _ci(self.mech_stat(m, "overlap")), _ci(self.mech_stat(m, "eta_old"), 6),
                          _ci(self.mech_stat(m, "leak"))])
         ratio_rows = []
+        out_side = any(d.eta_old_out for doms in self.mech.values() for d in doms)
         for name, shared, decoupled in PAIRS:
             r = self.eta_ratio(shared, decoupled)
             alpha = self.mech_stat(decoupled, "alpha")
             if r.mean is None or alpha.mean is None:
                 continue
-            ratio_rows.append([name, _ci(r), f"{1 / (1 - alpha.mean):.2f}" if alpha.mean < 1 else "unbounded",
-                               _ci(self.mech_stat(shared, "leak")), _ci(self.mech_stat(decoupled, "leak"))])
+            ratio_rows.append([name, _ci(r)] + ([_ci(self.eta_ratio(shared, decoupled, "eta_old_out"))]
+                                                if out_side else [])
+                              + [f"{1 / (1 - alpha.mean):.2f}" if alpha.mean < 1 else "unbounded",
+                                 _ci(self.mech_stat(shared, "leak")), _ci(self.mech_stat(decoupled, "leak"))])
         self._leak_plot()
         text = ("Per method, the mean over domains 2..T (then over seeds) of what the optimizer logged: "
                 "the share of Adam's v (its mass) from the current domain at the domain's end, the "
@@ -399,8 +409,12 @@ class RegimePage:
             text += ("\n\nProposition 1's inflation, measured: eta_U of the shared run over eta_U of the "
                      "decoupled run at the same seed and domain (the paper predicts 1/(1 - alpha) for "
                      "coordinate-aligned bases; rotated bases give less), beside the leak it produced.\n\n"
-                     + _table(["pair", "eta_U shared / decoupled", "1/(1 - alpha)", "leak shared",
-                               "leak decoupled"], ratio_rows))
+                     + ("The output side (lora_B's bases) is probed by the cells that logged it; the "
+                        "input side (lora_A's, or every weight's in regime (a)) by all.\n\n"
+                        if out_side else "")
+                     + _table(["pair", "eta_U shared / decoupled"]
+                              + (["same, output side (lora_B)"] if out_side else [])
+                              + ["1/(1 - alpha)", "leak shared", "leak decoupled"], ratio_rows))
         return text
 
     def _alpha_table(self) -> str:

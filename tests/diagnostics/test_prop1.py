@@ -98,3 +98,32 @@ def test_optimizer_probes_read_fp32_and_8bit_states_alike(state_bits):
         assert got[key] == pytest.approx(value, rel=1e-6 if state_bits == 32 else 0.05)
     shared = run(state_bits, routing="shared")[3]  # g~ in v: the old share of v falls ~100x
     assert shared["probe/v_share_old"] < 0.1 * got["probe/v_share_old"]
+
+
+def test_optimizer_probes_measure_each_protected_side():
+    """With both LoRA factors protected (lora_B on its output side) the probes measure both sides:
+    the fan-out side's keys are the probe functions of the transposed v along the out-side basis."""
+    from lora_cl import Projection, RoutedAdamW, SubspaceBank
+    from lora_cl.diagnostics import optimizer_probes
+    from lora_cl.diagnostics.probes import old_direction_lr, v_share_in_subspace
+
+    gen = torch.Generator().manual_seed(0)
+    a = (torch.randn(8, 256, generator=gen) * 0.1).requires_grad_()  # lora_A-like: r x d_in
+    b = (torch.randn(256, 8, generator=gen) * 0.1).requires_grad_()  # lora_B-like: d_out x r
+    bank = SubspaceBank()
+    U_in, U_out = torch.eye(256)[:, :16], torch.eye(256)[:, 16:40]
+    bank.add("old", "a", U_in, side="in")
+    bank.add("old", "b", U_out, side="out")
+    opt = RoutedAdamW([{"params": [a, b], "param_names": ["a", "b"]}], lr=1e-3,
+                      modifiers=[Projection(bank, 0.5, side="both")])
+    for _ in range(4):
+        a.grad, b.grad = torch.randn(a.shape, generator=gen), torch.randn(b.shape, generator=gen)
+        opt.step()
+    got = optimizer_probes(opt, bank)
+    va, vb = opt.state[a]["exp_avg_sq"], opt.state[b]["exp_avg_sq"]
+    want = {"probe/v_share_old": v_share_in_subspace(va, U_in, 4, 0.999),
+            "probe/old_direction_lr": old_direction_lr(va, U_in, 4, 1e-3, 0.999, 1e-8),
+            "probe/v_share_old_out": v_share_in_subspace(vb.T, U_out, 4, 0.999),
+            "probe/old_direction_lr_out": old_direction_lr(vb.T, U_out, 4, 1e-3, 0.999, 1e-8)}
+    assert got == pytest.approx(want, rel=1e-6)
+    assert optimizer_probes(opt, bank, sides=("in",)).keys() == {"probe/v_share_old", "probe/old_direction_lr"}
