@@ -263,9 +263,11 @@ def test_the_output_sides_inflation_is_its_own_column_where_cells_logged_it(tmp_
         _hand_cell(cache, "fixed-shared", seed, 0.8, 2.0, 0.5, eta_out=3.0)
         _hand_cell(cache, "fixed-decoupled", seed, 0.7 + 0.01 * seed, 1.0, 0.3, eta_out=1.0)
     page = RegimePage(cache, regime_settings(), tmp_path / "docs")
-    assert "| fixed strength (alpha 0.5) | 2.000 [2.000, 2.000] | 3.000 [3.000, 3.000] | 2.00 |" in page.render()
+    row = "| fixed strength (alpha 0.5) | 2.000 [2.000, 2.000] | 3.000 [3.000, 3.000] | 2.00 |"
+    assert row in page.render()
     assert ("old-direction learning rate was 2.00 [2.00, 2.00]x the decoupled run's on the input side "
-            "(lora_A) and 3.00 [3.00, 3.00]x on the output side (lora_B) (1/(1 - alpha) = 2.00)") in page.answer()
+            "(lora_A) and 3.00 [3.00, 3.00]x on the output side (lora_B) (1/(1 - alpha) = 2.00)"
+            ) in page.answer()
 
 
 def test_each_regime_page_names_its_own_training():

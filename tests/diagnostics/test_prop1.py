@@ -126,4 +126,5 @@ def test_optimizer_probes_measure_each_protected_side():
             "probe/v_share_old_out": v_share_in_subspace(vb.T, U_out, 4, 0.999),
             "probe/old_direction_lr_out": old_direction_lr(vb.T, U_out, 4, 1e-3, 0.999, 1e-8)}
     assert got == pytest.approx(want, rel=1e-6)
-    assert optimizer_probes(opt, bank, sides=("in",)).keys() == {"probe/v_share_old", "probe/old_direction_lr"}
+    in_only = optimizer_probes(opt, bank, sides=("in",))
+    assert in_only.keys() == {"probe/v_share_old", "probe/old_direction_lr"}
