@@ -24,9 +24,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lora_cl import GradientRowBuffer, OverlapAdaptiveStrength, Projection, RoutedAdamW, SubspaceBank
 from lora_cl.diagnostics import CountSyncs
+from lora_cl.modifiers.projection import ACCEL_CHUNK_BYTES
 from lora_cl.optim.quantized_state import state_nbytes
 
 BNB_8BIT = "bitsandbytes AdamW8bit"
@@ -37,6 +39,8 @@ NO_MODIFIER_FED = ("RoutedAdamW decoupled, no modifier, guard fed the clipping n
 PROJECTION = "RoutedAdamW decoupled + rank-{rank} projection, overlap-adaptive (fused path)"
 PROJECTION_FED = ("RoutedAdamW decoupled + rank-{rank} projection, overlap-adaptive, guard fed the "
                   "clipping norm (a Trainer under lora_cl.attach)")
+PROJECTION_ONE_CHUNK = ("RoutedAdamW decoupled + rank-{rank} projection, overlap-adaptive, one chunk per "
+                        "shape (a GPU's plan)")
 ROUTED_8BIT = "RoutedAdamW decoupled, no modifier, state_bits=8 (fused path)"
 OGP_CHAIN = "the ogp preset's chain: gradient-row buffers + the projection"
 GUARD_READ = "the guard's read of every gradient alone (torch._foreach_norm + isfinite, no update)"
@@ -167,6 +171,32 @@ def time_steps(opt: torch.optim.Optimizer, params, grads, steps: int, device: st
     return (time.perf_counter() - t0) / steps
 
 
+class CountOps(TorchDispatchMode):
+    """ATen compute ops dispatched (views and profiler markers left out): on a GPU each is about
+    one kernel launch (a foreach or fused op is one call here and a few launches there)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.ops += func.namespace == "aten" and not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_step(make: Callable[[], torch.optim.Optimizer], params, grads, steps: int = 3) -> float:  # noqa: ANN001
+    """ATen compute ops per step() after the first (the count is device-independent)."""
+    opt = make()
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt.step()
+    mode = CountOps()
+    with mode:
+        for _ in range(steps):
+            opt.step()
+    return mode.ops / steps
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=32)
@@ -203,6 +233,12 @@ def main() -> None:
     syncs[OGP_CHAIN] = host_syncs(lambda: RoutedAdamW(groups, lr=1e-4, impl="fused", modifiers=[
         GradientRowBuffer("in", rank=args.rank), Projection(bank, OverlapAdaptiveStrength())]), params, grads)
     print(f"host syncs per step: {syncs}", flush=True)
+    counted = ("torch AdamW fused=True", NO_MODIFIER, NO_MODIFIER_FED, PROJECTION.format(rank=args.rank))
+    ops = {key: ops_per_step(makers[key], params, grads) for key in counted}
+    ops[PROJECTION_ONE_CHUNK.format(rank=args.rank)] = ops_per_step(
+        lambda: RoutedAdamW(groups, lr=1e-4, impl="fused", modifiers=[
+            Projection(bank, OverlapAdaptiveStrength(), chunk_bytes=ACCEL_CHUNK_BYTES)]), params, grads)
+    print(f"aten ops per step: {ops}", flush=True)
     if args.profile:
         profile_projection(makers[PROJECTION.format(rank=args.rank)], params, grads, args.profile, times,
                            args.rank)
@@ -249,6 +285,12 @@ def main() -> None:
               "the first; the op count is the device's too):", "",
               "| optimizer | host syncs per step |", "|---|---|",
               *(f"| {k} | {v:g} |" for k, v in syncs.items())]
+    lines += ["", "ATen compute ops per `step()` (views left out; counted over 3 steps after the first, the "
+              "same on any device; on a GPU each is about one kernel launch). On a CPU the projection "
+              "cuts each shape group into cache-sized chunks (16 MiB) and runs its ops per chunk; on a "
+              "GPU (any device but the CPU) it takes one chunk per shape (`ACCEL_CHUNK_BYTES`):", "",
+              "| optimizer | ops per step |", "|---|---|",
+              *(f"| {k} | {v:g} |" for k, v in ops.items())]
     text = "\n".join(lines)
     print("\n" + text)
     if args.out:
@@ -265,7 +307,7 @@ def main() -> None:
                "projection": PROJECTION.format(rank=args.rank),
                "projection_fed": PROJECTION_FED.format(rank=args.rank), "no_modifier": NO_MODIFIER,
                "no_modifier_off": NO_MODIFIER_OFF, "no_modifier_fed": NO_MODIFIER_FED,
-               "syncs_per_step": syncs, "ogp_chain": OGP_CHAIN, "guard_read": GUARD_READ}
+               "syncs_per_step": syncs, "ops_per_step": ops, "ogp_chain": OGP_CHAIN, "guard_read": GUARD_READ}
         if BNB_8BIT in times:
             doc["ratio_8bit_vs_bnb"] = statistics.median(ratios)
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

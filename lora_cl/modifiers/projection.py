@@ -18,8 +18,13 @@ if TYPE_CHECKING:
     from lora_cl.subspace.bank import SubspaceBank
 
 SIDES = ("in", "out", "both")
-#: Working-set size of one batched chunk (measured on a 32 MiB L3: 16 MiB chunks ran fastest).
+#: Working-set size of one batched chunk on a CPU (measured on a 32 MiB L3: 16 MiB chunks ran
+#: fastest).
 CHUNK_BYTES = 16 * 2**20
+#: ... and on an accelerator, where each chunk's ~16 ops are kernel launches and no cache is to be
+#: kept warm: one chunk per shape for any model up to ~13B (a 7B model's 128 r=16 LoRA A tensors
+#: with rank-32 bases are ~170 MB of gradients, components and bases), temporaries still bounded.
+ACCEL_CHUNK_BYTES = 2**30
 
 
 class Projection(GradientModifier):
@@ -43,13 +48,22 @@ class Projection(GradientModifier):
 
     ``batched=True`` (default) stacks same-shaped tensors and projects each group with two
     ``bmm`` calls against bases stacked once per domain (no host sync); ``batched=False`` is the
-    readable per-tensor loop. Both give the same g~ up to float rounding (tested).
+    readable per-tensor loop. Both give the same g~ up to float rounding (tested). A group is cut
+    into chunks of at most ``chunk_bytes`` of working set (default: ``CHUNK_BYTES``, 16 MiB, on a
+    CPU, so a chunk stays in cache; ``ACCEL_CHUNK_BYTES``, 1 GiB, elsewhere, so a GPU launches a
+    chunk's kernels once per shape, not once per 16 MiB).
     """
 
     def __init__(self, bank: SubspaceBank, strength: float | Strength = 1.0,
-                 weighted: bool = True, side: str = "in", *, batched: bool = True) -> None:
+                 weighted: bool = True, side: str = "in", *, batched: bool = True,
+                 chunk_bytes: int | None = None) -> None:
         if side not in SIDES:
             raise ValueError(f"Projection: side must be one of {SIDES}, got {side!r}")
+        if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int)
+                                        or chunk_bytes < 1):
+            raise ValueError(f"Projection: chunk_bytes must be a positive int (or None: by device), "
+                             f"got {chunk_bytes!r}")
+        self.chunk_bytes = chunk_bytes
         self.bank = bank
         self.strength = as_strength(strength)
         self.weighted = weighted
@@ -225,8 +239,9 @@ class Projection(GradientModifier):
 
         Cached per (bank version, names, shapes, devices): the grouping and the stacked bases
         are built once per domain, not per step. Groups are cut into chunks of about
-        ``CHUNK_BYTES`` (gradients, components and bases) so that both ``bmm`` calls of a chunk
-        find its bases in cache and the temporaries come from the heap, not fresh pages.
+        ``chunk_bytes`` (gradients, components and bases; by default ``CHUNK_BYTES`` on a CPU, so
+        that both ``bmm`` calls of a chunk find its bases in cache and the temporaries come from
+        the heap, not fresh pages, and ``ACCEL_CHUNK_BYTES`` on other devices).
         """
         key = (self.bank.version, tuple(names), tuple((tuple(g.shape), g.device) for g in grads))
         if self._plan_cache is not None and self._plan_cache[0] == key:
@@ -240,7 +255,9 @@ class Projection(GradientModifier):
         for (shape, device, sides), idx in members.items():
             per_tensor = 4 * (3 * math.prod(shape) + sum(
                 self.bank.projector(names[idx[0]], side, device=device)[0].numel() for side in sides))
-            step = max(1, CHUNK_BYTES // per_tensor)
+            limit = self.chunk_bytes or (CHUNK_BYTES if torch.device(device).type == "cpu"
+                                         else ACCEL_CHUNK_BYTES)
+            step = max(1, limit // per_tensor)
             for start in range(0, len(idx), step):
                 chunk = idx[start:start + step]
                 group_names = tuple(names[i] for i in chunk)

@@ -212,3 +212,30 @@ def test_batched_projection_follows_bank_changes():
     out = fast(batch_of(grads, names))
     U = bank.projector("a3")[0]
     torch.testing.assert_close(out[3] @ U, torch.zeros(4, U.shape[1]), atol=1e-5, rtol=0)
+
+
+def test_chunk_size_changes_no_result():
+    """Every tensor its own chunk, one chunk per shape, and the device's default: the same g~."""
+    bank, names, grads = _mixed_bank_and_grads()
+    outs = []
+    for chunk in (1, 2**40, None):
+        proj = Projection(bank, OverlapAdaptiveStrength(0.8, beta=0.5), side="both", chunk_bytes=chunk)
+        outs.append([proj(batch_of([g * (1 + t) for g in grads], names, step=t + 1)) for t in range(3)])
+    for other in outs[1:]:
+        for step_a, step_b in zip(outs[0], other, strict=True):
+            for a, b in zip(step_a, step_b, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="chunk_bytes must be a positive int"):
+        Projection(bank, 1.0, chunk_bytes=0)
+
+
+def test_an_accelerator_projects_each_shape_in_one_chunk():
+    """On a CPU a shape group is cut into ~16 MiB chunks (cache-sized); elsewhere (here the meta
+    device, as a GPU would) into one chunk per shape, so its ~16 ops launch once, not per chunk."""
+    bank, names = SubspaceBank(), [f"layers.{i}.lora_A" for i in range(40)]
+    for i, name in enumerate(names):
+        bank.add("d0", name, orth(4096, 32, seed=i))
+    grads = [torch.zeros(16, 4096) for _ in names]  # 1.3 MB of working set each: ~12 a CPU chunk
+    assert len(Projection(bank, 1.0)._plan(names, grads)) == 4
+    assert len(Projection(bank, 1.0)._plan(names, [g.to("meta") for g in grads])) == 1
+    assert len(Projection(bank, 1.0, chunk_bytes=2**40)._plan(names, grads)) == 1
