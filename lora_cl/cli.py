@@ -239,12 +239,27 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _only_seeds(args: argparse.Namespace, settings: Any) -> tuple[int, ...] | None:
+    """The seeds to train: ``--only-seeds`` (checked against the settings' seeds, which the
+    report still covers), else all of them; None after printing the error."""
+    if not args.only_seeds:
+        return tuple(settings.seeds)
+    try:
+        only = tuple(int(x) for x in args.only_seeds.split(","))
+    except ValueError:
+        only = ()
+    if not only or any(seed not in settings.seeds for seed in only):
+        print(f"lora-cl reproduce: error: --only-seeds takes seeds from {list(settings.seeds)} "
+              f"(set by --seeds), e.g. --only-seeds 1,2; got {args.only_seeds!r}", file=sys.stderr)
+        return None
+    return only
+
+
 def _cmd_regime(args: argparse.Namespace) -> int:
     from lora_cl.reproduce.regime import regime_cache, regime_settings, run_regime, write_regime_report
 
     clash = [flag for flag, given in (("--only", args.only), ("--longer", args.longer),
-                                      ("--seq-len", args.seq_len), ("--only-seeds", args.only_seeds))
-             if given]
+                                      ("--seq-len", args.seq_len)) if given]
     if clash:
         print(f"lora-cl reproduce: error: --regime {args.regime} runs its own grid; drop {', '.join(clash)}",
               file=sys.stderr)
@@ -254,8 +269,11 @@ def _cmd_regime(args: argparse.Namespace) -> int:
     cache = regime_cache(args.cache)  # beside the main grid's: benchmarks/reproduction/cells-regime
     if not args.report:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+        only = _only_seeds(args, settings)
+        if only is None:
+            return 2
         try:
-            counts = run_regime(cache, settings, methods=methods, regime=args.regime,
+            counts = run_regime(cache, replace(settings, seeds=only), methods=methods, regime=args.regime,
                                 progress=not args.no_progress)
         except ValueError as err:
             print(f"lora-cl reproduce: error: {err}", file=sys.stderr)
@@ -305,16 +323,10 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
                 return 2
             parts, methods = [2], methods or list(LONGER_METHODS)
             run_settings, cache = longer_settings(settings), longer_cache(args.cache)
-        if args.only_seeds:
-            try:
-                only = tuple(int(x) for x in args.only_seeds.split(","))
-            except ValueError:
-                only = ()
-            if not only or any(seed not in settings.seeds for seed in only):
-                print(f"lora-cl reproduce: error: --only-seeds takes seeds from {list(settings.seeds)} "
-                      f"(set by --seeds), e.g. --only-seeds 1,2; got {args.only_seeds!r}", file=sys.stderr)
-                return 2
-            run_settings = replace(run_settings, seeds=only)
+        only = _only_seeds(args, settings)
+        if only is None:
+            return 2
+        run_settings = replace(run_settings, seeds=only)
         counts = run_grid(parts, cache, run_settings, methods=methods, progress=not args.no_progress)
         print(f"lora-cl reproduce: {counts['trained']} cells trained, {counts['cached']} cached, "
               f"{counts['not_runnable']} not runnable here, {counts['prop1_written']} part 1 results written")

@@ -32,4 +32,5 @@ def test_performance_quick_writes_the_page(tmp_path, test_cache_dir):
     assert "ATen compute ops per `step()`" in text
     ops = json.loads((tmp_path / "performance" / "optimizer_step.json").read_text())["ops_per_step"]
     one_chunk = next(v for k, v in ops.items() if "one chunk per shape" in k)
-    assert 0 < ops["torch AdamW fused=True"] < ops["RoutedAdamW decoupled, no modifier (fused path)"] < one_chunk
+    default = ops["RoutedAdamW decoupled, no modifier (fused path)"]
+    assert 0 < ops["torch AdamW fused=True"] < default < one_chunk

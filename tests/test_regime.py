@@ -110,6 +110,13 @@ def test_quick_regime_grid_trains_caches_and_writes_its_page(tmp_path, lora_cl_c
     with pytest.raises(SystemExit):
         main(args)
     assert "0 cells trained, 3 cached" in capsys.readouterr().out
+    # --only-seeds trains those seeds of --seeds' range (a worker's share); the rest stay untrained
+    with pytest.raises(SystemExit):
+        main(["reproduce", "--regime", "a", "--quick", "--no-progress", "--methods", "vanilla",
+              "--seeds", "3", "--only-seeds", "2", "--no-report", "--cache", str(tmp_path / "cache")])
+    assert "1 cells trained, 0 cached" in capsys.readouterr().out
+    seeds = regime_cells(regime_settings(quick=True, seeds=(0, 1, 2)), ["vanilla"])
+    assert [c.run_dir(cache).is_dir() for c in seeds] == [True, False, True]
     # the main page opens with the regimes' answers and links their pages
     from lora_cl.reproduce import default_settings, write_report
 
@@ -128,6 +135,10 @@ def test_regime_refuses_the_main_grids_flags(capsys):
         main(["reproduce", "--regime", "a", "--methods", "ogp", "--no-report"])
     assert done.value.code == 2
     assert "ogp: not a regime method; the regime methods are vanilla, fixed-shared" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:
+        main(["reproduce", "--regime", "b", "--only-seeds", "3", "--no-report"])
+    assert done.value.code == 2
+    assert "--only-seeds takes seeds from [0, 1, 2] (set by --seeds)" in capsys.readouterr().err
 
 
 def _hand_cell(cache: Path, method: str, seed: int, forgetting: float, eta: float, leak: float,

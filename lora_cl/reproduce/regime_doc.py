@@ -458,9 +458,9 @@ class RegimePage:
                 f"({per / 60:.1f} minutes per cell on 2 cores). Cells cache under `{REGIME_CACHE}/"
                 f"{REGIME_STREAM}/<config hash>/<method>-s<seed>/`; "
                 f"`lora-cl reproduce --regime {self.regime}` "
-                "trains every missing one (`--methods a,b` and `--seeds N` narrow it; delete a cell's folder "
-                f"to train it again) and `lora-cl reproduce --regime {self.regime} --report` rewrites "
-                "this page.")
+                "trains every missing one (`--methods a,b` and `--only-seeds 1,2` narrow it; delete a "
+                "cell's folder to train it again) and "
+                f"`lora-cl reproduce --regime {self.regime} --report` rewrites this page.")
 
     # -- plots ---------------------------------------------------------------------------
     def _tradeoff_plot(self) -> None:
