@@ -22,7 +22,9 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -45,6 +47,29 @@ SOURCES = {
     "activation (gpm, activation_sample=last_steps)": ("gpm", {"activation_sample": "last_steps"}),
 }
 TARGET = 0.05
+
+
+def sample_forward_seconds(model: torch.nn.Module, train: Any, tok: Any, optimizer: Any, batch: int) -> float:
+    """Seconds of no-grad forwards of exact GPM's sample (the method's ``basis_examples`` examples of
+    ``train``, in batches of ``batch``) through the decoder body alone (no LM head): what any
+    activation basis of those examples must run, before sampling or decomposition."""
+    from lora_cl.trainer.optimizer_factory import method_of
+    from lora_cl.trainer.replay import collate_chunks, seeded_subset
+
+    spec = method_of(optimizer)
+    idx = seeded_subset(len(train), spec.basis_examples, 0)
+    batches = collate_chunks([train[i] for i in idx], pad_collate(tok), batch)
+    body = model.get_base_model().model
+    was = body.training
+    body.eval()
+    try:
+        with torch.no_grad():
+            start = time.perf_counter()
+            for b in batches:
+                body(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+            return time.perf_counter() - start
+    finally:
+        body.train(was)
 
 
 def main() -> None:
@@ -84,6 +109,12 @@ def main() -> None:
             "fraction_at_16_steps": build / (16 * step), "fraction_at_80_steps": build / (80 * step),
             "steps_for_5_percent": math.ceil(build / (TARGET * step)),
         }
+        if preset == "gpm" and "activation_sample" not in overrides:
+            # exact GPM's floor: the forwards of its sample (basis_examples examples in the
+            # Trainer's batch size) through the decoder body, whose layers hold every LoRA input
+            floor = sample_forward_seconds(model, data.train, tok, optimizer, args.batch)
+            rows[label]["floor_seconds"] = floor
+            rows[label]["floor_fraction_at_80_steps"] = floor / (80 * step)
         print(f"{label}: build {build:.2f} s, step {step:.2f} s, "
               f"{rows[label]['fraction_at_80_steps']:.1%} of an 80-step domain", flush=True)
         base = model.unload()  # the bare base model again for the next source

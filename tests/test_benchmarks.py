@@ -30,6 +30,7 @@ def test_performance_quick_writes_the_page(tmp_path, test_cache_dir):
     assert (tmp_path / "performance" / "ratios.png").stat().st_size > 1000
     assert "Where the projection step's time goes" in text
     assert "ATen compute ops per `step()`" in text
+    assert "Exact GPM (activation (gpm)) runs its sample of examples through the model" in text
     ops = json.loads((tmp_path / "performance" / "optimizer_step.json").read_text())["ops_per_step"]
     one_chunk = next(v for k, v in ops.items() if "one chunk per shape" in k)
     default = ops["RoutedAdamW decoupled, no modifier (fused path)"]
