@@ -116,6 +116,8 @@ ERRORS = [
      "training.nonfinite must be one of stop, skip, got 'ignore'"),
     ("zero-steps", "  steps_per_domain: 2", "  steps_per_domain: 0", (), None, "steps_per_domain",
      "training.steps_per_domain must be positive, got 0"),
+    ("negative-probe-every", "  generate: false", "  generate: false\n  probe_every: -1", (), None,
+     "probe_every", "eval.probe_every must be >= 0, got -1"),
     ("zero-batch", "  batch_size: 2", "  batch_size: 0", (), None, "batch_size",
      "training.batch_size must be positive, got 0"),
     ("zero-seq-len", "  seq_len: 32", "  seq_len: 0", (), None, "seq_len",

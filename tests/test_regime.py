@@ -281,6 +281,38 @@ def test_the_output_sides_inflation_is_its_own_column_where_cells_logged_it(tmp_
             ) in page.answer()
 
 
+def test_the_inflation_is_read_where_v_reflects_the_domain(tmp_path):
+    """A probe early in a domain reads a v that is mostly the previous domain's: the page reads eta_U
+    from 3 horizons of beta2 into each domain on (regime (a): step 150 at beta2 = 0.98), and the
+    regime cells probe at every log, which leaves their config hash as it was."""
+    from dataclasses import replace
+
+    from lora_cl.reproduce.grid import config_hash
+    from lora_cl.reproduce.regime_doc import RegimePage, settled_step
+
+    settings = regime_settings()
+    assert settled_step(settings) == 150 and settled_step(regime_settings("b")) == 60
+    cache = tmp_path / "cells"
+    for method, early, late in (("fixed-shared", 5.0, 2.0), ("fixed-decoupled", 1.0, 1.0)):
+        for seed in range(2):
+            _hand_cell(cache, method, seed, 0.5, 0.0, 0.5)
+            run = next(c for c in regime_cells(settings, [method]) if c.seed == seed).run_dir(cache)
+            for d in sorted((run / "domains").iterdir()):
+                doc = json.loads((d / "metrics.json").read_text())
+                doc["log_history"] = [{"step": 10, "probe/old_direction_lr": early},
+                                      {"step": 200, "probe/old_direction_lr": late}]
+                (d / "metrics.json").write_text(json.dumps(doc))
+    page = RegimePage(cache, settings, tmp_path / "docs")
+    assert page.eta_ratio("fixed-shared", "fixed-decoupled").mean == pytest.approx(2.0)
+    assert "read from step 150 of each domain on" in page.render()
+    for regime in ("a", "b"):
+        s = regime_settings(regime)
+        assert s.probe_every == 1
+        cell = regime_cells(s, ["vanilla"], regime=regime)[0]
+        assert recipe_dict(cell.stream, cell.method, 0, s, Path("."))["eval"]["probe_every"] == 1
+        assert cell.cfg == config_hash(cell.stream, cell.method, replace(s, probe_every=10))
+
+
 def test_each_regime_page_names_its_own_training():
     """Regime (b) trains a LoRA adapter on the pretrained SmolLM2; its page's opening said
     "full-parameter training ... from scratch", regime (a)'s words (the committed pages are what

@@ -62,7 +62,7 @@ def _check_values(recipe: Recipe, ctx: _Ctx) -> None:
             raise ctx.error(key, f"{key} must be positive, got {value}")
     for key, value in (("training.warmup_steps", t.warmup_steps), ("training.weight_decay", t.weight_decay),
                        ("training.min_8bit_size", t.min_8bit_size),
-                       ("training.max_grad_norm", t.max_grad_norm)):
+                       ("training.max_grad_norm", t.max_grad_norm), ("eval.probe_every", e.probe_every)):
         if value < 0:
             raise ctx.error(key, f"{key} must be >= 0, got {value}")
     for key, value in (("training.adam_beta1", t.adam_beta1), ("training.adam_beta2", t.adam_beta2)):

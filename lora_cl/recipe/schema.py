@@ -169,13 +169,16 @@ class TrainingConfig:
 class EvalConfig:
     """Evaluation after every domain. ``general``: a source no domain trains on (``debian:...``,
     ``qa:...`` or a data path) whose held-out examples are scored for the base model and after
-    every domain: the general-ability retention TRACE reports, in summary.json and the reports."""
+    every domain: the general-ability retention TRACE reports, in summary.json and the reports.
+    ``probe_every``: training logs between the optimizer probes (``probe/*``: Adam's v and its
+    effective learning rate along the protected subspaces; 0: none)."""
 
     batch_size: int = 8
     generate: bool = True
     max_new_tokens: int = 32
     metric: str = "auto"
     general: str | None = None
+    probe_every: int = 10
 
 
 @dataclass

@@ -88,6 +88,8 @@ class Settings:
     eval_chars: int | None = None
     vary_eval_draw: bool = False     # the held-out examples are drawn with the cell's seed
     general: str | None = None       # eval.general: a source scored after every domain, never trained
+    probe_every: int = 10            # eval.probe_every: logs between the optimizer probes (read-only,
+    #                                  so not part of a cell's configuration: left out of its hash)
     # Proposition 1 (part 1)
     prop1_synthetic_steps: int = 3000
     prop1_prev_steps: int = 30
@@ -103,7 +105,7 @@ class Settings:
 ADAM_DEFAULTS = {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8}
 #: The regime grid's settings at their defaults: left out of recipes, hashes and part 1's key.
 REGIME_DEFAULTS = {"finetune": "lora", "train_chars": None, "eval_chars": None, "vary_eval_draw": False,
-                   "general": None}
+                   "general": None, "probe_every": 10}
 
 
 def default_settings(*, quick: bool = False, model: str | None = None, **overrides: Any) -> Settings:
@@ -251,6 +253,8 @@ def recipe_dict(stream: str, method: MethodRun, seed: int, settings: Settings, o
             doc["data"][key] = getattr(settings, key)
     if settings.general is not None:
         doc["eval"]["general"] = settings.general
+    if settings.probe_every != 10:
+        doc["eval"]["probe_every"] = settings.probe_every
     if settings.vary_eval_draw:  # the held-out draw follows the seed (popped from the hash)
         doc["data"]["seed"] = seed
     return doc
@@ -283,6 +287,7 @@ def config_hash(stream: str, method: MethodRun, settings: Settings) -> str:
     for key in ("method", "output_dir"):
         doc.pop(key)
     doc["training"].pop("seed")
+    doc["eval"].pop("probe_every", None)  # the probes only read the optimizer's states
     if settings.vary_eval_draw:
         doc["data"]["seed"] = "cell seed"
     if settings.data == "tiny":  # absolute paths differ per checkout; the file contents do not

@@ -98,7 +98,7 @@ def regime_methods(regime: str = "a") -> dict[str, MethodRun]:
         # the lr asks whether decoupling beats a plain lr cut on the stability-plasticity frontier
         M(f"hard-shared@lr{HARD_SHARED_LR_SCALE:g}x", "adam-nscl", hard, lr_scale=HARD_SHARED_LR_SCALE),
         # and for the fixed pair: shared routing at the lr its measured old-direction inflation
-        # (eta_U shared / decoupled, 1.27 at alpha 0.5) asks for
+        # (eta_U shared / decoupled, 1.27 at alpha 0.5 when this control was chosen) asks for
         M(f"fixed-shared@lr{FIXED_SHARED_LR_SCALE:g}x", "adam-nscl", side, lr_scale=FIXED_SHARED_LR_SCALE),
     )}
 
@@ -136,8 +136,9 @@ def regime_settings(regime: str = "a", *, quick: bool = False, model: str | None
     smoke test of the code path, not evidence).
     """
     _check_regime(regime)
+    # a probe at every log: the page reads Adam's v once it reflects the domain (regime_doc.settled_step)
     s = replace(default_settings(), seq_len=128, train_chars=LONG_TRAIN_CHARS, eval_chars=LONG_EVAL_CHARS,
-                eval_examples=32, logging_steps=10, vary_eval_draw=True)
+                eval_examples=32, logging_steps=10, vary_eval_draw=True, probe_every=1)
     if regime == "a":
         s = replace(s, model="scratch-5m", finetune="full", seeds=(0, 1, 2, 3, 4), steps=250, batch_size=8,
                     lr=1e-3, adam_beta2=0.98, eval_batch=16)

@@ -83,22 +83,33 @@ def _leak(entry: Any) -> float | None:
     return _mean(vals)
 
 
-def domain_mechanism(run_dir: Path) -> list[DomainMech]:
-    """Per domain (in order) the mechanism values logged in ``domains/*/metrics.json``."""
+#: Horizons of beta2 into a domain after which its v is read: 1 - e^-3, 95% of v's mass is the domain's.
+SETTLED_HORIZONS = 3
+
+
+def settled_step(settings: Settings) -> int:
+    """The first step of a domain at which Adam's v mostly reflects it (SETTLED_HORIZONS horizons)."""
+    return math.ceil(SETTLED_HORIZONS / (1 - settings.adam_beta2))
+
+
+def domain_mechanism(run_dir: Path, settled: int = 0) -> list[DomainMech]:
+    """Per domain (in order) the mechanism values logged in ``domains/*/metrics.json``; the probes of
+    Adam's v (eta_U) only from step ``settled`` of the domain on, where v reflects the domain."""
     out = []
     for mpath in sorted((run_dir / "domains").glob("*/metrics.json")):
         m = json.loads(mpath.read_text(encoding="utf-8"))
         h = m.get("log_history", [])
 
-        def values(key: str, history: list[dict[str, Any]] = h) -> list[float]:
-            return [float(x[key]) for x in history if key in x]
+        def values(key: str, history: list[dict[str, Any]] = h, since: int = 0) -> list[float]:
+            return [float(x[key]) for x in history if key in x and x.get("step", since) >= since]
 
         share = values("cl/v_current_share")
         epochs = values("epoch")
         out.append(DomainMech(share[-1] if share else None, _mean(values("projection/alpha")),
-                              _mean(values("projection/overlap")), _mean(values("probe/old_direction_lr")),
+                              _mean(values("projection/overlap")),
+                              _mean(values("probe/old_direction_lr", since=settled)),
                               _leak(m.get("protection_leak")), epochs[-1] if epochs else None,
-                              _mean(values("probe/old_direction_lr_out"))))
+                              _mean(values("probe/old_direction_lr_out", since=settled))))
     return out
 
 
@@ -135,7 +146,8 @@ class RegimePage:
         self.cells = regime_cells(settings, regime=regime)
         self.results = load_cells(self.cells, cache)
         self.by = {(r.cell.method.label, r.cell.seed): r for r in self.results}
-        self.mech = {key: domain_mechanism(r.cell.run_dir(cache)) for key, r in self.by.items()}
+        self.settled = settled_step(settings)
+        self.mech = {key: domain_mechanism(r.cell.run_dir(cache), self.settled) for key, r in self.by.items()}
         self.forget = {key: forgetting_nats(r.summary) for key, r in self.by.items()}
         self.claims = self._claims()
 
@@ -402,7 +414,9 @@ class RegimePage:
                 "the share of Adam's v (its mass) from the current domain at the domain's end, the "
                 "projection strength alpha, the overlap s_t of the gradient with the old bases, the "
                 "old-direction effective learning rate eta_U = lr / sqrt(v-hat) along the protected "
-                "directions (the callback's probe) and the leak.\n\n"
+                f"directions (the callback's probe, read from step {self.settled} of each domain on, "
+                f"{SETTLED_HORIZONS} horizons of beta2 = {self.settings.adam_beta2} in, where 95% of v's "
+                "mass is the domain's own) and the leak.\n\n"
                 + _table(["method", "v share, current domain", "alpha", "overlap s", "eta_U (old dirs)",
                           "leak"], rows))
         if ratio_rows:

@@ -185,7 +185,7 @@ def _run_method(recipe: Any, choice: Any, run_dir: str | os.PathLike[str], *,
                                betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_epsilon,
                                state_bits=tr.state_bits, min_8bit_size=tr.min_8bit_size,
                                nonfinite="raise" if recipe.training.nonfinite == "stop" else "skip")
-    callback = ContinualCallback(seed=recipe.training.seed)
+    callback = ContinualCallback(seed=recipe.training.seed, probe_every=recipe.eval.probe_every)
     has_generation = recipe.eval.generate and all(d.eval_prompts for d in data)
     primary = primary_metric(recipe.eval.metric, has_generation)
     eval_kw = dict(batch_size=recipe.eval.batch_size, generate=recipe.eval.generate,
