@@ -46,17 +46,24 @@ OGP_CHAIN = "the ogp preset's chain: gradient-row buffers + the projection"
 GUARD_READ = "the guard's read of every gradient alone (torch._foreach_norm + isfinite, no update)"
 
 
-def host_syncs(make: Callable[[], torch.optim.Optimizer], params, grads, steps: int = 3) -> float:  # noqa: ANN001
-    """Host syncs per step() after the first (device-independent: the op count is the same on GPU)."""
+def per_step(mode_cls: type, count: str, make: Callable[[], torch.optim.Optimizer], params, grads,  # noqa: ANN001
+             steps: int = 3) -> float:
+    """``mode_cls().<count>`` per step() over ``steps`` steps after the first (which creates the
+    states), the dispatch mode around them: an op count, the same on any device."""
     opt = make()
     for p, g in zip(params, grads):
         p.grad = g
     opt.step()
-    mode = CountSyncs()
+    mode = mode_cls()
     with mode:
         for _ in range(steps):
             opt.step()
-    return mode.syncs / steps
+    return getattr(mode, count) / steps
+
+
+def host_syncs(make: Callable[[], torch.optim.Optimizer], params, grads) -> float:  # noqa: ANN001
+    """Host syncs per step() after the first (device-independent: the op count is the same on GPU)."""
+    return per_step(CountSyncs, "syncs", make, params, grads)
 
 
 def lora_tensors(layers: int, hidden: int, r: int, device: str) -> tuple[list[str], list[torch.Tensor]]:
@@ -184,17 +191,9 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def ops_per_step(make: Callable[[], torch.optim.Optimizer], params, grads, steps: int = 3) -> float:  # noqa: ANN001
+def ops_per_step(make: Callable[[], torch.optim.Optimizer], params, grads) -> float:  # noqa: ANN001
     """ATen compute ops per step() after the first (the count is device-independent)."""
-    opt = make()
-    for p, g in zip(params, grads):
-        p.grad = g
-    opt.step()
-    mode = CountOps()
-    with mode:
-        for _ in range(steps):
-            opt.step()
-    return mode.ops / steps
+    return per_step(CountOps, "ops", make, params, grads)
 
 
 def main() -> None:
