@@ -100,6 +100,7 @@ def test_parity_script_on_cpu_is_bitwise_for_every_routing(tmp_path):
     result = json.loads(js.read_text())
     assert len(result["adamw"]) == 8 and all(r["max_abs_diff"] == 0.0 for r in result["adamw"])
     assert result["projection"]["max_rel_diff_vs_cpu"] == 0.0
+    assert result["row_buffer"] == {"steps": 40, "bitwise_equal_to_cpu": True, "sync_warnings": 0}
     if result["8bit"] is not None:
         assert result["8bit"]["max_rel_norm_diff"] < 5e-3
 

@@ -123,8 +123,13 @@ class GradientRowBuffer(GradientModifier):
     skip-or-step with no host read: a step the guard skips is pushed as zero rows rather than
     dropped. Zero rows add nothing to the row space a basis is built from (:func:`basis_from_rows`
     sees through them), so a skip changes the basis only through the window counting that step
-    and the thinning's subsample; with no skip the rows are the host path's, bit for bit. On a GPU
-    the rows still travel to ``device`` (the CPU by default) each step, a copy that waits for them.
+    and the thinning's subsample; with no skip the rows are the host path's, bit for bit.
+
+    Rows are thinned where the gradient lives and travel to ``device`` (the CPU by default) with a
+    non-blocking copy (into pinned memory from a GPU), so a step does not wait for its kernels; the
+    buffer waits for its copies only before it reads rows it holds (thinning older steps when the
+    quota halves, about log2(max_rows) times a domain, and :meth:`rows`, :meth:`build`,
+    :meth:`state_dict`).
     """
 
     device_commit = True  # a skipped step is pushed as zeros, masked on the device
@@ -149,6 +154,7 @@ class GradientRowBuffer(GradientModifier):
         self._slots: dict[str, deque[Tensor]] = {}  # name -> one (rows, dim) sample per step
         self._quota: dict[str, int] = {}  # rows each step of the window keeps
         self._staged: list[tuple[str, Tensor]] = []
+        self._fence: Any = None  # a CUDA event after the newest copy still in flight, else None
 
     def _wanted(self, name: str, g: Tensor) -> bool:
         if g.dim() < 2:
@@ -168,25 +174,44 @@ class GradientRowBuffer(GradientModifier):
         if x.shape[0] <= quota:
             return x
         keep = torch.randperm(x.shape[0], generator=self._gen)[:quota].sort().values
-        return x[keep.to(x.device)]
+        return x[keep.to(x.device, non_blocking=True)]
+
+    def _arrived(self) -> None:
+        """Wait for the rows still travelling to ``device`` (a no-op unless a GPU copies them)."""
+        if self._fence is not None:
+            self._fence.synchronize()
+            self._fence = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        self._arrived()  # (a CUDA event neither pickles nor deep-copies; the rows must be there)
+        return dict(self.__dict__)
 
     def push(self, name: str, samples: Tensor) -> None:
         """Add one step's samples (n, dim) of ``name``: the window and the cap as described above."""
-        x = samples.detach().to(device=self.device, dtype=torch.float32)
+        src = samples.detach()
         slots = self._slots.get(name)
-        if slots is None or (slots and slots[0].shape[1] != x.shape[1]):
+        if slots is None or (slots and slots[0].shape[1] != src.shape[1]):
             slots = self._slots[name] = deque(maxlen=self.window_steps)
             self._quota[name] = self.max_rows
         quota = self._quota[name]
-        slots.append(self._thin(x, quota).clone())
+        x = self._thin(src, quota)  # on the gradient's device: only the kept rows travel
+        to_host = x.device.type == "cuda" and self.device.type == "cpu"  # async, into pinned memory
+        moved = x.to(device=self.device, dtype=torch.float32, non_blocking=to_host)
+        if to_host:
+            self._fence = torch.cuda.Event()
+            self._fence.record()
+        # own memory, never a view of the gradient (thinning, the copy or the cast made one already)
+        slots.append(moved.clone() if moved.data_ptr() == src.data_ptr() else moved)
         while quota > 1 and sum(s.shape[0] for s in slots) > self.max_rows:
             quota = max(1, quota // 2)
+            self._arrived()  # (thinning reads the rows)
             for i in range(len(slots)):
                 slots[i] = self._thin(slots[i], quota)
         self._quota[name] = quota
 
     def rows(self, name: str) -> Tensor:
         """The buffered samples of ``name``, oldest step first (a copy)."""
+        self._arrived()
         return torch.cat(list(self._slots[name]))
 
     def names(self) -> list[str]:
@@ -238,6 +263,7 @@ class GradientRowBuffer(GradientModifier):
                 "tensors_buffered": float(len(self.names()))}
 
     def state_dict(self) -> dict[str, Any]:
+        self._arrived()
         return {"side": self.side, "max_rows": self.max_rows, "window_steps": self.window_steps,
                 "slots": {n: [s.cpu() for s in self._slots[n]] for n in self.names()},
                 "quota": {n: self._quota[n] for n in self.names()}, "rng": self._gen.get_state()}

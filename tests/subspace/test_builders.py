@@ -135,3 +135,30 @@ def test_on_domain_start_clears():
     buf(_batch(["w"], [torch.randn(3, 5)]))
     buf.on_domain_start("next")
     assert buf.names() == [] and buf.build(SubspaceBank(), "next") == 0
+
+
+def test_row_buffer_thins_where_the_gradient_lives_and_moves_only_kept_rows():
+    """Each step's rows are subsampled on the gradient's device and only the kept ones travel to
+    the buffer's device (here from the CPU to the meta device; from a GPU the copy is also
+    non-blocking, into pinned memory: benchmarks/gpu_parity.py checks it there)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Moves(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rows: list[int] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            to_meta = (kwargs or {}).get("device") == torch.device("meta")
+            if func is torch.ops.aten._to_copy.default and to_meta and args[0].is_floating_point():
+                self.rows.append(args[0].shape[0])  # (not the thinning's index tensors)
+            return func(*args, **(kwargs or {}))
+
+    buf = GradientRowBuffer("in", max_rows=8, window_steps=8, rank=2, device="meta")
+    moves = Moves()
+    with moves:
+        for t in range(6):
+            buf.push("w", torch.randn(4, 16, generator=torch.Generator().manual_seed(t)))
+    # steps 1-3 move all 4 rows; the third overfills the cap of 8 (quota 8 -> 2), the fifth too (-> 1)
+    assert moves.rows == [4, 4, 4, 2, 2, 1]
+    assert [s.shape[0] for s in buf._slots["w"]] == [1] * 6 and buf._slots["w"][0].device.type == "meta"
