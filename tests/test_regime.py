@@ -142,7 +142,8 @@ def test_regime_refuses_the_main_grids_flags(capsys):
 
 
 def _hand_cell(cache: Path, method: str, seed: int, forgetting: float, eta: float, leak: float,
-               just_trained: float = 3.0, eta_out: float | None = None) -> None:
+               just_trained: float = 3.0, eta_out: float | None = None,
+               v_energy: float | None = None) -> None:
     settings = regime_settings()
     cell = next(c for c in regime_cells(settings, [method]) if c.seed == seed)
     run = cell.run_dir(cache)
@@ -156,6 +157,7 @@ def _hand_cell(cache: Path, method: str, seed: int, forgetting: float, eta: floa
         alpha = 1.0 if method.startswith("hard") else 0.5
         history = [{"loss": 3.0, "epoch": 0.8, "probe/old_direction_lr": eta, "projection/alpha": alpha,
                     **({} if eta_out is None else {"probe/old_direction_lr_out": eta_out}),
+                    **({} if v_energy is None else {"probe/v_energy_old": v_energy}),
                     **({"cl/replay_examples": 125 * (i + 1)} if method.startswith("replay") else {})},
                    {"cl/v_current_share": 1.0 if i == 0 else 0.99, "epoch": 0.8}]
         (d / "metrics.json").write_text(json.dumps({"log_history": history, "train_seconds": 60.0,
@@ -271,10 +273,12 @@ def test_the_output_sides_inflation_is_its_own_column_where_cells_logged_it(tmp_
     cache = tmp_path / "cells"
     for seed in range(3):
         _hand_cell(cache, "vanilla", seed, 1.0, 1.0, 0.9)
-        _hand_cell(cache, "fixed-shared", seed, 0.8, 2.0, 0.5, eta_out=3.0)
-        _hand_cell(cache, "fixed-decoupled", seed, 0.7 + 0.01 * seed, 1.0, 0.3, eta_out=1.0)
+        _hand_cell(cache, "fixed-shared", seed, 0.8, 2.0, 0.5, eta_out=3.0, v_energy=0.25)
+        _hand_cell(cache, "fixed-decoupled", seed, 0.7 + 0.01 * seed, 1.0, 0.3, eta_out=1.0, v_energy=1.0)
     page = RegimePage(cache, regime_settings(), tmp_path / "docs")
-    row = "| fixed strength (alpha 0.5) | 2.000 [2.000, 2.000] | 3.000 [3.000, 3.000] | 2.00 |"
+    # and R_v, v's energy along the bases, decoupled / shared, beside its 1/(1 - alpha)^2
+    row = ("| fixed strength (alpha 0.5) | 2.000 [2.000, 2.000] | 3.000 [3.000, 3.000] | 2.00 "
+           "| 4.000 [4.000, 4.000] | 4.00 |")
     assert row in page.render()
     assert ("old-direction learning rate was 2.00 [2.00, 2.00]x the decoupled run's on the input side "
             "(lora_A) and 3.00 [3.00, 3.00]x on the output side (lora_B) (1/(1 - alpha) = 2.00)"

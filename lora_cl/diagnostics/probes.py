@@ -50,24 +50,25 @@ def old_direction_lr(v: Tensor, U: Tensor, step: float, lr: float, beta2: float,
 
 
 #: The probes' keys per side: "in" (the fan-in side, lora_A's) keeps the original names.
-PROBE_KEYS = {"in": ("probe/v_share_old", "probe/old_direction_lr"),
-              "out": ("probe/v_share_old_out", "probe/old_direction_lr_out")}
+PROBE_KEYS = {"in": ("probe/v_share_old", "probe/old_direction_lr", "probe/v_energy_old"),
+              "out": ("probe/v_share_old_out", "probe/old_direction_lr_out", "probe/v_energy_old_out")}
 
 
 def optimizer_probes(optimizer: Any, bank: Any, sides: tuple[str, ...] = ("in", "out")) -> dict[str, float]:
     """Mean of the probes over every routed tensor of ``optimizer`` with a basis in ``bank``, per side.
 
-    Side "in" (a basis on the fan-in dimension, LoRA A's) gives ``probe/v_share_old`` and
-    ``probe/old_direction_lr``; side "out" (a basis on the fan-out dimension, LoRA B's when both
-    factors are protected) the same probes of the transposed v under ``..._out`` keys. A side no
-    tensor has a basis for gives no keys.
+    Side "in" (a basis on the fan-in dimension, LoRA A's) gives ``probe/v_share_old``,
+    ``probe/old_direction_lr`` and ``probe/v_energy_old`` (E_U(v): two routings' ratio of it is
+    Proposition 1's R_v); side "out" (a basis on the fan-out dimension, LoRA B's when both factors
+    are protected) the same probes of the transposed v under ``..._out`` keys. A side no tensor
+    has a basis for gives no keys.
     """
     names, params = optimizer.routed_named_params()
     group = optimizer.param_groups[0]
     beta2, eps, lr = group["betas"][1], group["eps"], float(group["lr"])
     out: dict[str, float] = {}
     for side in sides:
-        shares, lrs = [], []
+        shares, lrs, energies = [], [], []
         for name, p in zip(names, params, strict=True):
             state = optimizer.state.get(p)
             proj = bank.projector(name, side, device=p.device) if p.ndim >= 2 and state else None
@@ -80,7 +81,8 @@ def optimizer_probes(optimizer: Any, bank: Any, sides: tuple[str, ...] = ("in", 
             v = v.reshape(v.shape[0], -1) if side == "in" else v.reshape(v.shape[0], -1).T
             shares.append(v_share_in_subspace(v, proj[0], step, beta2))
             lrs.append(old_direction_lr(v, proj[0], step, lr, beta2, eps))
+            energies.append(v_energy_in_subspace(v, proj[0], step, beta2))
         if shares:
-            share_key, lr_key = PROBE_KEYS[side]
-            out[share_key], out[lr_key] = sum(shares) / len(shares), sum(lrs) / len(lrs)
+            for key, vals in zip(PROBE_KEYS[side], (shares, lrs, energies), strict=True):
+                out[key] = sum(vals) / len(vals)
     return out

@@ -69,6 +69,7 @@ class DomainMech:
     leak: float | None         # ||P dW|| / ||dW|| of the domain's update in the earlier bases
     epoch: float | None        # passes over the domain's training slice
     eta_old_out: float | None = None  # the same probe on the output side (lora_B, regime b)
+    v_energy: float | None = None  # E_U(v), v's energy along the protected directions (input side)
 
 
 def _mean(xs: Sequence[float | None]) -> float | None:
@@ -109,7 +110,8 @@ def domain_mechanism(run_dir: Path, settled: int = 0) -> list[DomainMech]:
                               _mean(values("projection/overlap")),
                               _mean(values("probe/old_direction_lr", since=settled)),
                               _leak(m.get("protection_leak")), epochs[-1] if epochs else None,
-                              _mean(values("probe/old_direction_lr_out", since=settled))))
+                              _mean(values("probe/old_direction_lr_out", since=settled)),
+                              _mean(values("probe/v_energy_old", since=settled))))
     return out
 
 
@@ -212,7 +214,8 @@ class RegimePage:
 
     def eta_ratio(self, shared: str, decoupled: str, attr: str = "eta_old") -> MeanCI:
         """eta_U(shared) / eta_U(decoupled) per seed and later domain: Proposition 1's 1/(1-alpha).
-        ``attr`` "eta_old_out": the output side's probe (lora_B's bases, regime b)."""
+        ``attr`` "eta_old_out": the output side's probe (lora_B's bases, regime b); any DomainMech
+        value gives its ratio the same way (``v_energy`` with the pair swapped: Proposition 1's R_v)."""
         ratios = []
         for (m, seed), doms in self.mech.items():
             other = self.mech.get((decoupled, seed))
@@ -400,6 +403,7 @@ class RegimePage:
                          _ci(self.mech_stat(m, "leak"))])
         ratio_rows = []
         out_side = any(d.eta_old_out for doms in self.mech.values() for d in doms)
+        energy = any(d.v_energy for doms in self.mech.values() for d in doms)
         for name, shared, decoupled in PAIRS:
             r = self.eta_ratio(shared, decoupled)
             alpha = self.mech_stat(decoupled, "alpha")
@@ -407,8 +411,11 @@ class RegimePage:
                 continue
             ratio_rows.append([name, _ci(r)] + ([_ci(self.eta_ratio(shared, decoupled, "eta_old_out"))]
                                                 if out_side else [])
-                              + [f"{1 / (1 - alpha.mean):.2f}" if alpha.mean < 1 else "unbounded",
-                                 _ci(self.mech_stat(shared, "leak")), _ci(self.mech_stat(decoupled, "leak"))])
+                              + [f"{1 / (1 - alpha.mean):.2f}" if alpha.mean < 1 else "unbounded"]
+                              + ([_ci(self.eta_ratio(decoupled, shared, "v_energy")),
+                                  f"{1 / (1 - alpha.mean) ** 2:.2f}" if alpha.mean < 1 else "unbounded"]
+                                 if energy else [])
+                              + [_ci(self.mech_stat(shared, "leak")), _ci(self.mech_stat(decoupled, "leak"))])
         self._leak_plot()
         text = ("Per method, the mean over domains 2..T (then over seeds) of what the optimizer logged: "
                 "the share of Adam's v (its mass) from the current domain at the domain's end, the "
@@ -426,9 +433,17 @@ class RegimePage:
                      + ("The output side (lora_B's bases) is probed by the cells that logged it; the "
                         "input side (lora_A's, or every weight's in regime (a)) by all.\n\n"
                         if out_side else "")
+                     + ("R_v is Proposition 1's other ratio: v's energy along the protected directions, "
+                        "decoupled over shared (predicted 1/(1 - alpha)^2 for coordinate-aligned bases), "
+                        "from the cells that logged it. eta_U averages lr / sqrt(v-hat) along the bases, "
+                        "so coordinates with little v weigh most in it; R_v shows how much of v's energy "
+                        "there shared routing took away.\n\n" if energy else "")
                      + _table(["pair", "eta_U shared / decoupled"]
                               + (["same, output side (lora_B)"] if out_side else [])
-                              + ["1/(1 - alpha)", "leak shared", "leak decoupled"], ratio_rows))
+                              + ["1/(1 - alpha)"]
+                              + (["R_v (input side): v energy on old dirs, decoupled / shared",
+                                  "1/(1 - alpha)^2"] if energy else [])
+                              + ["leak shared", "leak decoupled"], ratio_rows))
         return text
 
     def _alpha_table(self) -> str:

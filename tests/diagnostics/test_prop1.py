@@ -68,7 +68,7 @@ def test_optimizer_probes_read_fp32_and_8bit_states_alike(state_bits):
     """
     from lora_cl import Projection, RoutedAdamW, SubspaceBank
     from lora_cl.diagnostics import optimizer_probes
-    from lora_cl.diagnostics.probes import old_direction_lr, v_share_in_subspace
+    from lora_cl.diagnostics.probes import old_direction_lr, v_energy_in_subspace, v_share_in_subspace
 
     def run(bits, routing="decoupled"):
         gen = torch.Generator().manual_seed(0)
@@ -86,18 +86,20 @@ def test_optimizer_probes_read_fp32_and_8bit_states_alike(state_bits):
         return opt, p, U, optimizer_probes(opt, bank)
 
     opt, p, U, got = run(state_bits)
-    assert set(got) == {"probe/v_share_old", "probe/old_direction_lr"}
+    assert set(got) == {"probe/v_share_old", "probe/old_direction_lr", "probe/v_energy_old"}
     if state_bits == 32:
         state = opt.state[p]
         step, v = float(state["step"]), state["exp_avg_sq"]
         want = {"probe/v_share_old": v_share_in_subspace(v, U, step, 0.999),
-                "probe/old_direction_lr": old_direction_lr(v, U, step, 1e-3, 0.999, 1e-8)}
+                "probe/old_direction_lr": old_direction_lr(v, U, step, 1e-3, 0.999, 1e-8),
+                "probe/v_energy_old": v_energy_in_subspace(v, U, step, 0.999)}
     else:
         want = run(32)[3]
     for key, value in want.items():
         assert got[key] == pytest.approx(value, rel=1e-6 if state_bits == 32 else 0.05)
     shared = run(state_bits, routing="shared")[3]  # g~ in v: the old share of v falls ~100x
     assert shared["probe/v_share_old"] < 0.1 * got["probe/v_share_old"]
+    assert shared["probe/v_energy_old"] < 0.1 * got["probe/v_energy_old"]  # R_v > 10
 
 
 def test_optimizer_probes_measure_each_protected_side():
@@ -105,7 +107,7 @@ def test_optimizer_probes_measure_each_protected_side():
     the fan-out side's keys are the probe functions of the transposed v along the out-side basis."""
     from lora_cl import Projection, RoutedAdamW, SubspaceBank
     from lora_cl.diagnostics import optimizer_probes
-    from lora_cl.diagnostics.probes import old_direction_lr, v_share_in_subspace
+    from lora_cl.diagnostics.probes import old_direction_lr, v_energy_in_subspace, v_share_in_subspace
 
     gen = torch.Generator().manual_seed(0)
     a = (torch.randn(8, 256, generator=gen) * 0.1).requires_grad_()  # lora_A-like: r x d_in
@@ -124,7 +126,9 @@ def test_optimizer_probes_measure_each_protected_side():
     want = {"probe/v_share_old": v_share_in_subspace(va, U_in, 4, 0.999),
             "probe/old_direction_lr": old_direction_lr(va, U_in, 4, 1e-3, 0.999, 1e-8),
             "probe/v_share_old_out": v_share_in_subspace(vb.T, U_out, 4, 0.999),
-            "probe/old_direction_lr_out": old_direction_lr(vb.T, U_out, 4, 1e-3, 0.999, 1e-8)}
+            "probe/old_direction_lr_out": old_direction_lr(vb.T, U_out, 4, 1e-3, 0.999, 1e-8),
+            "probe/v_energy_old": v_energy_in_subspace(va, U_in, 4, 0.999),
+            "probe/v_energy_old_out": v_energy_in_subspace(vb.T, U_out, 4, 0.999)}
     assert got == pytest.approx(want, rel=1e-6)
     in_only = optimizer_probes(opt, bank, sides=("in",))
-    assert in_only.keys() == {"probe/v_share_old", "probe/old_direction_lr"}
+    assert in_only.keys() == {"probe/v_share_old", "probe/old_direction_lr", "probe/v_energy_old"}
