@@ -154,7 +154,7 @@ class GradientRowBuffer(GradientModifier):
         self._slots: dict[str, deque[Tensor]] = {}  # name -> one (rows, dim) sample per step
         self._quota: dict[str, int] = {}  # rows each step of the window keeps
         self._staged: list[tuple[str, Tensor]] = []
-        self._fence: Any = None  # a CUDA event after the newest copy still in flight, else None
+        self._fences: dict[torch.device, Any] = {}  # per GPU: a CUDA event after its newest copy
 
     def _wanted(self, name: str, g: Tensor) -> bool:
         if g.dim() < 2:
@@ -178,9 +178,9 @@ class GradientRowBuffer(GradientModifier):
 
     def _arrived(self) -> None:
         """Wait for the rows still travelling to ``device`` (a no-op unless a GPU copies them)."""
-        if self._fence is not None:
-            self._fence.synchronize()
-            self._fence = None
+        for fence in self._fences.values():
+            fence.synchronize()
+        self._fences.clear()
 
     def __getstate__(self) -> dict[str, Any]:
         self._arrived()  # (a CUDA event neither pickles nor deep-copies; the rows must be there)
@@ -197,9 +197,9 @@ class GradientRowBuffer(GradientModifier):
         x = self._thin(src, quota)  # on the gradient's device: only the kept rows travel
         to_host = x.device.type == "cuda" and self.device.type == "cpu"  # async, into pinned memory
         moved = x.to(device=self.device, dtype=torch.float32, non_blocking=to_host)
-        if to_host:
-            self._fence = torch.cuda.Event()
-            self._fence.record()
+        if to_host:  # (a model split over GPUs copies from each: one fence per device's stream)
+            fence = self._fences[x.device] = torch.cuda.Event()
+            fence.record(torch.cuda.current_stream(x.device))
         # own memory, never a view of the gradient (thinning, the copy or the cast made one already)
         slots.append(moved.clone() if moved.data_ptr() == src.data_ptr() else moved)
         while quota > 1 and sum(s.shape[0] for s in slots) > self.max_rows:
