@@ -304,10 +304,13 @@ def test_the_inflation_is_read_where_v_reflects_the_domain(tmp_path):
             for d in sorted((run / "domains").iterdir()):
                 doc = json.loads((d / "metrics.json").read_text())
                 doc["log_history"] = [{"step": 10, "probe/old_direction_lr": early},
-                                      {"step": 200, "probe/old_direction_lr": late}]
+                                      {"step": 200, "probe/old_direction_lr": late},
+                                      {"step": 250, "probe/old_direction_lr": 1.0},
+                                      {"step": 250, "probe/old_direction_lr": 1.0}]  # (counts once)
                 (d / "metrics.json").write_text(json.dumps(doc))
     page = RegimePage(cache, settings, tmp_path / "docs")
-    assert page.eta_ratio("fixed-shared", "fixed-decoupled").mean == pytest.approx(2.0)
+    # shared (2 + 1) / 2 over decoupled (1 + 1) / 2: step 10 left out, the repeated 250 counted once
+    assert page.eta_ratio("fixed-shared", "fixed-decoupled").mean == pytest.approx(1.5)
     assert "read from step 150 of each domain on" in page.render()
     for regime in ("a", "b"):
         s = regime_settings(regime)

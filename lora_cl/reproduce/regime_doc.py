@@ -102,7 +102,10 @@ def domain_mechanism(run_dir: Path, settled: int = 0) -> list[DomainMech]:
         h = m.get("log_history", [])
 
         def values(key: str, history: list[dict[str, Any]] = h, since: int = 0) -> list[float]:
-            return [float(x[key]) for x in history if key in x and x.get("step", since) >= since]
+            if since:  # probes: one value per step (the end-of-training log repeats the last step's)
+                return list({x.get("step"): float(x[key]) for x in history
+                             if key in x and x.get("step", since) >= since}.values())
+            return [float(x[key]) for x in history if key in x]
 
         share = values("cl/v_current_share")
         epochs = values("epoch")
