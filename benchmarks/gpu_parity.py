@@ -99,7 +99,10 @@ def check_projection(device: str) -> dict:
     return {"steps": 30, "max_rel_diff_vs_cpu": rel}
 
 
-def row_buffer_run(device: str, steps: int = 40) -> tuple[dict[str, torch.Tensor], int]:
+ROW_BUFFER_STEPS = 40
+
+
+def row_buffer_run(device: str, steps: int = ROW_BUFFER_STEPS) -> tuple[dict[str, torch.Tensor], int]:
     """The ogp preset's gradient-row buffer (rows kept on the CPU) fed ``steps`` steps of 16-row
     gradients on ``device``, its cap small enough that the quota halves a few times: its rows,
     and how many synchronizing CUDA calls torch saw while it was fed (sync debug mode "warn")."""
@@ -129,7 +132,7 @@ def row_buffer_run(device: str, steps: int = 40) -> tuple[dict[str, torch.Tensor
 def check_row_buffer(device: str) -> dict:
     (here, syncs), (cpu, _) = row_buffer_run(device), row_buffer_run("cpu")
     same = all(torch.equal(here[k], cpu[k]) for k in cpu)
-    return {"steps": 40, "bitwise_equal_to_cpu": same, "sync_warnings": syncs}
+    return {"steps": ROW_BUFFER_STEPS, "bitwise_equal_to_cpu": same, "sync_warnings": syncs}
 
 
 def to_markdown(result: dict, args: argparse.Namespace) -> str:

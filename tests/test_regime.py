@@ -310,7 +310,7 @@ def test_the_inflation_is_read_where_v_reflects_the_domain(tmp_path):
                 (d / "metrics.json").write_text(json.dumps(doc))
     page = RegimePage(cache, settings, tmp_path / "docs")
     # shared (2 + 1) / 2 over decoupled (1 + 1) / 2: step 10 left out, the repeated 250 counted once
-    assert page.eta_ratio("fixed-shared", "fixed-decoupled").mean == pytest.approx(1.5)
+    assert page.mech_ratio("fixed-shared", "fixed-decoupled").mean == pytest.approx(1.5)
     assert "read from step 150 of each domain on" in page.render()
     for regime in ("a", "b"):
         s = regime_settings(regime)

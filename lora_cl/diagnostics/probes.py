@@ -66,23 +66,24 @@ def optimizer_probes(optimizer: Any, bank: Any, sides: tuple[str, ...] = ("in", 
     names, params = optimizer.routed_named_params()
     group = optimizer.param_groups[0]
     beta2, eps, lr = group["betas"][1], group["eps"], float(group["lr"])
-    out: dict[str, float] = {}
-    for side in sides:
-        shares, lrs, energies = [], [], []
-        for name, p in zip(names, params, strict=True):
-            state = optimizer.state.get(p)
-            proj = bank.projector(name, side, device=p.device) if p.ndim >= 2 and state else None
-            if proj is None or proj[0].shape[1] == 0:
-                continue
-            moments = optimizer.moments(p)
-            if moments is None:
-                continue
-            step, v = float(state["step"]), moments[1]  # (8-bit states come back dequantized)
-            v = v.reshape(v.shape[0], -1) if side == "in" else v.reshape(v.shape[0], -1).T
-            shares.append(v_share_in_subspace(v, proj[0], step, beta2))
-            lrs.append(old_direction_lr(v, proj[0], step, lr, beta2, eps))
-            energies.append(v_energy_in_subspace(v, proj[0], step, beta2))
-        if shares:
-            for key, vals in zip(PROBE_KEYS[side], (shares, lrs, energies), strict=True):
-                out[key] = sum(vals) / len(vals)
-    return out
+    found: dict[str, tuple[list[float], list[float], list[float]]] = {side: ([], [], []) for side in sides}
+    for name, p in zip(names, params, strict=True):
+        state = optimizer.state.get(p)
+        if p.ndim < 2 or not state:
+            continue
+        bases = {side: proj[0] for side in sides
+                 if (proj := bank.projector(name, side, device=p.device)) is not None and proj[0].shape[1]}
+        # (the same tensors on every rank, in order: FSDP2 gathers the moments once per tensor)
+        moments = optimizer.moments(p) if bases else None
+        if moments is None:
+            continue
+        v = moments[1]  # (8-bit states come back dequantized, FSDP2 shards whole)
+        step, v = float(state["step"]), v.reshape(v.shape[0], -1)
+        for side, U in bases.items():
+            vs = v if side == "in" else v.T
+            shares, lrs, energies = found[side]
+            shares.append(v_share_in_subspace(vs, U, step, beta2))
+            lrs.append(old_direction_lr(vs, U, step, lr, beta2, eps))
+            energies.append(v_energy_in_subspace(vs, U, step, beta2))
+    return {key: sum(vals) / len(vals) for side, lists in found.items() if lists[0]
+            for key, vals in zip(PROBE_KEYS[side], lists, strict=True)}

@@ -101,20 +101,22 @@ def domain_mechanism(run_dir: Path, settled: int = 0) -> list[DomainMech]:
         m = json.loads(mpath.read_text(encoding="utf-8"))
         h = m.get("log_history", [])
 
-        def values(key: str, history: list[dict[str, Any]] = h, since: int = 0) -> list[float]:
-            if since:  # probes: one value per step (the end-of-training log repeats the last step's)
-                return list({x.get("step"): float(x[key]) for x in history
-                             if key in x and x.get("step", since) >= since}.values())
+        def values(key: str, history: list[dict[str, Any]] = h) -> list[float]:
             return [float(x[key]) for x in history if key in x]
+
+        def probe(key: str, history: list[dict[str, Any]] = h) -> float | None:
+            """Mean of a probe from step ``settled`` on, one value per step (the end-of-training
+            log repeats the last step's)."""
+            return _mean(list({x.get("step"): float(x[key]) for x in history
+                               if key in x and x.get("step", settled) >= settled}.values()))
 
         share = values("cl/v_current_share")
         epochs = values("epoch")
         out.append(DomainMech(share[-1] if share else None, _mean(values("projection/alpha")),
                               _mean(values("projection/overlap")),
-                              _mean(values("probe/old_direction_lr", since=settled)),
+                              probe("probe/old_direction_lr"),
                               _leak(m.get("protection_leak")), epochs[-1] if epochs else None,
-                              _mean(values("probe/old_direction_lr_out", since=settled)),
-                              _mean(values("probe/v_energy_old", since=settled))))
+                              probe("probe/old_direction_lr_out"), probe("probe/v_energy_old")))
     return out
 
 
@@ -215,19 +217,19 @@ class RegimePage:
                     vals.append(v)
         return mean_ci(vals)
 
-    def eta_ratio(self, shared: str, decoupled: str, attr: str = "eta_old") -> MeanCI:
-        """eta_U(shared) / eta_U(decoupled) per seed and later domain: Proposition 1's 1/(1-alpha).
-        ``attr`` "eta_old_out": the output side's probe (lora_B's bases, regime b); any DomainMech
-        value gives its ratio the same way (``v_energy`` with the pair swapped: Proposition 1's R_v)."""
+    def mech_ratio(self, a: str, b: str, attr: str = "eta_old") -> MeanCI:
+        """A DomainMech value of method ``a`` over ``b``'s, per seed and later domain. eta_U,
+        shared / decoupled (``attr`` "eta_old", or "eta_old_out" on the output side): Proposition
+        1's 1/(1 - alpha); v's energy along the bases, decoupled / shared ("v_energy"): its R_v."""
         ratios = []
         for (m, seed), doms in self.mech.items():
-            other = self.mech.get((decoupled, seed))
-            if m != shared or other is None:
+            other = self.mech.get((b, seed))
+            if m != a or other is None:
                 continue
-            for ds, dd in zip(doms[1:], other[1:], strict=False):
-                a, b = getattr(ds, attr), getattr(dd, attr)
-                if a and b:
-                    ratios.append(a / b)
+            for da, db in zip(doms[1:], other[1:], strict=False):
+                x, y = getattr(da, attr), getattr(db, attr)
+                if x and y:
+                    ratios.append(x / y)
         return mean_ci(ratios)
 
     def seconds(self) -> float:
@@ -253,12 +255,12 @@ class RegimePage:
                     f"({n} seed{'s' if n != 1 else ''}, decoupled lower on {lower} of {n}; Holm-adjusted "
                     f"p = {'—' if c.p_holm is None else f'{c.p_holm:.3g}'})")
             shared_label, decoupled_label = c.b, c.a
-            ratio = self.eta_ratio(shared_label, decoupled_label)
+            ratio = self.mech_ratio(shared_label, decoupled_label)
             alpha = self.mech_stat(decoupled_label, "alpha")
             if ratio.mean is not None and alpha.mean is not None:
                 bound = f"{1 / (1 - alpha.mean):.2f}" if alpha.mean < 1 else "unbounded at alpha 1"
                 who = "shared routing" if other == "shared" else other
-                out_side = self.eta_ratio(shared_label, decoupled_label, "eta_old_out")
+                out_side = self.mech_ratio(shared_label, decoupled_label, "eta_old_out")
                 sides = "" if out_side.mean is None else (
                     f" on the input side (lora_A) and {_ci(out_side, 2)}x on the output side (lora_B)")
                 size += (f"; {who}'s old-direction learning rate was {_ci(ratio, 2)}x the "
@@ -408,14 +410,14 @@ class RegimePage:
         out_side = any(d.eta_old_out for doms in self.mech.values() for d in doms)
         energy = any(d.v_energy for doms in self.mech.values() for d in doms)
         for name, shared, decoupled in PAIRS:
-            r = self.eta_ratio(shared, decoupled)
+            r = self.mech_ratio(shared, decoupled)
             alpha = self.mech_stat(decoupled, "alpha")
             if r.mean is None or alpha.mean is None:
                 continue
-            ratio_rows.append([name, _ci(r)] + ([_ci(self.eta_ratio(shared, decoupled, "eta_old_out"))]
+            ratio_rows.append([name, _ci(r)] + ([_ci(self.mech_ratio(shared, decoupled, "eta_old_out"))]
                                                 if out_side else [])
                               + [f"{1 / (1 - alpha.mean):.2f}" if alpha.mean < 1 else "unbounded"]
-                              + ([_ci(self.eta_ratio(decoupled, shared, "v_energy")),
+                              + ([_ci(self.mech_ratio(decoupled, shared, "v_energy")),
                                   f"{1 / (1 - alpha.mean) ** 2:.2f}" if alpha.mean < 1 else "unbounded"]
                                  if energy else [])
                               + [_ci(self.mech_stat(shared, "leak")), _ci(self.mech_stat(decoupled, "leak"))])
