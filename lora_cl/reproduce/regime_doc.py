@@ -22,6 +22,8 @@ from lora_cl.reproduce.grid import Settings
 from lora_cl.reproduce.regime import (
     CONTROLS,
     EMA_BETA,
+    FIXED_SHARED_LR_SCALE,
+    HARD_SHARED_LR_SCALE,
     MIN_HORIZONS,
     PAIRS,
     REGIME_CACHE,
@@ -478,23 +480,33 @@ class RegimePage:
                              _ci(mean_ci(list(self.just_trained_loss(label).values())))])
         return (f"Vanilla and overlap-decoupled at half and twice the regime's lr ({self.settings.lr:g}), "
                 "same seeds: whether the ranking of the two holds across a 4x range of lr; and the "
-                "effective-lr controls: hard-shared at half the lr (decoupled routing of a hard "
-                "projection steps smaller in every direction) and fixed-shared at 0.8x (the inverse "
-                "of its measured old-direction inflation): does decoupling beat a plain lr cut on "
-                "both forgetting and just-trained loss?\n\n"
+                f"effective-lr controls: hard-shared at {HARD_SHARED_LR_SCALE:g}x the lr (decoupled "
+                "routing of a hard projection steps smaller in every direction) and fixed-shared at "
+                f"{FIXED_SHARED_LR_SCALE:g}x (about the inverse of the old-direction inflation regime (a) "
+                "measured, 1.27x, when the control was chosen; the same cut in every regime): does "
+                "decoupling beat a plain lr cut on both forgetting and just-trained loss?\n\n"
                 + _table(["method", "lr", "seeds", "forgetting (nats)", "final loss", "just-trained loss"],
                          rows))
+
+    def missing(self) -> list[str]:
+        """Each method short of the regime's seeds, as 'label (k of n seeds)', in table order."""
+        n = len(self.settings.seeds)
+        done = {m: sum(1 for k in self.by if k[0] == m) for m in self.table}
+        return [f"{m} ({done[m]} of {n} seeds)" for m in self.table if done[m] < n]
 
     def _compute(self) -> str:
         n = len(self.results)
         per = self.seconds() / n if n else 0.0
+        missing = self.missing()
+        short = (f" Not finished yet: {', '.join(missing)}; every figure above comes from the cells "
+                 "that are, and a claim on one seed gets no p-value." if missing else "")
         return (f"{n} of {len(self.cells)} cells finished, {self.seconds() / 3600:.2f} CPU-hours in all "
                 f"({per / 60:.1f} minutes per cell on 2 cores). Cells cache under `{REGIME_CACHE}/"
                 f"{REGIME_STREAM}/<config hash>/<method>-s<seed>/`; "
                 f"`lora-cl reproduce --regime {self.regime}` "
                 "trains every missing one (`--methods a,b` and `--only-seeds 1,2` narrow it; delete a "
                 "cell's folder to train it again) and "
-                f"`lora-cl reproduce --regime {self.regime} --report` rewrites this page.")
+                f"`lora-cl reproduce --regime {self.regime} --report` rewrites this page." + short)
 
     # -- plots ---------------------------------------------------------------------------
     def _tradeoff_plot(self) -> None:
