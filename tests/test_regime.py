@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -334,3 +335,43 @@ def test_each_regime_page_names_its_own_training():
     assert "from scratch" not in b.split("## The regime")[0]
     assert "full-parameter training of scratch-5m from scratch" in (pages / "regime-a.md").read_text(
         encoding="utf-8")
+
+
+def test_decoupling_is_set_against_the_line_through_shared_routings_two_lrs(tmp_path):
+    """Shared at the regime's lr: forgetting 0.8, just-trained 3.0; at 0.8x: 0.6 and 3.2 (a trade).
+    The line gives 0.7 at the decoupled run's just-trained 3.1; it forgets 0.65: 0.05 beyond the
+    line on every seed (5% of vanilla's 1.0). A cut that costs no plasticity has no line."""
+    from lora_cl.reproduce.regime_doc import RegimePage
+
+    cache = tmp_path / "cells"
+    for seed in range(3):
+        noise = 0.01 * seed
+        _hand_cell(cache, "vanilla", seed, 1.0, 1.0, 0.9)
+        _hand_cell(cache, "fixed-shared", seed, 0.8 + noise, 2.0, 0.5, just_trained=3.0)
+        _hand_cell(cache, "fixed-shared@lr0.8x", seed, 0.6 + noise, 1.6, 0.5, just_trained=3.2)
+        _hand_cell(cache, "fixed-decoupled", seed, 0.65 + noise, 1.0, 0.3, just_trained=3.1 + noise)
+    page = RegimePage(cache, regime_settings(), tmp_path / "docs")
+    fr = page.frontier("fixed-shared", "fixed-shared@lr0.8x", "fixed-decoupled")
+    # seed k: the line at 3.1 + 0.01 k is 0.8 + 0.01 k - (0.1 + 0.01 k); decoupled 0.65 + 0.01 k
+    assert fr.seeds == 3 and fr.outside == 0 and fr.no_trade == 0
+    assert fr.gap.diffs == pytest.approx([-0.05, -0.04, -0.03])
+    assert fr.pct.mean == pytest.approx(-4.0) and fr.d_just_trained.mean == pytest.approx(0.2)
+    text = page.render()
+    assert ("| effective-lr control (fixed strength) | fixed-shared@lr0.8x | 3 | -0.2000 [-0.2000, -0.2000] "
+            "| 0.2000 [0.2000, 0.2000] | 3 | -0.0400 [-0.0648, -0.0152] | -4.0 [-6.5, -1.5] |") in text
+    assert "**decoupled beyond the line** (less forgetting at equal plasticity) |" in text
+
+    for seed in range(3):  # the cut now learns better too: nothing to trade, no line
+        shutil.rmtree(regime_cells(regime_settings(), ["fixed-shared@lr0.8x"])[seed].run_dir(cache))
+        _hand_cell(cache, "fixed-shared@lr0.8x", seed, 0.6, 1.6, 0.5, just_trained=2.9)
+    page = RegimePage(cache, regime_settings(), tmp_path / "docs")
+    fr = page.frontier("fixed-shared", "fixed-shared@lr0.8x", "fixed-decoupled")
+    assert fr.no_trade == 3 and fr.gap.ci.n == 0
+    assert "no seed to judge; seeds left out: 3 where the cut was no trade-off" in page.render()
+
+    for seed in range(3):  # a trade, but the decoupled run learned worse than both: not judged
+        shutil.rmtree(regime_cells(regime_settings(), ["fixed-shared@lr0.8x"])[seed].run_dir(cache))
+        _hand_cell(cache, "fixed-shared@lr0.8x", seed, 0.6, 1.6, 0.5, just_trained=3.05)
+    fr = RegimePage(cache, regime_settings(), tmp_path / "docs").frontier(
+        "fixed-shared", "fixed-shared@lr0.8x", "fixed-decoupled")
+    assert fr.outside == 3 and fr.gap.ci.n == 0

@@ -131,6 +131,19 @@ def _ci(s: MeanCI | None, d: int = 3) -> str:
 
 
 @dataclass
+class Frontier:
+    """Decoupled routing against the line through shared routing's two lrs (RegimePage.frontier)."""
+
+    seeds: int                # seeds with all three cells
+    d_forgetting: MeanCI      # the lr cut's forgetting - shared's
+    d_just_trained: MeanCI    # the lr cut's just-trained loss - shared's
+    gap: Paired               # decoupled's forgetting - the line's at its just-trained loss
+    pct: MeanCI               # the gap as % of vanilla's forgetting
+    outside: int              # seeds where the decoupled run's J lies outside shared's two
+    no_trade: int             # seeds where the cut is no trade-off (no line)
+
+
+@dataclass
 class Claim:
     """One comparison of the page: a - b per seed, as nats and as % of vanilla's forgetting."""
 
@@ -486,7 +499,86 @@ class RegimePage:
                 "measured, 1.27x, when the control was chosen; the same cut in every regime): does "
                 "decoupling beat a plain lr cut on both forgetting and just-trained loss?\n\n"
                 + _table(["method", "lr", "seeds", "forgetting (nats)", "final loss", "just-trained loss"],
-                         rows))
+                         rows) + self._frontier_table())
+
+    def frontier(self, shared: str, cut: str, decoupled: str) -> Frontier:
+        """Decoupled routing against the stability-plasticity line of shared routing's two lrs.
+
+        Per seed with all three cells: the lr cut moves shared routing by (dJ, dF) in just-trained
+        loss J and forgetting F. Where it trades plasticity for stability (dJ > 0), the straight
+        line through shared's two points gives the forgetting shared routing would have at the
+        decoupled run's J; ``gap`` is the decoupled run's forgetting minus that (negative: beyond
+        the line, less forgetting for the same plasticity), on the seeds where the decoupled run's
+        J lies between shared's two (``outside`` counts the others: a line through two close
+        points, extrapolated, says nothing). A seed where the cut is no trade (it costs no
+        plasticity or buys no stability) has no line to beat: it counts in ``no_trade``.
+        """
+        f_s, f_c, f_d = self.forgetting(shared), self.forgetting(cut), self.forgetting(decoupled)
+        j_s, j_c, j_d = (self.just_trained_loss(m) for m in (shared, cut, decoupled))
+        van = self.forgetting("vanilla")
+        seeds = sorted(set(f_s) & set(f_c) & set(f_d) & set(j_s) & set(j_c) & set(j_d))
+        gaps, pcts, outside, no_trade = {}, [], 0, 0
+        for k in seeds:
+            dj, df = j_c[k] - j_s[k], f_c[k] - f_s[k]
+            if dj <= 0 or df >= 0:
+                no_trade += 1
+                continue
+            if not j_s[k] <= j_d[k] <= j_c[k]:  # (a line extrapolated from a short span explodes)
+                outside += 1
+                continue
+            gaps[k] = f_d[k] - (f_s[k] + (j_d[k] - j_s[k]) * df / dj)
+            if van.get(k, 0) > 0:
+                pcts.append(100 * gaps[k] / van[k])
+        zero = dict.fromkeys(gaps, 0.0)
+        def only(d: dict[int, float]) -> dict[int, float]:
+            return {k: d[k] for k in seeds}
+
+        return Frontier(len(seeds), paired(only(f_c), only(f_s)).ci, paired(only(j_c), only(j_s)).ci,
+                        paired(gaps, zero),
+                        mean_ci(pcts), outside, no_trade)
+
+    def _frontier_table(self) -> str:
+        rows = []
+        for name, cut, decoupled in CONTROLS:
+            shared = next(sh for _, sh, dec in PAIRS if dec == decoupled)
+            fr = self.frontier(shared, cut, decoupled)
+            if not fr.seeds:
+                continue
+            gap = fr.gap.ci
+            if not gap.n:
+                reading = "no seed to judge"
+            elif gap.lo is None:
+                reading = "one seed: no interval"
+            elif gap.hi < 0:
+                reading = "**decoupled beyond the line** (less forgetting at equal plasticity)"
+            elif gap.lo > 0:
+                reading = "**decoupled inside the line** (an lr cut does better)"
+            else:
+                reading = "on the line (no difference detectable)"
+            skipped = [f"{n} where the cut {what}" for n, what in (
+                (fr.no_trade, "was no trade-off (it cost no plasticity or bought no stability)"),
+                (fr.outside, "left the decoupled run's just-trained loss outside the line's span"))
+                if n]
+            if skipped:
+                reading += f"; seeds left out: {', '.join(skipped)}"
+            p = fr.gap.p_value
+            rows.append([name, cut, str(fr.seeds), _ci(fr.d_forgetting, 4), _ci(fr.d_just_trained, 4),
+                         str(gap.n), _ci(gap, 4), _ci(fr.pct, 1), "—" if p is None else f"{p:.3g}",
+                         reading])
+        if not rows:
+            return ""
+        return ("\n\nDoes decoupling beat the lr cut, not just one of its ends? The lr cut moves shared "
+                "routing along a stability-plasticity line (less forgetting, higher just-trained loss); "
+                "per seed, the straight line through shared routing's two lrs gives the forgetting it "
+                "would have at the decoupled run's just-trained loss, and the decoupled run's forgetting "
+                "is set against it (negative: decoupled lies beyond the line). Descriptive, not one of "
+                "the page's Holm-corrected claims: two lrs make a straight line, not the whole frontier, "
+                "so only seeds where the cut trades (less forgetting for more just-trained loss) and "
+                "the decoupled run's just-trained loss lies between shared's two are judged.\n\n"
+                + _table(["control", "lr cut", "seeds", "cut - shared: forgetting",
+                          "cut - shared: just-trained loss", "seeds on the line",
+                          "decoupled - the line (nats)",
+                          "same, % of vanilla", "p", "reading"], rows))
 
     def missing(self) -> list[str]:
         """Each method short of the regime's seeds, as 'label (k of n seeds)', in table order."""
