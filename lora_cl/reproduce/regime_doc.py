@@ -24,6 +24,7 @@ from lora_cl.reproduce.regime import (
     EMA_BETA,
     FIXED_SHARED_LR_SCALE,
     HARD_SHARED_LR_SCALE,
+    LR_SCALES,
     MIN_HORIZONS,
     PAIRS,
     REGIME_CACHE,
@@ -499,7 +500,32 @@ class RegimePage:
                 "measured, 1.27x, when the control was chosen; the same cut in every regime): does "
                 "decoupling beat a plain lr cut on both forgetting and just-trained loss?\n\n"
                 + _table(["method", "lr", "seeds", "forgetting (nats)", "final loss", "just-trained loss"],
-                         rows) + self._frontier_table())
+                         rows) + self._ranking_table() + self._frontier_table())
+
+    def lr_ranking(self, method: str = "overlap-decoupled") -> list[tuple[float, Paired, MeanCI, Paired]]:
+        """At each lr of the lr check: ``method`` - vanilla at that lr, paired by seed, in forgetting
+        (nats, and % of that lr's vanilla forgetting) and in final loss."""
+        out = []
+        for scale in sorted((1.0, *LR_SCALES)):
+            tag = "" if scale == 1.0 else f"@lr{scale:g}x"
+            van, meth = self.forgetting(f"vanilla{tag}"), self.forgetting(f"{method}{tag}")
+            seeds = sorted(set(van) & set(meth))
+            pct = mean_ci([100 * (meth[k] - van[k]) / van[k] for k in seeds if van[k] > 0])
+            out.append((self.settings.lr * scale, paired(meth, van), pct,
+                        paired(self.final_loss(f"{method}{tag}"), self.final_loss(f"vanilla{tag}"))))
+        return out
+
+    def _ranking_table(self, method: str = "overlap-decoupled") -> str:
+        rows = [[f"{lr:g}", str(f.ci.n), _ci(f.ci, 4), _ci(pct, 1),
+                 "—" if f.p_value is None else f"{f.p_value:.3g}", _ci(final.ci)]
+                for lr, f, pct, final in self.lr_ranking(method) if f.ci.n]
+        if not rows:
+            return ""
+        return (f"\n\nThe ranking at each lr: {method} - vanilla at the same lr, paired by seed "
+                f"(negative: {method} forgets less; % of that lr's vanilla forgetting; p unadjusted, "
+                "outside the Holm family).\n\n"
+                + _table(["lr", "seeds", "forgetting (nats)", "% of vanilla", "p", "final loss (nats)"],
+                         rows))
 
     def frontier(self, shared: str, cut: str, decoupled: str) -> Frontier:
         """Decoupled routing against the stability-plasticity line of shared routing's two lrs.
