@@ -378,8 +378,9 @@ def test_decoupling_is_set_against_the_line_through_shared_routings_two_lrs(tmp_
 
 
 def test_the_lr_check_pairs_the_method_with_vanilla_at_each_lr(tmp_path):
-    """overlap-decoupled forgets 10% less than vanilla at the regime's lr and 5% less at half of it
-    (0.76 against 0.8): each lr gets its own paired row, in % of that lr's vanilla."""
+    """overlap-decoupled forgets 9% less than vanilla at the regime's lr (0.91 on average against
+    1.0) and 5% less at half of it (0.76 against 0.8): each lr gets its own paired row, in % of
+    that lr's vanilla."""
     from lora_cl.reproduce.regime_doc import RegimePage
 
     cache = tmp_path / "cells"
@@ -393,7 +394,8 @@ def test_the_lr_check_pairs_the_method_with_vanilla_at_each_lr(tmp_path):
     ranking = {lr: (f, pct) for lr, f, pct, _ in page.lr_ranking()}
     lr = regime_settings().lr
     assert ranking[lr][0].ci.mean == pytest.approx(-0.09) and ranking[lr][1].mean == pytest.approx(-9.0)
-    assert ranking[lr / 2][0].ci.mean == pytest.approx(-0.04) and ranking[lr / 2][1].mean == pytest.approx(-5.0)
+    assert ranking[lr / 2][0].ci.mean == pytest.approx(-0.04)
+    assert ranking[lr / 2][1].mean == pytest.approx(-5.0)
     assert ranking[2 * lr][0].ci.n == 0  # not run: no row
     text = page.render()
     assert f"\n| {lr / 2:g} | 3 | -0.0400 [-0.0400, -0.0400] | -5.0 [-5.0, -5.0] | 0 |" in text

@@ -198,9 +198,10 @@ class RegimePage:
         return self.per_seed(method,
                              lambda r: _mean((r.summary["metrics"]["loss"] or {}).get("diagonal") or []))
 
-    def pct_of_vanilla(self, a: str, b: str | None) -> MeanCI:
-        """100 (F_a - F_b) / F_vanilla per seed (b None: F_b = F_vanilla)."""
-        van, fa = self.forgetting("vanilla"), self.forgetting(a)
+    def pct_of_vanilla(self, a: str, b: str | None, vanilla: str = "vanilla") -> MeanCI:
+        """100 (F_a - F_b) / F_vanilla per seed (b None: F_b = F_vanilla); ``vanilla`` names the
+        run whose forgetting is the unit (the lr check: vanilla at the same lr)."""
+        van, fa = self.forgetting(vanilla), self.forgetting(a)
         fb = van if b is None else self.forgetting(b)
         seeds = sorted(set(van) & set(fa) & set(fb))
         return mean_ci([100 * (fa[s] - fb[s]) / van[s] for s in seeds if van[s] > 0])
@@ -508,11 +509,10 @@ class RegimePage:
         out = []
         for scale in sorted((1.0, *LR_SCALES)):
             tag = "" if scale == 1.0 else f"@lr{scale:g}x"
-            van, meth = self.forgetting(f"vanilla{tag}"), self.forgetting(f"{method}{tag}")
-            seeds = sorted(set(van) & set(meth))
-            pct = mean_ci([100 * (meth[k] - van[k]) / van[k] for k in seeds if van[k] > 0])
-            out.append((self.settings.lr * scale, paired(meth, van), pct,
-                        paired(self.final_loss(f"{method}{tag}"), self.final_loss(f"vanilla{tag}"))))
+            van, meth = f"vanilla{tag}", f"{method}{tag}"
+            out.append((self.settings.lr * scale, paired(self.forgetting(meth), self.forgetting(van)),
+                        self.pct_of_vanilla(meth, van, vanilla=van),
+                        paired(self.final_loss(meth), self.final_loss(van))))
         return out
 
     def _ranking_table(self, method: str = "overlap-decoupled") -> str:
@@ -555,12 +555,11 @@ class RegimePage:
             gaps[k] = f_d[k] - (f_s[k] + (j_d[k] - j_s[k]) * df / dj)
             if van.get(k, 0) > 0:
                 pcts.append(100 * gaps[k] / van[k])
-        zero = dict.fromkeys(gaps, 0.0)
-        def only(d: dict[int, float]) -> dict[int, float]:
+        def on_seeds(d: dict[int, float]) -> dict[int, float]:
             return {k: d[k] for k in seeds}
 
-        return Frontier(len(seeds), paired(only(f_c), only(f_s)).ci, paired(only(j_c), only(j_s)).ci,
-                        paired(gaps, zero),
+        return Frontier(len(seeds), paired(on_seeds(f_c), on_seeds(f_s)).ci,
+                        paired(on_seeds(j_c), on_seeds(j_s)).ci, paired(gaps, dict.fromkeys(gaps, 0.0)),
                         mean_ci(pcts), outside, no_trade)
 
     def _frontier_table(self) -> str:
