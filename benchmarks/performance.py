@@ -73,8 +73,11 @@ def targets_table(opt: dict | None, trainer: dict | None, basis: dict | None) ->
         if fed is not None:
             lines.append(_row("same, guard on, fed the Trainer's clipping norm (lora_cl.attach)",
                               opt["baseline"], "<= 1.10x", f"{fed:.2f}x", fed <= 1.10))
+        pfloor = opt.get("projection_floor")
+        pfloor_text = ("" if pfloor is None else
+                       f" (floor {pfloor:.2f}x: its two products and the fused kernel alone)")
         lines.append(_row("same + rank-32 projection, overlap-adaptive, guard on", opt["baseline"],
-                          "<= 2.6x", f"{pj:.2f}x", pj <= 2.6))
+                          "<= 2.6x", f"{pj:.2f}x{pfloor_text}", pj <= 2.6))
         pf = r.get(opt.get("projection_fed", ""))
         if pf is not None:
             lines.append(_row("same, guard fed the Trainer's clipping norm (lora_cl.attach)",

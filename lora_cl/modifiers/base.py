@@ -35,7 +35,10 @@ class GradBatch:
     #: as it is and hand over g~ - g instead, as a function in ``m_delta_fns``. The optimizer
     #: calls each once, past its guard, with the step's ``keep`` flag (a 0-d bool tensor; False
     #: must give exact zeros, NaN inputs included), and adds the returned {batch index: g~ - g}
-    #: to m before the fused kernel: g~ itself is never formed (RoutedAdamW._device_step)
+    #: to m before the fused kernel: g~ itself is never formed (RoutedAdamW._device_step). An
+    #: entry may also offer ``idx`` (the batch indices it changes), ``whole_group`` and
+    #: ``add_into(m, keep, scale)``: m += scale * (g~ - g) into those tensors' first moments
+    #: stacked in one (n, *shape) tensor, in one pass (the projection's product writes into m)
     m_only: bool = False
     m_delta_fns: list[Callable[[Tensor], dict[int, Tensor]]] = field(default_factory=list)
 

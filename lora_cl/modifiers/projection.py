@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -146,8 +145,8 @@ class Projection(GradientModifier):
             if batch.m_only and len(group.bases) == 1:
                 # g~ - g = -alpha * comp is all the optimizer needs, expanded once it knows the
                 # step stands (a skipped step zeroes the small coordinates, not the delta)
-                batch.m_delta_fns.append(_delta_fn(group, coords, side, U, self._scale(s, alpha),
-                                                   keep, group.output(G)))
+                batch.m_delta_fns.append(_GroupDelta(group, coords, side, U, self._scale(s, alpha),
+                                                     keep, group.output(G)))
                 continue
             # g~ = G - alpha * comp, written into the group's output buffer (no fresh pages)
             g = _expand(coords, side, U, self._scale(s, alpha), out=group.output(G), add=G)
@@ -347,20 +346,43 @@ def _coords(G: Tensor, side: str, U: Tensor) -> Tensor:
     return torch.bmm(U.transpose(1, 2), G.reshape(n, G.shape[1], -1))
 
 
-def _delta_fn(group: _Group, coords: Tensor, side: str, U: Tensor, scale: Tensor, taken: list[bool],
-              out: Tensor) -> Callable[[Tensor], dict[int, Tensor]]:
-    """GradBatch.m_delta_fns entry of one group: g~ - g = -alpha comp into ``out``, given keep."""
-    def expand(keep: Tensor) -> dict[int, Tensor]:
-        d = _expand(coords, side, U, scale, out=out, keep=keep)
-        return {i: di for i, k, di in zip(group.idx, taken, d.unbind(0), strict=True) if k}
-    return expand
+class _GroupDelta:
+    """GradBatch.m_delta_fns entry of one group: g~ - g = -alpha comp, unexpanded.
+
+    Called with the step's ``keep`` it expands g~ - g into the group's ``out`` buffer and returns
+    {batch index: g~ - g}; :meth:`add_into` instead adds ``scale * (g~ - g)`` straight into the
+    group's first moments stacked in one tensor, in the product that expands it (one pass over
+    m, no g~ - g formed)."""
+
+    def __init__(self, group: _Group, coords: Tensor, side: str, U: Tensor, scale: Tensor,
+                 taken: list[bool], out: Tensor) -> None:
+        self.group, self.coords, self.side, self.U, self.scale = group, coords, side, U, scale
+        self.taken, self.out = taken, out
+        #: the batch indices this entry changes, in the group's order
+        self.idx = [i for i, k in zip(group.idx, taken, strict=True) if k]
+
+    def __call__(self, keep: Tensor) -> dict[int, Tensor]:
+        d = _expand(self.coords, self.side, self.U, self.scale, out=self.out, keep=keep)
+        return {i: di for i, k, di in zip(self.group.idx, self.taken, d.unbind(0), strict=True) if k}
+
+    @property
+    def whole_group(self) -> bool:
+        """Whether every tensor of the group is changed (add_into covers the whole group)."""
+        return all(self.taken)
+
+    def add_into(self, m: Tensor, keep: Tensor, scale: float) -> None:
+        """m += scale * (g~ - g), m the group's moments stacked (n, *shape); exact no-op where
+        ``keep`` is False. Only for a whole group (:attr:`whole_group`)."""
+        _expand(self.coords, self.side, self.U, self.scale, keep=keep, into=m, alpha=scale)
 
 
 def _expand(coords: Tensor, side: str, U: Tensor, scale: Tensor, out: Tensor | None = None,
-            add: Tensor | None = None, keep: Tensor | None = None) -> Tensor:
+            add: Tensor | None = None, keep: Tensor | None = None, into: Tensor | None = None,
+            alpha: float = 1.0) -> Tensor:
     """(coords * scale) mapped back: (C diag(scale)) U^T ("in") or U diag(scale) C ("out"), plus
-    ``add`` (same shape as ``out``) in the same kernel when given. ``keep`` False (a 0-d bool)
-    zeroes the small scaled coordinates first, so the result is exactly 0 even from NaNs."""
+    ``add`` (same shape as ``out``) in the same kernel when given; with ``into`` (n, *shape)
+    instead, ``into += alpha * result`` in place. ``keep`` False (a 0-d bool) zeroes the small
+    scaled coordinates first, so the result is exactly 0 even from NaNs."""
     n = coords.shape[0]
     if side == "in":
         a, b = coords * scale[:, None, :], U.transpose(1, 2)
@@ -370,9 +392,12 @@ def _expand(coords: Tensor, side: str, U: Tensor, scale: Tensor, out: Tensor | N
         a, b = U, coords * scale[:, :, None]
         if keep is not None:
             b = torch.where(keep, b, 0.0)
+    shape = (n, a.shape[1], b.shape[2])
+    if into is not None:
+        into.view(shape).baddbmm_(a, b, alpha=alpha)
+        return into
     if out is None:
         return torch.bmm(a, b)
-    shape = (n, a.shape[1], b.shape[2])
     if add is None:
         return torch.bmm(a, b, out=out.view(shape)).view(out.shape)
     return torch.baddbmm(add.reshape(shape), a, b, out=out.view(shape)).view(out.shape)

@@ -458,6 +458,8 @@ class RoutedAdamW(Optimizer):
         chained, fns = self._delta_fns
         self._delta_fns = ([], [])
         for fn in fns:  # g~ - g handed over by the chain (GradBatch.m_only), zero if skipped
+            if self._add_into_moments(fn, chained, keep):
+                continue
             for i, d in fn(keep).items():
                 chained[i]["m_delta"] = _entry_input(d, chained[i])
         for gi, group in enumerate(self.param_groups):
@@ -491,6 +493,28 @@ class RoutedAdamW(Optimizer):
                              weight_decay=float(group["weight_decay"]), found_inf=found_inf)
         self._dev_steps += 1
         self._dev_skips = found_inf if self._dev_skips is None else self._dev_skips + found_inf
+
+    def _add_into_moments(self, fn: Any, chained: list[dict[str, Any]], keep: Tensor) -> bool:
+        """m += (1-b1)/b1 (g~ - g) in the chain's own product, where the entry offers it
+        (GradBatch.m_delta_fns) for tensors of one param group with local fp32 moments: one pass
+        over m, no g~ - g formed. The moments must be rows of one stacked tensor: the first time
+        they are not, they are copied into one (their values unchanged; ``state["exp_avg"]`` is
+        then a view of it, as after a torch.load of such a state). Returns False where not taken."""
+        add_into = getattr(fn, "add_into", None)
+        if add_into is None or not fn.whole_group:
+            return False
+        mine = [chained[i] for i in fn.idx]
+        if not mine or any("dtensor" in e for e in mine) or len({e["group"] for e in mine}) != 1:
+            return False
+        ms = [e["state"]["exp_avg"] for e in mine]
+        m = _stacked_rows(ms)
+        if m is None:
+            m = torch.stack(ms)
+            for e, row in zip(mine, m.unbind(0), strict=True):
+                e["state"]["exp_avg"] = row
+        beta1 = float(self.param_groups[mine[0]["group"]]["betas"][0])
+        add_into(m, keep, (1 - beta1) / beta1)
+        return True
 
     def commit_modifiers(self) -> None:
         """Persist what the modifier chain staged this step (called by ``step`` past the guard)."""
@@ -753,6 +777,21 @@ def _entry_input(g: Tensor, entry: dict[str, Any]) -> Tensor:
         return _as_state_input(g, entry)
     _as_state_input(g, {**entry, "param": entry["dtensor"]})  # (the shape check)
     return _as_state_input(dt.shard_like(g.float(), entry["dtensor"]), entry)
+
+
+def _stacked_rows(ts: list[Tensor]) -> Tensor | None:
+    """The (n, *shape) tensor whose rows are ``ts`` when they lie back to back in one storage
+    (contiguous, same shape, dtype and device), else None."""
+    first = ts[0]
+    if not first.is_contiguous():
+        return None
+    n, ptr, off = first.numel(), first.untyped_storage().data_ptr(), first.storage_offset()
+    for k, t in enumerate(ts):
+        if (t.shape != first.shape or t.dtype != first.dtype or t.device != first.device
+                or not t.is_contiguous() or t.untyped_storage().data_ptr() != ptr
+                or t.storage_offset() != off + k * n):
+            return None
+    return first.as_strided((len(ts), *first.shape), (n, *first.stride()), off)
 
 
 def _check_routing(routing: str) -> None:

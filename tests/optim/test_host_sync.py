@@ -398,3 +398,60 @@ def test_row_buffer_device_commit_equals_the_host_path_and_a_skip_adds_only_zero
         u_old = basis_from_rows(old, rank=4)[0]
         u_new = basis_from_rows(new, rank=4)[0]
         torch.testing.assert_close(u_new @ u_new.T, u_old @ u_old.T, rtol=1e-4, atol=1e-5)
+
+
+def _group_of_four(seed: int = 0) -> tuple[list[torch.Tensor], list[str], SubspaceBank]:
+    """Four same-shaped tensors with fan-in bases (one batched group) and one without."""
+    gen = torch.Generator().manual_seed(seed)
+    ps = [torch.randn(8, 64, generator=gen).requires_grad_() for _ in range(4)]
+    ps.append(torch.randn(64, 8, generator=gen).requires_grad_())
+    names = [f"a{i}" for i in range(4)] + ["b"]
+    gen = torch.Generator().manual_seed(1)
+    out = SubspaceBank()
+    for name in names[:4]:
+        out.add("old", name, torch.linalg.qr(torch.randn(64, 4, generator=gen))[0])
+    return ps, names, out
+
+
+def _four(ps: list[torch.Tensor], names: list[str], bank_: SubspaceBank, **kw) -> RoutedAdamW:  # noqa: ANN003
+    return RoutedAdamW([{"params": ps, "param_names": names}], lr=1e-2, weight_decay=0.1,
+                       betas=(0.8, 0.99), routing="decoupled",
+                       modifiers=[Projection(bank_, OverlapAdaptiveStrength(0.5, beta=0.9))], **kw)
+
+
+def test_decoupled_projection_adds_its_delta_into_the_stacked_first_moments():
+    """Decoupled on the device path: the projection's product adds (1-b1)/b1 (g~ - g) straight
+    into the group's first moments, kept as rows of one tensor (one pass over m, no g~ - g
+    formed). The run equals the host path's; a NaN step leaves every moment as it was; a
+    state_dict saved with torch.save and loaded into a fresh optimizer resumes exactly."""
+    from lora_cl.optim.routed_adamw import _stacked_rows
+
+    (dev_ps, names, bank_), (host_ps, _, host_bank) = _group_of_four(), _group_of_four()
+    dev, host = _four(dev_ps, names, bank_), _four(host_ps, names, host_bank, nonfinite="raise")
+    _run(dev, dev_ps, [0, 1, 2]), _run(host, host_ps, [0, 1, 2])
+    rows = [dev.state[p]["exp_avg"] for p in dev_ps[:4]]
+    assert _stacked_rows(rows) is not None  # one (4, 8, 64) tensor holds the group's m
+    for a, b in zip(dev_ps, host_ps, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        for x, y in zip(dev.moments(a), host.moments(b), strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+
+    before = [t.clone() for p in dev_ps for t in dev.moments(p)]
+    _run(dev, dev_ps, [3], nan_at=3)  # a NaN in "a1": the step is skipped on the device
+    assert all(torch.equal(x, y) for x, y in zip(before, [t for p in dev_ps for t in dev.moments(p)]))
+    with pytest.warns(RuntimeWarning, match="skipped 1 step"):
+        assert dev.skipped_steps == 1
+
+    import io
+
+    buf = io.BytesIO()
+    torch.save(dev.state_dict(), buf)
+    fresh_ps = [p.detach().clone().requires_grad_() for p in dev_ps]
+    fresh = _four(fresh_ps, names, _group_of_four()[2])
+    buf.seek(0)
+    fresh.load_state_dict(torch.load(buf, weights_only=False))
+    _run(dev, dev_ps, [4, 5]), _run(fresh, fresh_ps, [4, 5])
+    for a, b in zip(dev_ps, fresh_ps, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        for x, y in zip(dev.moments(a), fresh.moments(b), strict=True):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
