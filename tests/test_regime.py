@@ -202,6 +202,12 @@ def test_page_verdicts_are_paired_holm_corrected_and_sized_against_vanilla(tmp_p
     assert page.missing()[:2] == ["overlap-shared (0 of 5 seeds)", "overlap-decoupled (0 of 5 seeds)"]
     assert not any(m.startswith(("vanilla (", "fixed-shared (", "fixed-decoupled (")) for m in page.missing())
     assert "Not finished yet: overlap-shared (0 of 5 seeds), overlap-decoupled (0 of 5 seeds), " in text
+    # the paper's own beta2 is not run: the page says so, sized by its cells (60 s a domain x 2
+    # domains per cell, 20x the steps; 0.8 passes -> 16)
+    assert ("Not run: the paper's own beta2 = 0.999 at the same 5 horizons, 5,000 steps per domain, "
+            "20x this regime's: about 1 hour per cell on 2 cores at this page's mean cell time (wall "
+            "clock: an upper bound) and 16 passes over each domain's training slice of `lm4-long` (the "
+            "rule allows ~2)") in text
 
 
 def test_the_effective_lr_control_is_a_claim_and_each_pair_states_its_plasticity(tmp_path):

@@ -58,6 +58,10 @@ _TITLE = {"a": "Regime (a): the paper's setting scaled down, where Adam's second
           "b": "Regime (b): SmolLM2-135M + LoRA with Adam's horizon scaled to the stream"}
 #: The paper's central claim: its method forgets 29% less than vanilla AdamW (PAPER.md).
 PAPER_REDUCTION_PCT = -29.0
+#: The paper's own second-moment decay and the steps per domain it needs for MIN_HORIZONS horizons
+#: (issue 25's paper-length variant of regime (a)).
+PAPER_BETA2 = 0.999
+PAPER_STEPS = 5000
 LEVEL = 0.05
 
 
@@ -328,7 +332,7 @@ class RegimePage:
                f"{model} {s.steps} steps of {s.batch_size} x {s.seq_len} tokens per domain, lr {s.lr:g} "
                f"(constant), beta2 = {s.adam_beta2}, overlap EMA beta = {EMA_BETA[self.regime]}, "
                f"{len(s.seeds)} seeds (the seed draws the training order and the {s.eval_examples} "
-               "held-out blocks per domain).", "",
+               "held-out blocks per domain)." + self._paper_length(), "",
                _table(["check", "value", "rule"], [
                    ["steps x (1 - beta2)", f"{h['beta2']:.1f}", f">= {MIN_HORIZONS}"],
                    ["steps x (1 - beta) of the overlap EMA", f"{h['overlap_ema']:.1f}", f">= {MIN_HORIZONS}"],
@@ -351,6 +355,28 @@ class RegimePage:
 
         sources = stream_sources(REGIME_STREAM, self.settings)
         return [d["source"].partition(":")[2] or d.get("name", "") for d in sources]
+
+    def _paper_length(self) -> str:
+        """Regime (a): why the paper's own beta2 at as many horizons is not on the page, sized by
+        this page's own cells (their passes per domain and their cell time, scaled by the steps)."""
+        if self.regime != "a":
+            return ""
+        s = self.settings
+        scale = PAPER_STEPS / s.steps
+        epochs = [d.epoch for doms in self.mech.values() for d in doms if d.epoch is not None]
+        n = len(self.results)
+        sized = []
+        if n:
+            hours = round(self.seconds() / n * scale / 3600)
+            sized.append(f"about {hours} hour{'' if hours == 1 else 's'} per cell on 2 cores at "
+                         "this page's mean cell time (wall clock: an upper bound)")
+        if epochs:
+            sized.append(f"{max(epochs) * scale:.0f} passes over each domain's training slice of "
+                         f"`{REGIME_STREAM}` (the rule allows ~2)")
+        cost = f": {' and '.join(sized)}" if sized else ""
+        return (f" Not run: the paper's own beta2 = {PAPER_BETA2} at the same {MIN_HORIZONS} horizons, "
+                f"{PAPER_STEPS:,} steps per domain, {scale:.0f}x this regime's{cost}; that variant waits "
+                "for a GPU and a larger stream.")
 
     def _passes(self) -> str:
         epochs = [d.epoch for doms in self.mech.values() for d in doms if d.epoch is not None]
