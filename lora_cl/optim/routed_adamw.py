@@ -68,6 +68,12 @@ class RoutedAdamW(Optimizer):
         state_bits: 32 (fp32 m and v) or 8 (blockwise 8-bit m and v in bitsandbytes'
             format, dequantized around the same update; see :mod:`.quantized_state`).
         min_8bit_size: with ``state_bits=8``, tensors with fewer elements keep fp32 states.
+
+    State layout: as torch's, one ``{"step", "exp_avg", "exp_avg_sq"}`` dict per tensor. Under
+    decoupled routing with a one-sided projection, the first moments of the tensors one batched
+    projection group covers are kept as rows of one stacked tensor (``exp_avg`` is then a view),
+    so the projection's product adds its correction into m in place; the values are those of
+    separate tensors, and ``state_dict``/``torch.save`` round trips are exact.
     """
 
     def __init__(
