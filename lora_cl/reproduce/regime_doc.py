@@ -363,7 +363,7 @@ class RegimePage:
             return ""
         s = self.settings
         scale = PAPER_STEPS / s.steps
-        epochs = [d.epoch for doms in self.mech.values() for d in doms if d.epoch is not None]
+        epochs = self._epochs()
         n = len(self.results)
         sized = []
         if n:
@@ -378,8 +378,12 @@ class RegimePage:
                 f"{PAPER_STEPS:,} steps per domain, {scale:.0f}x this regime's{cost}; that variant waits "
                 "for a GPU and a larger stream.")
 
+    def _epochs(self) -> list[float]:
+        """Passes over its training slice that each finished domain of each cell made."""
+        return [d.epoch for doms in self.mech.values() for d in doms if d.epoch is not None]
+
     def _passes(self) -> str:
-        epochs = [d.epoch for doms in self.mech.values() for d in doms if d.epoch is not None]
+        epochs = self._epochs()
         return f"{min(epochs):.2f} - {max(epochs):.2f}" if epochs else "—"
 
     def _claims_table(self) -> str:

@@ -9,6 +9,7 @@ this CPU cost nothing and so would pass unseen by the dispatch count alone.
 
 from __future__ import annotations
 
+import io
 import warnings
 
 import pytest
@@ -441,8 +442,6 @@ def test_decoupled_projection_adds_its_delta_into_the_stacked_first_moments():
     assert all(torch.equal(x, y) for x, y in zip(before, [t for p in dev_ps for t in dev.moments(p)]))
     with pytest.warns(RuntimeWarning, match="skipped 1 step"):
         assert dev.skipped_steps == 1
-
-    import io
 
     buf = io.BytesIO()
     torch.save(dev.state_dict(), buf)
