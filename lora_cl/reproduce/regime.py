@@ -115,6 +115,9 @@ PAIRS = (
     (f"replay ({REPLAY_FRACTION:.0%} buffer, rho 0.5)", "replay-shared", "replay-decoupled"),
 )
 
+#: The pairs whose modifier is a projection (fixed, overlap-adaptive, hard): Proposition 1's case.
+PROJECTION_PAIRS = PAIRS[:3]
+
 #: Controls the page also tests (in the same Holm family): (label, other, decoupled), where the
 #: other run differs from the decoupled one in routing AND lr, to tell routing from a plain lr cut.
 CONTROLS = (

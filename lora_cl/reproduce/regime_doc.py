@@ -147,6 +147,15 @@ class Frontier:
     outside: int              # seeds where the decoupled run's J lies outside shared's two
     no_trade: int             # seeds where the cut is no trade-off (no line)
 
+    @property
+    def side(self) -> str | None:
+        """Where decoupled routing lies against the line: "beyond" (its gap's interval below 0),
+        "inside" (above 0) or "on"; None with fewer than two seeds judged."""
+        gap = self.gap.ci
+        if not gap.n or gap.lo is None or gap.hi is None:
+            return None
+        return "beyond" if gap.hi < 0 else "inside" if gap.lo > 0 else "on"
+
 
 @dataclass
 class Claim:
@@ -307,6 +316,58 @@ class RegimePage:
                 "against shared routing, same bases, same strength, paired by seed (negative: "
                 "decoupled forgets less); an effective-lr control pits decoupled routing against "
                 "shared routing at a lower lr instead:\n\n" + "\n".join(lines))
+
+    def claim(self, a: str, b: str) -> Claim | None:
+        """The page's claim a - b, if both have a finished seed."""
+        return next((c for c in self.claims if c.a == a and c.b == b), None)
+
+    def _short_claim(self, c: Claim | None, label: str) -> str:
+        """One claim as 'label -4.3 [-6.1, -2.5]% (holds)': % of vanilla's forgetting and its verdict."""
+        if c is None or not c.pct.n:
+            return f"{label}: not run"
+        n, want = c.nats.ci.n, len(self.settings.seeds)
+        seeds = "" if n >= want else f", {n} of {want} seeds"
+        if c.holds:
+            verdict = "holds"
+        elif c.nats.ci.excludes_zero():
+            verdict = "not after Holm"
+        else:
+            verdict = "no difference detectable"
+        return f"{label} {_ci(c.pct, 1)}% ({verdict}{seeds})"
+
+    def in_short(self) -> dict[str, str]:
+        """This regime's column of the reproduction page's summary table: question -> answer, each
+        figure a % of vanilla's forgetting with its 95% CI (negative: the first run forgets less)."""
+        out: dict[str, str] = {
+            "cells": f"{len(self.results)} of {len(self.cells)} finished, {len(self.settings.seeds)} "
+                     f"seeds per method planned"}
+        short = {"fixed-shared": "fixed", "overlap-shared": "overlap-adaptive", "hard-shared": "hard",
+                 "ewc-shared": "EWC", "replay-shared": "replay"}
+        out["decoupled - shared (same bases, strength, lr)"] = "; ".join(
+            self._short_claim(self.claim(dec, sh), short.get(sh, sh)) for _, sh, dec in PAIRS)
+        ratio = self.mech_ratio("fixed-shared", "fixed-decoupled")
+        out_side = self.mech_ratio("fixed-shared", "fixed-decoupled", "eta_old_out")
+        alpha = self.mech_stat("fixed-decoupled", "alpha")
+        if ratio.mean is not None and alpha.mean is not None and alpha.mean < 1:
+            sides = "" if out_side.mean is None else f" (lora_A), {out_side.mean:.2f}x (lora_B)"
+            out["old-direction lr, shared / decoupled, fixed alpha"] = (
+                f"{ratio.mean:.2f}x{sides}; Proposition 1: {1 / (1 - alpha.mean):.2f}x")
+        lr_cut = []
+        for _, cut, dec in CONTROLS:
+            shared = next(sh for _, sh, d in PAIRS if d == dec)
+            c = self.claim(dec, cut)
+            if c is None:
+                continue
+            text = self._short_claim(c, f"{dec} - {cut}")
+            fr = self.frontier(shared, cut, dec)
+            if fr.side is not None:
+                text += f"; against shared's lr line: {_ci(fr.pct, 1)}% ({fr.side} the line)"
+            lr_cut.append(text)
+        if lr_cut:
+            out["more than a smaller step? (decoupled against shared at a lower lr)"] = "; ".join(lr_cut)
+        out[f"the paper's method (overlap-decoupled) - vanilla; paper: {PAPER_REDUCTION_PCT:.0f}%"] = (
+            self._short_claim(self.claim("overlap-decoupled", "vanilla"), "overlap-decoupled"))
+        return out
 
     def _plasticity(self, a: str, b: str, other: str) -> str:
         """The same pair's stability-plasticity cost: paired differences of just-trained and final
@@ -602,14 +663,12 @@ class RegimePage:
             gap = fr.gap.ci
             if not gap.n:
                 reading = "no seed to judge"
-            elif gap.lo is None:
+            elif fr.side is None:
                 reading = "one seed: no interval"
-            elif gap.hi < 0:
-                reading = "**decoupled beyond the line** (less forgetting at equal plasticity)"
-            elif gap.lo > 0:
-                reading = "**decoupled inside the line** (an lr cut does better)"
             else:
-                reading = "on the line (no difference detectable)"
+                reading = {"beyond": "**decoupled beyond the line** (less forgetting at equal plasticity)",
+                           "inside": "**decoupled inside the line** (an lr cut does better)",
+                           "on": "on the line (no difference detectable)"}[fr.side]
             skipped = [f"{n} where the cut {what}" for n, what in (
                 (fr.no_trade, "was no trade-off (it cost no plasticity or bought no stability)"),
                 (fr.outside, "left the decoupled run's just-trained loss outside the line's span"))
