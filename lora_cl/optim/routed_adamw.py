@@ -238,9 +238,8 @@ class RoutedAdamW(Optimizer):
         for gi, group in enumerate(self.param_groups):
             if group["routing"] == "vanilla":
                 continue
-            for pi, p in enumerate(group["params"]):
-                names.append(_param_name(group, gi, pi))
-                params.append(p)
+            names += _param_names(group, gi)
+            params += group["params"]
         return names, params
 
     def rebind_states(self) -> int:
@@ -531,7 +530,8 @@ class RoutedAdamW(Optimizer):
     def _collect(self) -> list[dict[str, Any]]:
         entries: list[dict[str, Any]] = []
         for gi, group in enumerate(self.param_groups):
-            for pi, p in enumerate(group["params"]):
+            names = _param_names(group, gi)
+            for p, name in zip(group["params"], names, strict=True):
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
@@ -551,7 +551,7 @@ class RoutedAdamW(Optimizer):
                                                                memory_format=torch.preserve_format)
                 grad = p.grad.to_local() if sharded else p.grad
                 grad = grad if grad.dtype == torch.float32 else grad.float()
-                entry = dict(group=gi, name=_param_name(group, gi, pi), param=p.to_local() if sharded else p,
+                entry = dict(group=gi, name=name, param=p.to_local() if sharded else p,
                              key=p,
                              grad=grad, routing=group["routing"], state=state)
                 if sharded:  # FSDP2: step the local shards (lora_cl.optim.dtensor)
@@ -825,11 +825,13 @@ def _check_group_keys(group: dict[str, Any], defaults: dict[str, Any]) -> None:
                              f"{', '.join(sorted(known))})")
 
 
-def _param_name(group: dict[str, Any], gi: int, pi: int) -> str:
+def _param_names(group: dict[str, Any], gi: int) -> list[str]:
+    """The group's tensor names ('param_names'), or ``group<gi>.param<pi>`` where it has none."""
     names = group.get("param_names")
-    if names is not None and pi < len(names):
-        return names[pi]
-    return f"group{gi}.param{pi}"
+    if names is not None and len(names) == len(group["params"]):
+        return names
+    return [names[pi] if names is not None and pi < len(names) else f"group{gi}.param{pi}"
+            for pi in range(len(group["params"]))]
 
 
 def _as_float(x: float | Tensor) -> float:
