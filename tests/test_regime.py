@@ -49,9 +49,10 @@ def test_regime_settings_are_in_regime_and_like_for_like(regime):
             assert a["beta"] == (0.98 if regime == "a" else 0.95)
     cells = regime_cells(s, regime=regime)
     # one configuration but for the lr check's and controls' own (lr is in the hash: 0.5x, 0.8x,
-    # 2x); seed-major order
+    # 2x, and in (b) the plasticity-matched 0.9x); seed-major order
     assert len({c.cfg for c in cells if "@lr" not in c.method.label}) == 1
-    assert len({c.cfg for c in cells}) == 4 and [c.seed for c in cells[:2]] == [0, 0]
+    assert len({c.cfg for c in cells}) == (4 if regime == "a" else 5) and [c.seed for c in cells[:2]] == [0, 0]
+    assert ("fixed-shared@lr0.9x" in table) == (regime == "b")
 
 
 def test_holm_adjusts_by_rank_and_keeps_missing_values():
@@ -144,9 +145,9 @@ def test_regime_refuses_the_main_grids_flags(capsys):
 
 def _hand_cell(cache: Path, method: str, seed: int, forgetting: float, eta: float, leak: float,
                just_trained: float = 3.0, eta_out: float | None = None,
-               v_energy: float | None = None) -> None:
-    settings = regime_settings()
-    cell = next(c for c in regime_cells(settings, [method]) if c.seed == seed)
+               v_energy: float | None = None, regime: str = "a") -> None:
+    settings = regime_settings(regime)
+    cell = next(c for c in regime_cells(settings, [method], regime=regime) if c.seed == seed)
     run = cell.run_dir(cache)
     (run / "domains").mkdir(parents=True)
     loss = {"forgetting": forgetting, "op": 4.0 + forgetting, "diagonal": [just_trained, just_trained]}
@@ -432,9 +433,37 @@ def test_the_reproduction_page_opens_with_a_generated_plain_answer(tmp_path):
     assert "The paper's method against vanilla AdamW: -10.0% in (a), where the paper claims -29%." in text
     # seed k: the line through (3.0, 0.8 + k/100) and (3.2, 0.55 + k/100) at the decoupled run's
     # J = 3.1 + k/100 is 0.675 - 0.0025 k; it forgets 0.6 + 0.015 k: -0.075, -0.0575, -0.04 beyond
-    assert "decoupled routing lies beyond it in (a, fixed strength)." in text
+    assert "decoupled routing lies beyond it in (a; shared at 1x and 0.8x the lr)." in text
     short = page.in_short()
     assert short["decoupled - shared (same bases, strength, lr)"].startswith(
         "fixed -19.5 [-20.7, -18.3]% (holds, 3 of 5 seeds); overlap-adaptive 0.0 [-5.0, 5.0]% "
         "(no difference detectable, 3 of 5 seeds); hard: not run; EWC: not run")
     assert short["old-direction lr, shared / decoupled, fixed alpha"] == "2.00x; Proposition 1: 2.00x"
+
+
+def test_regime_b_compares_decoupling_with_shared_routing_at_a_plasticity_matched_lr(tmp_path):
+    """Regime (b)'s own control: fixed-shared at 0.9x the lr, where its just-trained loss meets the
+    decoupled run's. It is a claim of the Holm family (decoupled - fixed-shared@lr0.9x), has its
+    own line in the frontier table, and the lr section says why it was run."""
+    from lora_cl.reproduce.regime_doc import RegimePage
+
+    cache = tmp_path / "cells"
+    for seed in range(3):
+        noise = 0.01 * seed
+        for method, f, j in (("vanilla", 1.0, 3.0), ("fixed-shared", 0.8, 3.0),
+                             ("fixed-shared@lr0.8x", 0.6, 3.2), ("fixed-shared@lr0.9x", 0.72, 3.1),
+                             ("fixed-decoupled", 0.65 + noise, 3.1)):
+            _hand_cell(cache, method, seed, f + noise, 1.0, 0.5, just_trained=j, regime="b")
+    page = RegimePage(cache, regime_settings("b"), tmp_path / "docs", "b")
+    claim = page.claim("fixed-decoupled", "fixed-shared@lr0.9x")
+    assert claim is not None and claim.name.startswith("plasticity-matched lr control (fixed strength)")
+    assert claim.nats.ci.mean == pytest.approx(-0.06)  # 0.65 + 0.02k against 0.72 + 0.01k
+    # the line through 1x and 0.9x at J = 3.1 is 0.9x's own point: the gap is the claim's difference
+    fr = page.frontier("fixed-shared", "fixed-shared@lr0.9x", "fixed-decoupled")
+    assert fr.gap.diffs == pytest.approx([-0.07, -0.06, -0.05]) and fr.side == "beyond"
+    text = page.render()
+    assert "and in this regime fixed-shared at 0.9x, the lr at which its just-trained loss matches" in text
+    assert "| plasticity-matched lr control (fixed strength) | fixed-shared@lr0.9x | 3 |" in text
+    assert "against the line through shared's lr and 0.9x: -5.9 [" in " ".join(page.in_short().values())
+    regime_a = RegimePage(cache, regime_settings("a"), tmp_path / "docs", "a")
+    assert "fixed-shared at 0.9x" not in regime_a.render()

@@ -610,7 +610,7 @@ def _overlap_verdict(per_cell: dict[str, dict[tuple[str, int], list[float]]]) ->
 def _plain_answer(pages: dict[str, Any]) -> str:
     """One generated sentence: in how many projection pairs decoupled routing forgets less than
     shared (Holm-corrected), by how much, and the paper's method against vanilla beside its claim."""
-    from lora_cl.reproduce.regime import CONTROLS, PAIRS, PROJECTION_PAIRS
+    from lora_cl.reproduce.regime import CONTROLS, PAIRS, PROJECTION_PAIRS, lr_variant
     from lora_cl.reproduce.regime_doc import PAPER_REDUCTION_PCT
 
     tested = [(r, c) for r, page in pages.items() for _, sh, dec in PROJECTION_PAIRS
@@ -629,13 +629,12 @@ def _plain_answer(pages: dict[str, Any]) -> str:
             paper.append(f"{c.pct.mean:.1f}% in ({r}){'' if c.holds else ' (not significant)'}")
     lines = []
     for r, page in pages.items():
-        for name, cut, dec in CONTROLS:
+        for _, cut, dec in CONTROLS:
             shared = next(sh for _, sh, d in PAIRS if d == dec)
             side = page.frontier(shared, cut, dec).side
             if side is not None:
-                what = name[name.find("(") + 1:name.rfind(")")] if "(" in name else name
-                lines.append(f"{side} it in ({r}, {what})")
-    step = (" Is it more than a smaller step? Against the line through shared routing's two lrs "
+                lines.append(f"{side} it in ({r}; shared at 1x and {lr_variant(cut)[1]:g}x the lr)")
+    step = (" Is it more than a smaller step? Against the line through shared routing at two lrs "
             "(descriptive), decoupled routing lies " + ", ".join(lines) + "." if lines else "")
     where = f"regime{'s' if len(pages) > 1 else ''} {' and '.join(f'({r})' for r in pages)}"
     rest = ("; the rest show no difference that survives the correction. "

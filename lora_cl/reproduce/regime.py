@@ -45,6 +45,10 @@ LR_SCALES = (0.5, 2.0)
 #: The effective-lr controls' lr factors on hard-shared and fixed-shared (see regime_methods).
 HARD_SHARED_LR_SCALE = 0.5
 FIXED_SHARED_LR_SCALE = 0.8
+#: Regime (b) only: fixed-shared at the lr whose just-trained loss matches fixed-decoupled's (2.985,
+#: between shared's 2.980 at 1x and 2.994 at 0.8x with 3 seeds each: ~0.93x by the line), so the
+#: control compares forgetting at equal plasticity instead of along a line through two lrs.
+MATCHED_LR_SCALE = 0.9
 #: Replay's buffer: 10% of each domain's training examples (regime a: ~250 blocks of 128 tokens).
 REPLAY_FRACTION = 0.1
 
@@ -100,6 +104,8 @@ def regime_methods(regime: str = "a") -> dict[str, MethodRun]:
         # and for the fixed pair: shared routing at the lr its measured old-direction inflation
         # (eta_U shared / decoupled, 1.27 at alpha 0.5 when this control was chosen) asks for
         M(f"fixed-shared@lr{FIXED_SHARED_LR_SCALE:g}x", "adam-nscl", side, lr_scale=FIXED_SHARED_LR_SCALE),
+        *([M(f"fixed-shared@lr{MATCHED_LR_SCALE:g}x", "adam-nscl", side, lr_scale=MATCHED_LR_SCALE)]
+          if regime == "b" else []),
     )}
 
 
@@ -124,6 +130,8 @@ CONTROLS = (
     ("effective-lr control (hard projection)", f"hard-shared@lr{HARD_SHARED_LR_SCALE:g}x",
      "hard-decoupled"),
     ("effective-lr control (fixed strength)", f"fixed-shared@lr{FIXED_SHARED_LR_SCALE:g}x",
+     "fixed-decoupled"),
+    ("plasticity-matched lr control (fixed strength)", f"fixed-shared@lr{MATCHED_LR_SCALE:g}x",
      "fixed-decoupled"),
 )
 

@@ -25,6 +25,7 @@ from lora_cl.reproduce.regime import (
     FIXED_SHARED_LR_SCALE,
     HARD_SHARED_LR_SCALE,
     LR_SCALES,
+    MATCHED_LR_SCALE,
     MIN_HORIZONS,
     PAIRS,
     REGIME_CACHE,
@@ -361,7 +362,9 @@ class RegimePage:
             text = self._short_claim(c, f"{dec} - {cut}")
             fr = self.frontier(shared, cut, dec)
             if fr.side is not None:
-                text += f"; against shared's lr line: {_ci(fr.pct, 1)}% ({fr.side} the line)"
+                scale = lr_variant(cut)[1]
+                text += (f"; against the line through shared's lr and {scale:g}x: {_ci(fr.pct, 1)}% "
+                         f"({fr.side} the line)")
             lr_cut.append(text)
         if lr_cut:
             out["more than a smaller step? (decoupled against shared at a lower lr)"] = "; ".join(lr_cut)
@@ -589,8 +592,12 @@ class RegimePage:
                 f"effective-lr controls: hard-shared at {HARD_SHARED_LR_SCALE:g}x the lr (decoupled "
                 "routing of a hard projection steps smaller in every direction) and fixed-shared at "
                 f"{FIXED_SHARED_LR_SCALE:g}x (about the inverse of the old-direction inflation regime (a) "
-                "measured, 1.27x, when the control was chosen; the same cut in every regime): does "
-                "decoupling beat a plain lr cut on both forgetting and just-trained loss?\n\n"
+                "measured, 1.27x, when the control was chosen; the same cut in every regime)"
+                + (f", and in this regime fixed-shared at {MATCHED_LR_SCALE:g}x, the lr at which its "
+                   "just-trained loss matches the decoupled run's (read off the line through shared's "
+                   "first two lrs), so the two compare at equal plasticity without a line"
+                   if any(lr_variant(m) == ("fixed-shared", MATCHED_LR_SCALE) for m in self.table) else "")
+                + ": does decoupling beat a plain lr cut on both forgetting and just-trained loss?\n\n"
                 + _table(["method", "lr", "seeds", "forgetting (nats)", "final loss", "just-trained loss"],
                          rows) + self._ranking_table() + self._frontier_table())
 
