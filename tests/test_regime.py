@@ -51,7 +51,8 @@ def test_regime_settings_are_in_regime_and_like_for_like(regime):
     # one configuration but for the lr check's and controls' own (lr is in the hash: 0.5x, 0.8x,
     # 2x, and in (b) the plasticity-matched 0.9x); seed-major order
     assert len({c.cfg for c in cells if "@lr" not in c.method.label}) == 1
-    assert len({c.cfg for c in cells}) == (4 if regime == "a" else 5) and [c.seed for c in cells[:2]] == [0, 0]
+    assert len({c.cfg for c in cells}) == (4 if regime == "a" else 5)
+    assert [c.seed for c in cells[:2]] == [0, 0]
     assert ("fixed-shared@lr0.9x" in table) == (regime == "b")
 
 

@@ -225,12 +225,19 @@ def full_state_dict(optimizer: Any) -> dict[str, Any]:
 
 def any_rank(flag: Tensor, entries: list[dict[str, Any]]) -> Tensor:
     """``flag`` (a 0-d bool) OR-ed over the ranks of the entries' mesh: one all-reduce, no sync."""
+    if not any("dtensor" in e for e in entries):
+        return flag
+    return max_rank(flag.to(torch.float32), entries) > 0
+
+
+def max_rank(value: Tensor, entries: list[dict[str, Any]]) -> Tensor:
+    """``value`` (a 0-d float) maxed over the ranks of the entries' mesh: one all-reduce, no sync."""
     owners = [e["dtensor"] for e in entries if "dtensor" in e]
     if not owners:
-        return flag
-    as_float = flag.to(torch.float32).reshape(1)
-    dist.all_reduce(as_float, op=dist.ReduceOp.MAX, group=owners[0].device_mesh.get_group())
-    return as_float[0] > 0
+        return value
+    out = value.reshape(1).clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX, group=owners[0].device_mesh.get_group())
+    return out[0]
 
 
 def sharded_state_dict(model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -129,7 +130,7 @@ class RoutedAdamW(Optimizer):
         # and a device tensor counting the skipped ones, read only when a counter is read.
         self._dev_steps = 0
         self._dev_skips: Tensor | None = None
-        self._dev_bad: tuple[list[str], Tensor] | None = None
+        self._dev_bad: tuple[list[str], Tensor] | None = None  # (names, their checked norms)
         self._extras: dict[str, Any] = {}
         # supply_grad_norm: (the norm, {id(p): (weakref to p.grad, its _version)}), one step's worth
         self._given_norm: tuple[Tensor, dict[int, tuple[Any, int]]] | None = None
@@ -276,10 +277,11 @@ class RoutedAdamW(Optimizer):
         skipped = int(self._dev_skips.item())
         self._host_skipped += skipped
         self._host_step += self._dev_steps - skipped
-        names, bad = self._dev_bad or ([], None)
+        names, checked = self._dev_bad or ([], None)
         self._dev_steps, self._dev_skips, self._dev_bad = 0, None, None
         if skipped:
-            shown = [n for n, b in zip(names, bad.tolist(), strict=True) if b] if bad is not None else []
+            shown = ([n for n, x in zip(names, checked.tolist(), strict=True) if not math.isfinite(x)]
+                     if checked is not None else [])
             which = (f"; the last one in {len(shown)} tensor(s): {', '.join(shown[:8])}"
                      + (f" and {len(shown) - 8} more" if len(shown) > 8 else "")) if shown else ""
             warnings.warn(f"RoutedAdamW: skipped {skipped} step(s) with non-finite gradients (decided "
@@ -446,17 +448,20 @@ class RoutedAdamW(Optimizer):
         norms = torch._foreach_norm(unread) if unread else ()
         device = entries[0]["param"].device
         extra = [] if given is None else [given.to(device, torch.float32, non_blocking=True)]
-        bad = ~torch.stack([*norms, *(e["raw_sq_norm"] for e in known), *extra]).isfinite()
-        skip = dt.any_rank(bad.any(), entries)  # FSDP2: every rank skips together
-        found_inf = skip.to(torch.float32)
-        # which tensors of the latest skipped step were non-finite, named when a counter is read
+        checked = torch.stack([*norms, *(e["raw_sq_norm"] for e in known), *extra])
+        # x * 0 is 0 for a finite x and NaN for inf or NaN: the sum is 0 or NaN, found_inf 0 or 1
+        # (three small ops where isfinite, any and a cast took seven)
+        found_inf = dt.max_rank(checked.mul(0).sum().nan_to_num(nan=1.0), entries)  # FSDP2: all skip
+        skip = found_inf.bool()
+        # the norms of the latest skipped step, whose non-finite tensors are named when a counter
+        # is read
         names = ([e["name"] for e in read] + [f"{e['name']} (modified gradient)" for e in mods]
                  + [e["name"] for e in known]
                  + [f"{len(covered)} gradient(s) under the supplied norm" for _ in extra])
         last = self._dev_bad
-        self._dev_bad = (names, bad if last is None or last[0] != names
-                         else torch.where(skip, bad, last[1]))
-        keep = ~skip
+        self._dev_bad = (names, checked if last is None or last[0] != names
+                         else torch.where(skip, checked, last[1]))
+        keep = ~skip if routed and self.modifiers else None  # (only the chain reads it)
         if routed:  # (with no routed tensor the chain did not run: nothing staged)
             for modifier in self.modifiers:
                 modifier.commit(keep)

@@ -161,6 +161,25 @@ def test_device_guard_skips_a_nonfinite_step_with_states_untouched(routing):
     assert opt.state_dict()["lora_cl"]["global_step"] == 6
 
 
+def test_device_guard_names_the_nonfinite_tensors_of_the_latest_skipped_step():
+    """The skip is decided on the device and read lazily; the warning then names the tensors that
+    were non-finite in the latest skipped step, not those of a later finite one."""
+    ps = params()
+    opt = RoutedAdamW(ps, lr=1e-2)
+    set_grads(ps, 0)
+    opt.step()
+    set_grads(ps, 1, nan=True)  # NaN in param 1
+    opt.step()
+    set_grads(ps, 2)
+    ps[0].grad[0, 0] = float("inf")  # inf in param 0 only
+    opt.step()
+    set_grads(ps, 3)  # a finite step last
+    opt.step()
+    with pytest.warns(RuntimeWarning, match=r"skipped 2 step\(s\) .* the last one in 1 tensor\(s\): "
+                      r"group0\.param0\. Check"):
+        assert opt.skipped_steps == 2 and opt.global_step == 2
+
+
 def _run(opt: RoutedAdamW, ps: list[torch.Tensor], ts: list[int], nan_at: int | None = None) -> None:
     for t in ts:
         set_grads(ps, t, nan=t == nan_at)
