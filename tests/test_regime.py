@@ -49,9 +49,10 @@ def test_regime_settings_are_in_regime_and_like_for_like(regime):
             assert a["beta"] == (0.98 if regime == "a" else 0.95)
     cells = regime_cells(s, regime=regime)
     # one configuration but for the lr check's and controls' own (lr is in the hash: 0.5x, 0.8x,
-    # 2x, and in (b) the plasticity-matched 0.9x); seed-major order
+    # and in (a) 2x, in (b) the plasticity-matched 0.9x); seed-major order
     assert len({c.cfg for c in cells if "@lr" not in c.method.label}) == 1
-    assert len({c.cfg for c in cells}) == (4 if regime == "a" else 5)
+    assert len({c.cfg for c in cells}) == 4  # (b): no lr check, but the plasticity-matched 0.9x
+    assert ("vanilla@lr2x" in table) == (regime == "a")
     assert [c.seed for c in cells[:2]] == [0, 0]
     assert ("fixed-shared@lr0.9x" in table) == (regime == "b")
 
@@ -464,6 +465,8 @@ def test_regime_b_compares_decoupling_with_shared_routing_at_a_plasticity_matche
     assert fr.gap.diffs == pytest.approx([-0.07, -0.06, -0.05]) and fr.side == "beyond"
     text = page.render()
     assert "and in this regime fixed-shared at 0.9x, the lr at which its just-trained loss matches" in text
+    assert ("The lr check (vanilla and overlap-decoupled at half and twice the lr) runs in regime (a) "
+            "only.") in text
     assert "| plasticity-matched lr control (fixed strength) | fixed-shared@lr0.9x | 3 |" in text
     assert "against the line through shared's lr and 0.9x: -5.9 [" in " ".join(page.in_short().values())
     regime_a = RegimePage(cache, regime_settings("a"), tmp_path / "docs", "a")

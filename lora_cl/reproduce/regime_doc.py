@@ -24,6 +24,7 @@ from lora_cl.reproduce.regime import (
     EMA_BETA,
     FIXED_SHARED_LR_SCALE,
     HARD_SHARED_LR_SCALE,
+    LR_CHECK_REGIME,
     LR_SCALES,
     MATCHED_LR_SCALE,
     MIN_HORIZONS,
@@ -587,9 +588,12 @@ class RegimePage:
                              _ci(mean_ci(list(self.forgetting(label).values())), 4),
                              _ci(mean_ci(list(self.final_loss(label).values()))),
                              _ci(mean_ci(list(self.just_trained_loss(label).values())))])
-        return (f"Vanilla and overlap-decoupled at half and twice the regime's lr ({self.settings.lr:g}), "
-                "same seeds: whether the ranking of the two holds across a 4x range of lr; and the "
-                f"effective-lr controls: hard-shared at {HARD_SHARED_LR_SCALE:g}x the lr (decoupled "
+        check = (f"Vanilla and overlap-decoupled at half and twice the regime's lr ({self.settings.lr:g}), "
+                 "same seeds: whether the ranking of the two holds across a 4x range of lr; and the "
+                 if self.regime == LR_CHECK_REGIME else
+                 f"The lr check (vanilla and overlap-decoupled at half and twice the lr) runs in regime "
+                 f"({LR_CHECK_REGIME}) only. Here, the ")
+        return (check + f"effective-lr controls: hard-shared at {HARD_SHARED_LR_SCALE:g}x the lr (decoupled "
                 "routing of a hard projection steps smaller in every direction) and fixed-shared at "
                 f"{FIXED_SHARED_LR_SCALE:g}x (about the inverse of the old-direction inflation regime (a) "
                 "measured, 1.27x, when the control was chosen; the same cut in every regime)"
