@@ -610,7 +610,7 @@ def _overlap_verdict(per_cell: dict[str, dict[tuple[str, int], list[float]]]) ->
 def _plain_answer(pages: dict[str, Any]) -> str:
     """One generated sentence: in how many projection pairs decoupled routing forgets less than
     shared (Holm-corrected), by how much, and the paper's method against vanilla beside its claim."""
-    from lora_cl.reproduce.regime import CONTROLS, PAIRS, PROJECTION_PAIRS, lr_variant
+    from lora_cl.reproduce.regime import PROJECTION_PAIRS, lr_variant
     from lora_cl.reproduce.regime_doc import PAPER_REDUCTION_PCT
 
     tested = [(r, c) for r, page in pages.items() for _, sh, dec in PROJECTION_PAIRS
@@ -627,13 +627,9 @@ def _plain_answer(pages: dict[str, Any]) -> str:
         c = page.claim("overlap-decoupled", "vanilla")
         if c is not None and c.pct.mean is not None:
             paper.append(f"{c.pct.mean:.1f}% in ({r}){'' if c.holds else ' (not significant)'}")
-    lines = []
-    for r, page in pages.items():
-        for _, cut, dec in CONTROLS:
-            shared = next(sh for _, sh, d in PAIRS if d == dec)
-            side = page.frontier(shared, cut, dec).side
-            if side is not None:
-                lines.append(f"{side} it in ({r}; shared at 1x and {lr_variant(cut)[1]:g}x the lr)")
+    lines = [f"{fr.side} it in ({r}; shared at 1x and {lr_variant(cut)[1]:g}x the lr)"
+             for r, page in pages.items() for _, cut, _, fr in page.control_frontiers()
+             if fr.side is not None]
     step = (" Is it more than a smaller step? Against the line through shared routing at two lrs "
             "(descriptive), decoupled routing lies " + ", ".join(lines) + "." if lines else "")
     where = f"regime{'s' if len(pages) > 1 else ''} {' and '.join(f'({r})' for r in pages)}"

@@ -355,13 +355,11 @@ class RegimePage:
             out["old-direction lr, shared / decoupled, fixed alpha"] = (
                 f"{ratio.mean:.2f}x{sides}; Proposition 1: {1 / (1 - alpha.mean):.2f}x")
         lr_cut = []
-        for _, cut, dec in CONTROLS:
-            shared = next(sh for _, sh, d in PAIRS if d == dec)
+        for _, cut, dec, fr in self.control_frontiers():
             c = self.claim(dec, cut)
             if c is None:
                 continue
             text = self._short_claim(c, f"{dec} - {cut}")
-            fr = self.frontier(shared, cut, dec)
             if fr.side is not None:
                 scale = lr_variant(cut)[1]
                 text += (f"; against the line through shared's lr and {scale:g}x: {_ci(fr.pct, 1)}% "
@@ -600,7 +598,7 @@ class RegimePage:
                 + (f", and in this regime fixed-shared at {MATCHED_LR_SCALE:g}x, the lr at which its "
                    "just-trained loss matches the decoupled run's (read off the line through shared's "
                    "first two lrs), so the two compare at equal plasticity without a line"
-                   if any(lr_variant(m) == ("fixed-shared", MATCHED_LR_SCALE) for m in self.table) else "")
+                   if f"fixed-shared@lr{MATCHED_LR_SCALE:g}x" in self.table else "")
                 + ": does decoupling beat a plain lr cut on both forgetting and just-trained loss?\n\n"
                 + _table(["method", "lr", "seeds", "forgetting (nats)", "final loss", "just-trained loss"],
                          rows) + self._ranking_table() + self._frontier_table())
@@ -664,11 +662,15 @@ class RegimePage:
                         paired(on_seeds(j_c), on_seeds(j_s)).ci, paired(gaps, dict.fromkeys(gaps, 0.0)),
                         mean_ci(pcts), outside, no_trade)
 
+    def control_frontiers(self) -> list[tuple[str, str, str, Frontier]]:
+        """(name, lr cut, decoupled, frontier) of each effective-lr control (CONTROLS), its line
+        drawn through the shared run of the decoupled run's pair and the cut."""
+        return [(name, cut, dec, self.frontier(next(sh for _, sh, d in PAIRS if d == dec), cut, dec))
+                for name, cut, dec in CONTROLS]
+
     def _frontier_table(self) -> str:
         rows = []
-        for name, cut, decoupled in CONTROLS:
-            shared = next(sh for _, sh, dec in PAIRS if dec == decoupled)
-            fr = self.frontier(shared, cut, decoupled)
+        for name, cut, _, fr in self.control_frontiers():
             if not fr.seeds:
                 continue
             gap = fr.gap.ci
