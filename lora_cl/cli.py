@@ -257,6 +257,7 @@ def _only_seeds(args: argparse.Namespace, settings: Any) -> tuple[int, ...] | No
 
 def _cmd_regime(args: argparse.Namespace) -> int:
     from lora_cl.reproduce.regime import regime_cache, regime_settings, run_regime, write_regime_report
+    from lora_cl.reproduce.runner import report_failed
 
     clash = [flag for flag, given in (("--only", args.only), ("--longer", args.longer),
                                       ("--seq-len", args.seq_len)) if given]
@@ -267,6 +268,7 @@ def _cmd_regime(args: argparse.Namespace) -> int:
     settings = regime_settings(args.regime, quick=args.quick, model=args.model, steps=args.steps,
                                seeds=tuple(range(args.seeds)) if args.seeds else None)
     cache = regime_cache(args.cache)  # beside the main grid's: benchmarks/reproduction/cells-regime
+    failed: list[str] = []
     if not args.report:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
         only = _only_seeds(args, settings)
@@ -275,19 +277,20 @@ def _cmd_regime(args: argparse.Namespace) -> int:
         try:
             counts = run_regime(cache, replace(settings, seeds=only), methods=methods, regime=args.regime,
                                 progress=not args.no_progress)
+            failed = counts["failed"]
         except ValueError as err:
             print(f"lora-cl reproduce: error: {err}", file=sys.stderr)
             return 2
         print(f"lora-cl reproduce: regime {args.regime}: {counts['trained']} cells trained, "
-              f"{counts['cached']} cached")
-    if args.no_report:
-        return 0
-    print(f"wrote {write_regime_report(cache, settings, args.docs, args.regime)}")
-    return 0
+              f"{counts['cached']} cached" + (f", {len(failed)} failed" if failed else ""))
+    if not args.no_report:
+        print(f"wrote {write_regime_report(cache, settings, args.docs, args.regime)}")
+    return report_failed(failed)
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from lora_cl.reproduce import PARTS, default_settings, run_grid, write_report
+    from lora_cl.reproduce.runner import report_failed
 
     if args.regime:
         return _cmd_regime(args)
@@ -303,6 +306,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         return 2
     settings = default_settings(quick=args.quick, model=args.model, steps=args.steps, seq_len=args.seq_len,
                                 seeds=tuple(range(args.seeds)) if args.seeds else None)
+    failed: list[str] = []
     if args.longer and args.only and parts != [2]:
         print(f"lora-cl reproduce: error: --longer trains part 2's larger grid only; drop --only "
               f"{args.only} (or run those parts without --longer)", file=sys.stderr)
@@ -328,13 +332,13 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
             return 2
         run_settings = replace(run_settings, seeds=only)
         counts = run_grid(parts, cache, run_settings, methods=methods, progress=not args.no_progress)
+        failed = counts["failed"]
         print(f"lora-cl reproduce: {counts['trained']} cells trained, {counts['cached']} cached, "
-              f"{counts['not_runnable']} not runnable here, {counts['prop1_written']} part 1 results written")
-    if args.no_report:
-        return 0
-    path = write_report(args.cache, settings, args.docs)
-    print(f"wrote {path}")
-    return 0
+              f"{counts['not_runnable']} not runnable here, {counts['prop1_written']} part 1 results written"
+              + (f", {len(failed)} cells failed" if failed else ""))
+    if not args.no_report:
+        print(f"wrote {write_report(args.cache, settings, args.docs)}")
+    return report_failed(failed)
 
 
 _MAIN_CACHE = "benchmarks/reproduction/cells"

@@ -114,6 +114,35 @@ def test_quick_regime_grid_trains_caches_and_writes_its_page(tmp_path, lora_cl_c
     with pytest.raises(SystemExit):
         main(args)
     assert "0 cells trained, 3 cached" in capsys.readouterr().out
+    # an interrupted cell whose weights are gone (pruned, or not kept by git) is trained again from
+    # the start, and a cell that fails does not stop the others: the exit status and stderr say so
+    partial, broken = cells[1].run_dir(cache), cells[2].run_dir(cache)
+    (partial / "summary.json").unlink()
+    shutil.rmtree(sorted((partial / "domains").iterdir())[-1])
+    (broken / "summary.json").unlink()
+    meta = json.loads((broken / "run.json").read_text())
+    meta["recipe"]["training"]["lr"] *= 2  # a resume refuses a changed recipe
+    (broken / "run.json").write_text(json.dumps(meta))
+    from lora_cl.recipe import recipe_from_dict
+    from lora_cl.trainer.stream import StreamError, run_method
+
+    recipe = recipe_from_dict(recipe_dict(cells[1].stream, cells[1].method, 0, settings, partial.parent))
+    with pytest.raises(StreamError, match=f"delete {partial} to train this run again from the start"):
+        run_method(recipe, recipe.method, partial, resume=True, progress=False)  # lora-cl train --resume
+    with pytest.raises(SystemExit) as done:
+        main(args)
+    out, err = capsys.readouterr()
+    assert done.value.code == 1 and "1 cells trained, 1 cached, 1 failed" in out
+    assert f"{partial}: an interrupted cell without adapter/ or model/ weights, optimizer.pt to resume " \
+           "from; training it again from the start" in err
+    assert json.loads((partial / "summary.json").read_text())["complete"]
+    assert f"lora-cl reproduce: error: cell {broken} failed" in err and "the recipe changed" in err
+    meta["recipe"]["training"]["lr"] /= 2  # the recipe restored, the rerun only rewrites its summary
+    (broken / "run.json").write_text(json.dumps(meta))
+    with pytest.raises(SystemExit) as done:
+        main(args)
+    assert done.value.code == 0 and "1 cells trained, 2 cached" in capsys.readouterr().out
+    assert json.loads((broken / "summary.json").read_text())["complete"]
     # --only-seeds trains those seeds of --seeds' range (a worker's share); the rest stay untrained
     with pytest.raises(SystemExit):
         main(["reproduce", "--regime", "a", "--quick", "--no-progress", "--methods", "vanilla",

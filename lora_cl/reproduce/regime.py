@@ -187,13 +187,15 @@ def regime_cells(settings: Settings, methods: Sequence[str] | None = None, regim
 
 
 def run_regime(cache: str | Path, settings: Settings, *, methods: Sequence[str] | None = None,
-               regime: str = "a", progress: bool = False, log: Log | None = None) -> dict[str, int]:
-    """Train every unfinished regime cell (an interrupted one resumes); return trained/cached counts."""
-    from lora_cl.reproduce.runner import train_cell
+               regime: str = "a", progress: bool = False, log: Log | None = None) -> dict[str, Any]:
+    """Train every unfinished regime cell (an interrupted one resumes); return trained/cached counts
+    and under ``failed`` the run directories of the cells that raised (the others still ran)."""
+    from lora_cl.reproduce.runner import try_cell
 
     log = log or _stderr
     cache = Path(cache)
-    counts = {"trained": 0, "cached": 0}
+    counts: dict[str, Any] = {"trained": 0, "cached": 0}
+    counts["failed"] = failed = []
     cells = regime_cells(settings, methods, regime)
     data: dict[tuple[Any, ...], Any] = {}
     for k, cell in enumerate(cells):
@@ -203,8 +205,8 @@ def run_regime(cache: str | Path, settings: Settings, *, methods: Sequence[str] 
             log(f"lora-cl reproduce: regime {regime} cell {k + 1}/{len(cells)} {run_dir}: cached")
             continue
         log(f"lora-cl reproduce: regime {regime} cell {k + 1}/{len(cells)} -> {run_dir}")
-        train_cell(cell, cache, settings, data, progress=progress, log=log)  # held-out draw: per seed
-        counts["trained"] += 1
+        if try_cell(cell, cache, settings, data, progress=progress, log=log, failed=failed):  # draw: per seed
+            counts["trained"] += 1
     return counts
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -104,12 +105,19 @@ def run_prop1_part(cache: Path, settings: Settings, log: Log) -> list[Path]:
 def run_cell(cell: Cell, cache: Path, settings: Settings, *, data: Any = None, progress: bool = False,
              log: Log) -> Path:
     """Train one cell (resuming an interrupted one); return its run directory."""
+    import shutil
+
     from lora_cl.recipe import recipe_from_dict
-    from lora_cl.trainer.stream import run_method
+    from lora_cl.trainer.stream import resume_gap, run_method
 
     run_dir = cell.run_dir(cache)
     recipe = recipe_from_dict(recipe_dict(cell.stream, cell.method, cell.seed, settings, run_dir.parent))
     choice = recipe.method
+    missing = resume_gap(run_dir, recipe.domain_names())
+    if missing:  # an interrupted cell whose heavy files are gone (they are not kept in git)
+        log(f"lora-cl reproduce: {run_dir}: an interrupted cell without {', '.join(missing)} to resume "
+            "from; training it again from the start")
+        shutil.rmtree(run_dir)
     run_method(recipe, choice, run_dir, data=data, resume=(run_dir / "run.json").is_file(),
                progress=progress, log=log)
     prune_cell(run_dir)
@@ -140,10 +148,12 @@ def prune_cell(run_dir: Path) -> None:
 def run_grid(parts: Sequence[int], cache: str | Path, settings: Settings, *,
              methods: Sequence[str] | None = None, progress: bool = False,
              log: Log | None = None) -> dict[str, Any]:
-    """Run every unfinished cell of ``parts``; return counts of trained, cached and skipped cells."""
+    """Run every unfinished cell of ``parts``; return counts of trained, cached and skipped cells,
+    and under ``failed`` the run directories of the cells that raised (the others still ran)."""
     log = log or _stderr
     cache = Path(cache)
-    counts = {"trained": 0, "cached": 0, "not_runnable": 0, "prop1_written": 0}
+    counts: dict[str, Any] = {"trained": 0, "cached": 0, "not_runnable": 0, "prop1_written": 0}
+    counts["failed"] = failed = []
     if 1 in parts:
         counts["prop1_written"] = len(run_prop1_part(cache, settings, log))
     seen: set[Path] = set()
@@ -166,9 +176,34 @@ def run_grid(parts: Sequence[int], cache: str | Path, settings: Settings, *,
                 log(f"lora-cl reproduce: part {part} cell {k + 1}/{len(cells)} {run_dir}: cached")
                 continue
             log(f"lora-cl reproduce: part {part} cell {k + 1}/{len(cells)} -> {run_dir}")
-            train_cell(cell, cache, settings, data_cache, progress=progress, log=log)
-            counts["trained"] += 1
+            if try_cell(cell, cache, settings, data_cache, progress=progress, log=log, failed=failed):
+                counts["trained"] += 1
     return counts
+
+
+def try_cell(cell: Cell, cache: Path, settings: Settings, data_cache: dict[tuple[Any, ...], Any], *,
+             progress: bool, log: Log, failed: list[str]) -> bool:
+    """:func:`train_cell`, where one cell's error does not stop an unattended grid: it is logged
+    with its traceback, the cell's run directory is appended to ``failed`` (left as it is, so a
+    rerun resumes or retries it) and False is returned. Ctrl-C still stops the grid."""
+    try:
+        train_cell(cell, cache, settings, data_cache, progress=progress, log=log)
+    except Exception as exc:  # reported here and in the command's exit status
+        run_dir = cell.run_dir(cache)
+        log(traceback.format_exc().rstrip())
+        log(f"lora-cl reproduce: {run_dir} failed ({type(exc).__name__}: {exc}); going on with the "
+            "other cells (rerun the command to retry it)")
+        failed.append(str(run_dir))
+        return False
+    return True
+
+
+def report_failed(failed: Sequence[str]) -> int:
+    """Name the cells that failed on stderr; the command's exit status: 1 when any did, else 0."""
+    for run_dir in failed:
+        print(f"lora-cl reproduce: error: cell {run_dir} failed (its traceback is above); rerun the "
+              "command to retry it", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def train_cell(cell: Cell, cache: Path, settings: Settings, data_cache: dict[tuple[Any, ...], Any], *,

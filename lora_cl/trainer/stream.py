@@ -206,7 +206,8 @@ def _run_method(recipe: Any, choice: Any, run_dir: str | os.PathLike[str], *,
         write_json(run_dir / "base_eval.json", {"domains": names, "eval": base,
                                                 **_general_scores(model, general, tokenizer, eval_kw)})
     done = finished_domains(run_dir, names)
-    if done:
+    if 0 < done < len(names):  # (with every domain done only the files below are rebuilt)
+        _check_resumable(run_dir, names)
         _restore_domain(model, optimizer, callback, domain_dir(run_dir, done - 1, names[done - 1]))
         log(f"lora-cl: [{choice.run_label}] resuming after domain {done}/{len(names)} {names[done - 1]!r}")
     for i in range(done, len(names)):
@@ -415,6 +416,30 @@ def _load_full_weights(model: Any, folder: Path) -> None:
     if untied:
         raise StreamError(f"{folder}: {len(untied)} tensor(s) of the model are not in the saved "
                           f"weights ({', '.join(untied[:3])}); it was saved from another model")
+
+
+def resume_gap(run_dir: str | os.PathLike[str], names: Sequence[str]) -> list[str]:
+    """What an interrupted run lacks to resume after its last finished domain: the files of that
+    domain's directory that a resume loads (its weights, ``optimizer.pt``, ``callback.json``) and
+    that are gone, e.g. pruned by ``lora-cl reproduce`` or not kept by git. Empty when nothing is
+    missing, when no domain has finished, or when every domain has."""
+    run_dir = Path(run_dir)
+    done = finished_domains(run_dir, names)
+    if not done or done == len(names):
+        return []
+    ddir = domain_dir(run_dir, done - 1, names[done - 1])
+    missing = [] if any((ddir / sub / f).is_file() for sub, f in _WEIGHTS_FILES.items()) \
+        else ["adapter/ or model/ weights"]
+    return missing + [f for f in ("optimizer.pt", "callback.json") if not (ddir / f).is_file()]
+
+
+def _check_resumable(run_dir: Path, names: Sequence[str]) -> None:
+    missing = resume_gap(run_dir, names)
+    if missing:
+        done = finished_domains(run_dir, names)
+        raise StreamError(f"{run_dir}: cannot resume after domain {done}/{len(names)} {names[done - 1]!r}: "
+                          f"its directory lacks {', '.join(missing)} (only its metrics were kept); delete "
+                          f"{run_dir} to train this run again from the start")
 
 
 def _restore_domain(model: Any, optimizer: RoutedAdamW, callback: ContinualCallback, ddir: Path) -> None:
