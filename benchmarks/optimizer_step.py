@@ -227,12 +227,14 @@ def main() -> None:
 
     bank = bank_for(names, params, args.rank)
     groups = [{"params": params, "param_names": names}]
-    syncs = {key: host_syncs(makers[key], params, grads)
-             for key in (NO_MODIFIER, NO_MODIFIER_FED, PROJECTION.format(rank=args.rank))}
+    guarded = (NO_MODIFIER, NO_MODIFIER_FED, PROJECTION.format(rank=args.rank),
+               *((ROUTED_8BIT,) if ROUTED_8BIT in makers else ()))
+    syncs = {key: host_syncs(makers[key], params, grads) for key in guarded}
     syncs[OGP_CHAIN] = host_syncs(lambda: RoutedAdamW(groups, lr=1e-4, impl="fused", modifiers=[
         GradientRowBuffer("in", rank=args.rank), Projection(bank, OverlapAdaptiveStrength())]), params, grads)
     print(f"host syncs per step: {syncs}", flush=True)
-    counted = ("torch AdamW fused=True", NO_MODIFIER, NO_MODIFIER_FED, PROJECTION.format(rank=args.rank))
+    counted = ("torch AdamW fused=True", NO_MODIFIER, NO_MODIFIER_FED, PROJECTION.format(rank=args.rank),
+               *((ROUTED_8BIT, BNB_8BIT) if ROUTED_8BIT in makers else ()))
     ops = {key: ops_per_step(makers[key], params, grads) for key in counted}
     ops[PROJECTION_ONE_CHUNK.format(rank=args.rank)] = ops_per_step(
         lambda: RoutedAdamW(groups, lr=1e-4, impl="fused", modifiers=[

@@ -85,7 +85,11 @@ def targets_table(opt: dict | None, trainer: dict | None, basis: dict | None) ->
         syncs = opt.get("syncs_per_step")
         if syncs:
             guarded = [syncs[opt["no_modifier"]], syncs[opt["projection"]]]
-            lines.append(_row("host syncs per step(), default guard: no modifier; projection", "",
+            what = "no modifier; projection"
+            if opt.get("routed_8bit") in syncs:  # (runs before 2026-12-08 did not count it)
+                guarded.append(syncs[opt["routed_8bit"]])
+                what += "; 8-bit states"
+            lines.append(_row(f"host syncs per step(), default guard: {what}", "",
                               "0", "; ".join(f"{s:g}" for s in guarded), max(guarded) == 0))
             chain = syncs.get(opt.get("ogp_chain", ""))
             if chain is not None:

@@ -30,6 +30,9 @@ def test_performance_quick_writes_the_page(tmp_path, test_cache_dir):
     assert (tmp_path / "performance" / "ratios.png").stat().st_size > 1000
     assert "Where the projection step's time goes" in text
     assert "ATen compute ops per `step()`" in text
+    # the guard decides on the device with fp32 and with 8-bit states
+    assert ("| host syncs per step(), default guard: no modifier; projection; 8-bit states |  | 0 | 0; 0; 0 |"
+            in text)
     assert "Exact GPM (activation (gpm)) runs its sample of examples through the model" in text
     ops = json.loads((tmp_path / "performance" / "optimizer_step.json").read_text())["ops_per_step"]
     one_chunk = next(v for k, v in ops.items() if "one chunk per shape" in k)

@@ -117,6 +117,8 @@ class Chunk8bit:
         self.padded = [i for i, (n, b) in enumerate(zip(self.sizes, self.blocks, strict=True))
                        if n != b * BLOCKSIZE]
         flats = []
+        #: (codes, block scales) of m and of v as they were read (requantize_(skip) keeps them)
+        self.read: list[tuple[Tensor, Tensor]] = []
         for (key, amax), code in zip((("state1", "absmax1"), ("state2", "absmax2")), self.maps, strict=True):
             codes = self._laid_out([st[key].reshape(-1) for st in self.states], torch.uint8, device)
             absmax = torch.cat([st[amax] for st in self.states])
@@ -124,6 +126,7 @@ class Chunk8bit:
             for i in self.padded:  # zero padding: it must not raise a tail block's absmax later
                 flat[self.offsets[i] + self.sizes[i]:self.offsets[i + 1]].zero_()
             flats.append(flat)
+            self.read.append((codes, absmax))
         self.flat_m, self.flat_v = flats
         shapes = [st["state1"].shape for st in self.states]
         self.m = self._views(self.flat_m, shapes)
@@ -140,17 +143,25 @@ class Chunk8bit:
         return [flat[o:o + n].view(shape)
                 for o, n, shape in zip(self.offsets[:-1], self.sizes, shapes, strict=True)]
 
-    def requantize_(self) -> None:
-        """Quantize the (updated) fp32 buffers and copy the codes and scales into the states."""
+    def requantize_(self, skip: Tensor | None = None) -> None:
+        """Quantize the (updated) fp32 buffers and copy the codes and scales into the states.
+
+        ``skip`` (a 0-d bool tensor, decided on the device) keeps the codes and scales read at
+        construction where it is True: a skipped step leaves the states bit for bit as they were
+        (requantizing unchanged values need not give back the same codes), with no host sync."""
         bnb_f = _bnb_functional()
-        for (key, amax), flat, code in zip((("state1", "absmax1"), ("state2", "absmax2")),
-                                           (self.flat_m, self.flat_v), self.maps, strict=True):
+        starts = [o // BLOCKSIZE for o in self.offsets[:-1]]
+        for (key, amax), flat, code, (was_codes, was_absmax) in zip(
+                (("state1", "absmax1"), ("state2", "absmax2")), (self.flat_m, self.flat_v), self.maps,
+                self.read, strict=True):
             codes, qstate = bnb_f.quantize_blockwise(flat, code=code, blocksize=BLOCKSIZE)
+            absmax = qstate.absmax
+            if skip is not None:
+                codes, absmax = torch.where(skip, was_codes, codes), torch.where(skip, was_absmax, absmax)
             torch._foreach_copy_([st[key].view(-1) for st in self.states],
                                  [codes[o:o + n] for o, n in zip(self.offsets[:-1], self.sizes, strict=True)])
-            starts = [o // BLOCKSIZE for o in self.offsets[:-1]]
             torch._foreach_copy_([st[amax] for st in self.states],
-                                 [qstate.absmax[a:a + b] for a, b in zip(starts, self.blocks, strict=True)])
+                                 [absmax[a:a + b] for a, b in zip(starts, self.blocks, strict=True)])
 
 
 def state_nbytes(states: Iterable[dict[str, Any]]) -> int:

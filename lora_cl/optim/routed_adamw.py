@@ -408,9 +408,9 @@ class RoutedAdamW(Optimizer):
 
         So when nothing needs the decision on the host: ``nonfinite="skip"``, every modifier
         acting on a routed tensor commits on the device (``device_commit``: a projection with a
-        fixed or overlap-adaptive strength), none is additive, no update re-projection, fp32
-        states, torch's fused kernel on one device, beta1 >= FUSED_MIN_BETA1 and not inside a
-        sharded step.
+        fixed or overlap-adaptive strength), none is additive, no update re-projection, torch's
+        fused kernel on one device (fp32 or 8-bit states), beta1 >= FUSED_MIN_BETA1 and not
+        inside a sharded step.
         """
         if self.nonfinite != "skip" or self.reproject_update or self._hold_commits:
             return False
@@ -419,7 +419,7 @@ class RoutedAdamW(Optimizer):
             return False
         device = entries[0]["param"].device
         if (self.impl == "reference" or any(e["param"].device != device for e in entries)
-                or not fused_kernel_available(device) or any(q8.is_8bit(e["state"]) for e in entries)):
+                or not fused_kernel_available(device)):
             return False
         return all(float(g["betas"][0]) >= FUSED_MIN_BETA1
                    for gi, g in enumerate(self.param_groups) if any(e["group"] == gi for e in entries))
@@ -474,35 +474,55 @@ class RoutedAdamW(Optimizer):
                 chained[i]["m_delta"] = _entry_input(d, chained[i])
         for gi, group in enumerate(self.param_groups):
             mine = [e for e in entries if e["group"] == gi]
-            if not mine:
-                continue
-            m_src, v_src = ROUTINGS[group["routing"]]
-            beta1, beta2 = (float(b) for b in group["betas"])
-            g_m = [e["grad"] if m_src == "raw" else e.get("mod", e["grad"]) for e in mine]
-            g_v = [e["grad"] if v_src == "raw" else e.get("mod", e["grad"]) for e in mine]
-            ms = [e["state"]["exp_avg"] for e in mine]
-            differ = [i for i, (a, b) in enumerate(zip(g_m, g_v, strict=True)) if a is not b]
-            # the kernel feeds m from g_v: m += (1-b1)/b1 * (g_m - g_v) lands it on g_m
-            # (functional.routed_adamw_fused), zeroed where the step is skipped
-            delta: list[Tensor] = []
-            if differ:
-                if m_src == "mod":  # decoupled: g~ (the chain's own buffer) feeds only m, so
-                    delta = [g_m[i] for i in differ]  # g~ - g is formed in it: no fresh pages
-                    torch._foreach_sub_(delta, [g_v[i] for i in differ])
-                else:
-                    delta = list(torch._foreach_sub([g_m[i] for i in differ], [g_v[i] for i in differ]))
-            for d in delta:
-                d.masked_fill_(skip, 0.0)
-            handed = [i for i, e in enumerate(mine) if "m_delta" in e]  # g~ - g from the chain,
-            delta += [mine[i]["m_delta"] for i in handed]  # already zero if the step is skipped
-            if delta:
-                torch._foreach_add_([ms[i] for i in differ + handed], delta, alpha=(1 - beta1) / beta1)
-            fused_adamw_step([e["param"] for e in mine], g_v, ms, [e["state"]["exp_avg_sq"] for e in mine],
-                             [e["state"]["step"] for e in mine], lr=_as_float(group["lr"]),
-                             beta1=beta1, beta2=beta2, eps=float(group["eps"]),
-                             weight_decay=float(group["weight_decay"]), found_inf=found_inf)
+            if mine:
+                self._device_update(group, mine, found_inf, skip)
         self._dev_steps += 1
         self._dev_skips = found_inf if self._dev_skips is None else self._dev_skips + found_inf
+
+    def _device_update(self, group: dict[str, Any], mine: list[dict[str, Any]], found_inf: Tensor,
+                       skip: Tensor) -> None:
+        """One param group's update on the device path: p, m and v untouched where ``found_inf``
+        is 1. 8-bit states are dequantized a chunk at a time, as on the host path, and their codes
+        and block scales written back only where the step stands."""
+        m_src, v_src = ROUTINGS[group["routing"]]
+        beta1, beta2 = (float(b) for b in group["betas"])
+        g_m = [e["grad"] if m_src == "raw" else e.get("mod", e["grad"]) for e in mine]
+        g_v = [e["grad"] if v_src == "raw" else e.get("mod", e["grad"]) for e in mine]
+        differ = [i for i, (a, b) in enumerate(zip(g_m, g_v, strict=True)) if a is not b]
+        # the kernel feeds m from g_v: m += (1-b1)/b1 * (g_m - g_v) lands it on g_m
+        # (functional.routed_adamw_fused), zeroed where the step is skipped
+        delta: list[Tensor] = []
+        if differ:
+            if m_src == "mod":  # decoupled: g~ (the chain's own buffer) feeds only m, so
+                delta = [g_m[i] for i in differ]  # g~ - g is formed in it: no fresh pages
+                torch._foreach_sub_(delta, [g_v[i] for i in differ])
+            else:
+                delta = list(torch._foreach_sub([g_m[i] for i in differ], [g_v[i] for i in differ]))
+        for d in delta:
+            d.masked_fill_(skip, 0.0)
+        deltas = dict(zip(differ, delta, strict=True))
+        # g~ - g handed over by the chain is already zero if the step is skipped
+        deltas.update((i, e["m_delta"]) for i, e in enumerate(mine) if "m_delta" in e)
+        hyper = dict(lr=_as_float(group["lr"]), beta1=beta1, beta2=beta2, eps=float(group["eps"]),
+                     weight_decay=float(group["weight_decay"]), found_inf=found_inf)
+
+        def run(idx: list[int], ms: list[Tensor], vs: list[Tensor]) -> None:
+            moved = [k for k, i in enumerate(idx) if i in deltas]
+            if moved:
+                torch._foreach_add_([ms[k] for k in moved], [deltas[idx[k]] for k in moved],
+                                    alpha=(1 - beta1) / beta1)
+            fused_adamw_step([mine[i]["param"] for i in idx], [g_v[i] for i in idx], ms, vs,
+                             [mine[i]["state"]["step"] for i in idx], **hyper)
+
+        full = [i for i, e in enumerate(mine) if not q8.is_8bit(e["state"])]
+        if full:
+            run(full, [mine[i]["state"]["exp_avg"] for i in full],
+                [mine[i]["state"]["exp_avg_sq"] for i in full])
+        small = [i for i, e in enumerate(mine) if q8.is_8bit(e["state"])]
+        for chunk in q8.chunks(small, [mine[i]["param"].numel() for i in small]):
+            flat = q8.Chunk8bit([mine[i]["state"] for i in chunk])
+            run(chunk, flat.m, flat.v)
+            flat.requantize_(skip)
 
     def _add_into_moments(self, fn: Any, chained: list[dict[str, Any]], keep: Tensor) -> bool:
         """m += (1-b1)/b1 (g~ - g) in the chain's own product, where the entry offers it
@@ -514,7 +534,8 @@ class RoutedAdamW(Optimizer):
         if add_into is None or not fn.whole_group:
             return False
         mine = [chained[i] for i in fn.idx]
-        if not mine or any("dtensor" in e for e in mine) or len({e["group"] for e in mine}) != 1:
+        if (not mine or any("dtensor" in e or q8.is_8bit(e["state"]) for e in mine)
+                or len({e["group"] for e in mine}) != 1):
             return False
         ms = [e["state"]["exp_avg"] for e in mine]
         m = _stacked_rows(ms)

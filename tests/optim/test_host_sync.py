@@ -473,3 +473,50 @@ def test_decoupled_projection_adds_its_delta_into_the_stacked_first_moments():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
         for x, y in zip(dev.moments(a), fresh.moments(b), strict=True):
             torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+# -- 8-bit states: decided on the device too -----------------------------------------------------
+def _8bit(ps: list[torch.Tensor], strength: str | None, **kw) -> RoutedAdamW:
+    """8-bit states on every tensor (min_8bit_size=0), with or without a projection."""
+    if strength is None:
+        return RoutedAdamW(ps, lr=1e-2, weight_decay=0.1, state_bits=8, min_8bit_size=0, **kw)
+    return projected(ps, "decoupled", STRENGTHS[strength](), "in", state_bits=8, min_8bit_size=0, **kw)
+
+
+@pytest.mark.parametrize("strength", [None, "fixed", "overlap"])
+def test_8bit_step_has_no_host_sync(strength):
+    ps = params()
+    opt = _8bit(ps, strength)
+    assert syncs_per_step(opt, ps) == 0
+    assert all("state1" in opt.state[p] for p in ps)  # the states are 8-bit
+
+
+@pytest.mark.parametrize("strength", [None, "fixed", "overlap"])
+def test_8bit_device_path_equals_the_host_path_and_skips_with_states_untouched(strength):
+    """The 8-bit step decided on the device equals the host path's (nonfinite='raise'); a NaN step
+    leaves p, the codes, the block scales and the step counts bit for bit as they were, and the run
+    then equals one that never saw the bad step."""
+    dev_ps, host_ps, ref_ps = params(), params(), params()
+    dev, ref = _8bit(dev_ps, strength), _8bit(ref_ps, strength)
+    host = _8bit(host_ps, strength, nonfinite="raise")
+    for opt, ps in ((dev, dev_ps), (host, host_ps), (ref, ref_ps)):
+        _run(opt, ps, [0, 1, 2])
+    for a, b in zip(dev_ps, host_ps, strict=True):  # (the pre-correction rounds: see the fp32 test)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        for k, v in host.state[b].items():  # the codes equal, the block scales to rounding
+            torch.testing.assert_close(dev.state[a][k], v, rtol=1e-6, atol=0)
+    before = ([p.detach().clone() for p in dev_ps],
+              [{k: v.clone() for k, v in dev.state[p].items()} for p in dev_ps])
+    mode = CountSyncs()
+    with mode:
+        _run(dev, dev_ps, [3], nan_at=3)
+    assert mode.syncs == 0
+    for p, b, st in zip(dev_ps, *before, strict=True):
+        assert torch.equal(p, b)
+        assert all(torch.equal(dev.state[p][k], v) for k, v in st.items())  # codes, scales, step
+    with pytest.warns(RuntimeWarning, match=r"skipped 1 step\(s\)"):
+        assert dev.skipped_steps == 1
+    _run(dev, dev_ps, [4, 5]), _run(ref, ref_ps, [4, 5])
+    for a, b in zip(dev_ps, ref_ps, strict=True):
+        assert torch.equal(a, b)
+        assert all(torch.equal(dev.state[a][k], v) for k, v in ref.state[b].items())
