@@ -86,7 +86,7 @@ def targets_table(opt: dict | None, trainer: dict | None, basis: dict | None) ->
         if syncs:
             guarded = [syncs[opt["no_modifier"]], syncs[opt["projection"]]]
             what = "no modifier; projection"
-            if opt.get("routed_8bit") in syncs:  # (runs before 2026-12-08 did not count it)
+            if opt.get("routed_8bit") in syncs:  # (runs before 2026-12-07 did not count it)
                 guarded.append(syncs[opt["routed_8bit"]])
                 what += "; 8-bit states"
             lines.append(_row(f"host syncs per step(), default guard: {what}", "",
