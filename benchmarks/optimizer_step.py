@@ -179,20 +179,22 @@ def time_steps(opt: torch.optim.Optimizer, params, grads, steps: int, device: st
 
 
 class CountOps(TorchDispatchMode):
-    """ATen compute ops dispatched (views and profiler markers left out): on a GPU each is about
-    one kernel launch (a foreach or fused op is one call here and a few launches there)."""
+    """ATen and bitsandbytes compute ops dispatched (views and profiler markers left out): on a GPU
+    each is about one kernel launch (a foreach or fused op is one call here and a few launches
+    there). bitsandbytes' own ops (its 8-bit update, quantize, dequantize) are torch library ops
+    of its namespace: AdamW8bit runs one per tensor."""
 
     def __init__(self) -> None:
         super().__init__()
         self.ops = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        self.ops += func.namespace == "aten" and not func.is_view
+        self.ops += func.namespace in ("aten", "bitsandbytes") and not func.is_view
         return func(*args, **(kwargs or {}))
 
 
 def ops_per_step(make: Callable[[], torch.optim.Optimizer], params, grads) -> float:  # noqa: ANN001
-    """ATen compute ops per step() after the first (the count is device-independent)."""
+    """ATen and bitsandbytes compute ops per step() after the first (the count is device-independent)."""
     return per_step(CountOps, "ops", make, params, grads)
 
 
@@ -287,10 +289,11 @@ def main() -> None:
               "the first; the op count is the device's too):", "",
               "| optimizer | host syncs per step |", "|---|---|",
               *(f"| {k} | {v:g} |" for k, v in syncs.items())]
-    lines += ["", "ATen compute ops per `step()` (views left out; counted over 3 steps after the first, the "
-              "same on any device; on a GPU each is about one kernel launch). On a CPU the projection "
-              "cuts each shape group into cache-sized chunks (16 MiB) and runs its ops per chunk; on a "
-              "GPU (any device but the CPU) it takes one chunk per shape (`ACCEL_CHUNK_BYTES`):", "",
+    lines += ["", "ATen (and bitsandbytes) compute ops per `step()` (views left out; counted over 3 steps "
+              "after the first, the same on any device; on a GPU each is about one kernel launch). On a "
+              "CPU the projection cuts each shape group into cache-sized chunks (16 MiB) and runs its ops "
+              "per chunk; on a GPU (any device but the CPU) it takes one chunk per shape "
+              "(`ACCEL_CHUNK_BYTES`):", "",
               "| optimizer | ops per step |", "|---|---|",
               *(f"| {k} | {v:g} |" for k, v in ops.items())]
     text = "\n".join(lines)

@@ -29,7 +29,7 @@ def test_performance_quick_writes_the_page(tmp_path, test_cache_dir):
         assert doc["benchmark"] == name
     assert (tmp_path / "performance" / "ratios.png").stat().st_size > 1000
     assert "Where the projection step's time goes" in text
-    assert "ATen compute ops per `step()`" in text
+    assert "ATen (and bitsandbytes) compute ops per `step()`" in text
     # the guard decides on the device with fp32 and with 8-bit states
     assert ("| host syncs per step(), default guard: no modifier; projection; 8-bit states |  | 0 | 0; 0; 0 |"
             in text)
