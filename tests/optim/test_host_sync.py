@@ -476,11 +476,13 @@ def test_decoupled_projection_adds_its_delta_into_the_stacked_first_moments():
 
 
 # -- 8-bit states: decided on the device too -----------------------------------------------------
-def _8bit(ps: list[torch.Tensor], strength: str | None, **kw) -> RoutedAdamW:
-    """8-bit states on every tensor (min_8bit_size=0), with or without a projection."""
+def _8bit(ps: list[torch.Tensor], strength: str | None, min_8bit_size: int = 0, **kw) -> RoutedAdamW:
+    """8-bit states on every tensor (min_8bit_size=0; 100 leaves the 16-element bias in fp32), with
+    or without a projection."""
     if strength is None:
-        return RoutedAdamW(ps, lr=1e-2, weight_decay=0.1, state_bits=8, min_8bit_size=0, **kw)
-    return projected(ps, "decoupled", STRENGTHS[strength](), "in", state_bits=8, min_8bit_size=0, **kw)
+        return RoutedAdamW(ps, lr=1e-2, weight_decay=0.1, state_bits=8, min_8bit_size=min_8bit_size, **kw)
+    return projected(ps, "decoupled", STRENGTHS[strength](), "in", state_bits=8, min_8bit_size=min_8bit_size,
+                     **kw)
 
 
 @pytest.mark.parametrize("strength", [None, "fixed", "overlap"])
@@ -492,15 +494,17 @@ def test_8bit_step_has_no_host_sync(strength):
 
 
 @pytest.mark.parametrize("strength", [None, "fixed", "overlap"])
-def test_8bit_device_path_equals_the_host_path_and_skips_with_states_untouched(strength):
+@pytest.mark.parametrize("min_8bit_size", [0, 100])  # all 8-bit; 8-bit and fp32 in one group
+def test_8bit_device_path_equals_the_host_path_and_skips_with_states_untouched(strength, min_8bit_size):
     """The 8-bit step decided on the device equals the host path's (nonfinite='raise'); a NaN step
     leaves p, the codes, the block scales and the step counts bit for bit as they were, and the run
     then equals one that never saw the bad step."""
     dev_ps, host_ps, ref_ps = params(), params(), params()
-    dev, ref = _8bit(dev_ps, strength), _8bit(ref_ps, strength)
-    host = _8bit(host_ps, strength, nonfinite="raise")
+    dev, ref = _8bit(dev_ps, strength, min_8bit_size), _8bit(ref_ps, strength, min_8bit_size)
+    host = _8bit(host_ps, strength, min_8bit_size, nonfinite="raise")
     for opt, ps in ((dev, dev_ps), (host, host_ps), (ref, ref_ps)):
         _run(opt, ps, [0, 1, 2])
+    assert ["state1" in dev.state[p] for p in dev_ps] == [True, True, min_8bit_size == 0]
     for a, b in zip(dev_ps, host_ps, strict=True):  # (the pre-correction rounds: see the fp32 test)
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
         for k, v in host.state[b].items():  # the codes equal, the block scales to rounding
