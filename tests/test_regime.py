@@ -465,6 +465,10 @@ def test_the_reproduction_page_opens_with_a_generated_plain_answer(tmp_path):
     # seed k: the line through (3.0, 0.8 + k/100) and (3.2, 0.55 + k/100) at the decoupled run's
     # J = 3.1 + k/100 is 0.675 - 0.0025 k; it forgets 0.6 + 0.015 k: -0.075, -0.0575, -0.04 beyond
     assert "decoupled routing lies beyond it in (a; shared at 1x and 0.8x the lr)." in text
+    # and directly against shared at the lower lr: 0.6 + 0.015k against 0.55 + 0.01k forgets more
+    assert ("Directly against shared routing at a lower lr (decoupled - shared, % of vanilla's forgetting, "
+            "Holm-corrected): +5.5% against fixed-shared at 0.8x the lr in (a): none shows decoupling "
+            "forgetting less than shared routing at the lower lr.") in text
     short = page.in_short()
     assert short["decoupled - shared (same bases, strength, lr)"].startswith(
         "fixed -19.5 [-20.7, -18.3]% (holds, 3 of 5 seeds); overlap-adaptive 0.0 [-5.0, 5.0]% "
@@ -500,3 +504,8 @@ def test_regime_b_compares_decoupling_with_shared_routing_at_a_plasticity_matche
     assert "against the line through shared's lr and 0.9x: -5.9 [" in " ".join(page.in_short().values())
     regime_a = RegimePage(cache, regime_settings("a"), tmp_path / "docs", "a")
     assert "fixed-shared at 0.9x" not in regime_a.render()
+    from lora_cl.reproduce.doc import _plain_answer
+
+    assert ("forgetting, Holm-corrected): +5.9% against fixed-shared at 0.8x the lr in (b); -5.9% against "
+            "fixed-shared at 0.9x the lr in (b): decoupling forgets less than the lower-lr shared run in "
+            "1 of 2.") in _plain_answer({"b": page})
