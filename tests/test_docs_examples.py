@@ -178,10 +178,11 @@ def readme_results() -> list[str]:
 
 def figures_not_on_pages(lines: list[str], pages: list[str]) -> list[str]:
     """Every figure (a number with a decimal point or a %, or a count before "of") of ``lines``
-    that no generated page prints exactly so."""
+    that no generated page prints exactly so (a whole number there, not the start or end of a
+    longer one: 0.0739 is not on a page that prints 0.07394)."""
     text = "\n".join(pages)
     figures = re.findall(r"[-+]?\d+\.\d+%?|\d+%|\d+ of \d+", "\n".join(lines))
-    return [f for f in figures if f not in text]
+    return [f for f in figures if not re.search(rf"(?<![\d.]){re.escape(f)}(?![\d])", text)]
 
 
 def test_readme_results_are_five_short_lines_whose_figures_are_on_the_generated_pages():
@@ -199,6 +200,8 @@ def test_a_readme_figure_missing_from_the_pages_is_caught():
     pages = ["forgetting 0.123 nats, 12.5% of vanilla's; 3 of 5 cells"]
     assert figures_not_on_pages(["0.123 nats, 12.5%, 3 of 5"], pages) == []
     assert figures_not_on_pages(["0.124 nats, 12.6%, 4 of 5"], pages) == ["0.124", "12.6%", "4 of 5"]
+    assert figures_not_on_pages(["p = 0.0739, 2.5%, 3 of 5"], ["p = 0.07394, 12.5%, 13 of 50"]) == [
+        "0.0739", "2.5%", "3 of 5"]
 
 
 def test_committed_reproduction_pages_are_what_the_committed_cells_generate(tmp_path, monkeypatch):
