@@ -506,23 +506,18 @@ class RoutedAdamW(Optimizer):
         hyper = dict(lr=_as_float(group["lr"]), beta1=beta1, beta2=beta2, eps=float(group["eps"]),
                      weight_decay=float(group["weight_decay"]), found_inf=found_inf)
 
-        def run(idx: list[int], ms: list[Tensor], vs: list[Tensor]) -> None:
+        pos = {id(e): i for i, e in enumerate(mine)}
+
+        def run(chunk: list[dict[str, Any]], ms: list[Tensor], vs: list[Tensor]) -> None:
+            idx = [pos[id(e)] for e in chunk]
             moved = [k for k, i in enumerate(idx) if i in deltas]
             if moved:
                 torch._foreach_add_([ms[k] for k in moved], [deltas[idx[k]] for k in moved],
                                     alpha=(1 - beta1) / beta1)
-            fused_adamw_step([mine[i]["param"] for i in idx], [g_v[i] for i in idx], ms, vs,
-                             [mine[i]["state"]["step"] for i in idx], **hyper)
+            fused_adamw_step([e["param"] for e in chunk], [g_v[i] for i in idx], ms, vs,
+                             [e["state"]["step"] for e in chunk], **hyper)
 
-        full = [i for i, e in enumerate(mine) if not q8.is_8bit(e["state"])]
-        if full:
-            run(full, [mine[i]["state"]["exp_avg"] for i in full],
-                [mine[i]["state"]["exp_avg_sq"] for i in full])
-        small = [i for i, e in enumerate(mine) if q8.is_8bit(e["state"])]
-        for chunk in q8.chunks(small, [mine[i]["param"].numel() for i in small]):
-            flat = q8.Chunk8bit([mine[i]["state"] for i in chunk])
-            run(chunk, flat.m, flat.v)
-            flat.requantize_(skip)
+        _by_moment_storage(mine, run, skip)
 
     def _add_into_moments(self, fn: Any, chained: list[dict[str, Any]], keep: Tensor) -> bool:
         """m += (1-b1)/b1 (g~ - g) in the chain's own product, where the entry offers it
@@ -633,23 +628,7 @@ class RoutedAdamW(Optimizer):
                 for e in chunk],
                ms, vs, [e["state"]["step"] for e in chunk], **hyper)
 
-        full = [e for e in entries if not q8.is_8bit(e["state"])]
-        if full:
-            run(full, [e["state"]["exp_avg"] for e in full],
-                [e["state"]["exp_avg_sq"] for e in full])
-        # 8-bit states: dequantize a chunk, the same update on fp32 copies, requantize. Chunks
-        # bound the transient fp32 memory (8 B/element) while keeping the fused kernel's batching.
-        small = [e for e in entries if q8.is_8bit(e["state"])]
-        for chunk in q8.chunks(small, [e["param"].numel() for e in small]):
-            if len({e["param"].device for e in chunk}) == 1:  # one call per moment for the chunk
-                flat = q8.Chunk8bit([e["state"] for e in chunk])
-                run(chunk, flat.m, flat.v)
-                flat.requantize_()
-                continue
-            moments = [q8.dequantize(e["state"]) for e in chunk]  # (a model split over devices)
-            run(chunk, [m for m, _ in moments], [v for _, v in moments])
-            for e, (m, v) in zip(chunk, moments, strict=True):
-                q8.requantize_(e["state"], m, v)
+        _by_moment_storage(entries, run)
 
     def _reproject(self, routed: list[dict[str, Any]], before: list[Tensor]) -> None:
         names = [e["name"] for e in routed]
@@ -770,6 +749,31 @@ class RoutedAdamW(Optimizer):
                     restored[key] = [{k: t.to(device=p.device, copy=True) if isinstance(t, Tensor) else t
                                       for k, t in v.items()} for v in value]
             self.state[p].update(dt.to_shards(restored, p) if dt.is_dtensor(p) else restored)
+
+
+def _by_moment_storage(entries: list[dict[str, Any]],
+                       run: Callable[[list[dict[str, Any]], list[Tensor], list[Tensor]], None],
+                       skip: Tensor | None = None) -> None:
+    """``run(chunk, ms, vs)`` on fp32 moments: once for the entries with fp32 states, and for 8-bit
+    states once per chunk, dequantized together, the same update on fp32 copies, then requantized
+    (where the 0-d ``skip`` is True the codes and scales are kept as they were). Chunks bound the
+    transient fp32 memory (8 B/element) while keeping the fused kernel's batching."""
+    full = [e for e in entries if not q8.is_8bit(e["state"])]
+    if full:
+        run(full, [e["state"]["exp_avg"] for e in full], [e["state"]["exp_avg_sq"] for e in full])
+    small = [e for e in entries if q8.is_8bit(e["state"])]
+    for chunk in q8.chunks(small, [e["param"].numel() for e in small]):
+        if len({e["param"].device for e in chunk}) == 1:  # one call per moment for the chunk
+            flat = q8.Chunk8bit([e["state"] for e in chunk])
+            run(chunk, flat.m, flat.v)
+            flat.requantize_(skip)
+            continue
+        if skip is not None:  # (the device-decided step runs on one device only: _device_decides)
+            raise RuntimeError("RoutedAdamW: a device-decided step over several devices")
+        moments = [q8.dequantize(e["state"]) for e in chunk]  # (a model split over devices)
+        run(chunk, [m for m, _ in moments], [v for _, v in moments])
+        for e, (m, v) in zip(chunk, moments, strict=True):
+            q8.requantize_(e["state"], m, v)
 
 
 def state_moments(state: dict[str, Any] | None) -> tuple[Tensor, Tensor] | None:

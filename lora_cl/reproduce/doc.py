@@ -607,21 +607,21 @@ def _overlap_verdict(per_cell: dict[str, dict[tuple[str, int], list[float]]]) ->
                     "natural stream, so part 3 does not test a higher-overlap regime.")
 
 
-def _against_lower_lr(pages: dict[str, Any]) -> str:
-    """The effective-lr controls in one generated sentence: decoupled routing against shared
-    routing at a lower lr, each in % of vanilla's forgetting with its Holm verdict, and whether
-    any of them shows decoupling doing better than the smaller step."""
+def _against_lower_lr(controls: list[tuple[str, Any, str, str]]) -> str:
+    """The effective-lr controls ((regime, page, lr cut, decoupled) each) in one generated
+    sentence: decoupled routing against shared routing at a lower lr, each in % of vanilla's
+    forgetting with its Holm verdict, and whether any of them shows decoupling doing better than
+    the smaller step."""
     from lora_cl.reproduce.regime import lr_variant
 
     found = []
-    for r, page in pages.items():
-        for _, cut, dec, _ in page.control_frontiers():
-            c = page.claim(dec, cut)
-            if c is None or c.pct.mean is None or c.nats.ci.n < 2:
-                continue
-            shared, scale = lr_variant(cut)
-            found.append((c, f"{c.pct.mean:+.1f}% against {shared} at {scale:g}x the lr in ({r})"
-                          + ("" if c.holds else " (not significant)")))
+    for r, page, cut, dec in controls:
+        c = page.claim(dec, cut)
+        if c is None or c.pct.mean is None or c.nats.ci.n < 2:
+            continue
+        shared, scale = lr_variant(cut)
+        found.append((c, f"{c.pct.mean:+.1f}% against {shared} at {scale:g}x the lr in ({r})"
+                      + ("" if c.holds else " (not significant)")))
     if not found:
         return ""
     better = sum(c.holds and c.pct.mean < 0 for c, _ in found)
@@ -651,12 +651,13 @@ def _plain_answer(pages: dict[str, Any]) -> str:
         c = page.claim("overlap-decoupled", "vanilla")
         if c is not None and c.pct.mean is not None:
             paper.append(f"{c.pct.mean:.1f}% in ({r}){'' if c.holds else ' (not significant)'}")
+    controls = [(r, page, cut, dec, fr) for r, page in pages.items()
+                for _, cut, dec, fr in page.control_frontiers()]
     lines = [f"{fr.side} it in ({r}; shared at 1x and {lr_variant(cut)[1]:g}x the lr)"
-             for r, page in pages.items() for _, cut, _, fr in page.control_frontiers()
-             if fr.side is not None]
+             for r, _, cut, _, fr in controls if fr.side is not None]
     step = (" Is it more than a smaller step? Against the line through shared routing at two lrs "
             "(descriptive), decoupled routing lies " + ", ".join(lines) + "." if lines else "")
-    step += _against_lower_lr(pages)
+    step += _against_lower_lr([(r, page, cut, dec) for r, page, cut, dec, _ in controls])
     where = f"regime{'s' if len(pages) > 1 else ''} {' and '.join(f'({r})' for r in pages)}"
     rest = ("; the rest show no difference that survives the correction."
             if len(less) + len(more) < len(tested) else ".")
