@@ -176,13 +176,26 @@ def readme_results() -> list[str]:
     return [line for line in found.group(1).splitlines() if line.strip()]
 
 
+_NUM = r"[-+]?\d+\.\d+|[-+]?\d+(?=%)"
+#: a figure: an estimate with its interval ("-4.3 [-6.1, -2.5]%"), a list of three or more numbers
+#: ("-4.5, -3.4, -3.5"), a number with a decimal point or a %, or a count before "of"
+_FIGURE = re.compile(rf"(?:{_NUM}) \[(?:{_NUM}), (?:{_NUM})\]%?|(?:{_NUM})%?(?:, (?:{_NUM})%?){{2,}}"
+                     rf"|(?:{_NUM})%?|\d+ of \d+")
+
+
 def figures_not_on_pages(lines: list[str], pages: list[str]) -> list[str]:
-    """Every figure (a number with a decimal point or a %, or a count before "of") of ``lines``
-    that no generated page prints exactly so (a whole number there, not the start or end of a
-    longer one: 0.0739 is not on a page that prints 0.07394)."""
+    """Every figure of ``lines`` (see ``_FIGURE``) that no generated page prints exactly so (a
+    whole number there, not the start or end of a longer one: 0.0739 is not on a page that prints
+    0.07394). An interval or a list is one figure, matched whole (its trailing % may be left off
+    on the page, whose tables put it in the header), so a figure of it that moved is caught even
+    where the old value is printed elsewhere on the page."""
     text = "\n".join(pages)
-    figures = re.findall(r"[-+]?\d+\.\d+%?|\d+%|\d+ of \d+", "\n".join(lines))
-    return [f for f in figures if not re.search(rf"(?<![\d.]){re.escape(f)}(?![\d])", text)]
+    figures = _FIGURE.findall("\n".join(lines))
+
+    def printed(f: str) -> bool:
+        whole = re.escape(f.removesuffix("%") if f.endswith("]%") else f)
+        return re.search(rf"(?<![\d.]){whole}(?![\d])", text) is not None
+    return [f for f in figures if not printed(f)]
 
 
 def test_readme_results_are_five_short_lines_whose_figures_are_on_the_generated_pages():
@@ -202,6 +215,12 @@ def test_a_readme_figure_missing_from_the_pages_is_caught():
     assert figures_not_on_pages(["0.124 nats, 12.6%, 4 of 5"], pages) == ["0.124", "12.6%", "4 of 5"]
     assert figures_not_on_pages(["p = 0.0739, 2.5%, 3 of 5"], ["p = 0.07394, 12.5%, 13 of 50"]) == [
         "0.0739", "2.5%", "3 of 5"]
+    # an interval or a list is matched whole: one moved figure in it is caught, even where the old
+    # value is printed elsewhere on the page
+    page = ["-4.3 [-6.1, -2.5] and -4.5; at 0.5x, 1x, 2x the lr: -4.5, -3.4, -3.5."]
+    assert figures_not_on_pages(["-4.3 [-6.1, -2.5]% less; -4.5, -3.4, -3.5"], page) == []
+    assert figures_not_on_pages(["-4.3 [-6.1, -2.4]%; lr: -4.5, -3.4, -4.5"], page) == [
+        "-4.3 [-6.1, -2.4]%", "-4.5, -3.4, -4.5"]
 
 
 def test_committed_reproduction_pages_are_what_the_committed_cells_generate(tmp_path, monkeypatch):

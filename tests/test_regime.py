@@ -438,6 +438,8 @@ def test_the_lr_check_pairs_the_method_with_vanilla_at_each_lr(tmp_path):
     text = page.render()
     assert f"\n| {lr / 2:g} | 3 | -0.0400 [-0.0400, -0.0400] | -5.0 [-5.0, -5.0] | 0 |" in text
     assert f"\n| {2 * lr:g} | " not in text
+    # the rows' % of vanilla in one line, in lr order, for a summary to quote whole
+    assert "In % of that lr's vanilla forgetting, at 0.5x, 1x the lr: -5.0, -9.0." in text
 
 
 def test_the_reproduction_page_opens_with_a_generated_plain_answer(tmp_path):

@@ -616,14 +616,19 @@ class RegimePage:
         return out
 
     def _ranking_table(self, method: str = "overlap-decoupled") -> str:
+        ranking = [r for r in self.lr_ranking(method) if r[1].ci.n]
         rows = [[f"{lr:g}", str(f.ci.n), _ci(f.ci, 4), _ci(pct, 1),
                  "—" if f.p_value is None else f"{f.p_value:.3g}", _ci(final.ci)]
-                for lr, f, pct, final in self.lr_ranking(method) if f.ci.n]
+                for lr, f, pct, final in ranking]
         if not rows:
             return ""
+        # the row figures in one line, in lr order (a summary can quote the whole sequence)
+        line = "" if len(ranking) < 2 else (f" In % of that lr's vanilla forgetting, at "
+                f"{', '.join(f'{lr / self.settings.lr:g}x' for lr, *_ in ranking)} the lr: "
+                f"{', '.join('—' if pct.mean is None else f'{pct.mean:.1f}' for _, _, pct, _ in ranking)}.")
         return (f"\n\nThe ranking at each lr: {method} - vanilla at the same lr, paired by seed "
                 f"(negative: {method} forgets less; % of that lr's vanilla forgetting; p unadjusted, "
-                "outside the Holm family).\n\n"
+                "outside the Holm family)." + line + "\n\n"
                 + _table(["lr", "seeds", "forgetting (nats)", "% of vanilla", "p", "final loss (nats)"],
                          rows))
 
