@@ -122,3 +122,29 @@ def test_cross_platform_table_compares_common_finished_cells(tmp_path):
     assert proc.returncode == 0, proc.stderr
     text = out.read_text()
     assert "present in both caches: 1." in text and f"| {key} |" in text and "| 0 | 0 |" in text
+
+
+def test_gpu_checks_fit_one_device_call_performance_rows_first(tmp_path):
+    """benchmarks/gpu_checks.sh shares one deadline (GPU_CHECKS_SECONDS) among its steps: the
+    optimizer-step and 7B rows run first, each step's limit is cut to the time left, and a step with
+    under 30 s left is skipped, saying so, so the script returns inside one device call. The
+    interpreter is a stand-in that logs its arguments and takes 10 s per benchmark: what is tested
+    is the script's order and clock, not the benchmarks (their own tests are above)."""
+    log = tmp_path / "calls.log"
+    stub = tmp_path / "python"
+    stub.write_text("#!/bin/sh\n"
+                    f'echo "$*" >> "{log}"\n'
+                    'case "$*" in *benchmarks/*) sleep 10 ;; esac\n'
+                    '[ "$1" = "-c" ] && echo 1\n'
+                    "exit 0\n")
+    stub.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(stub), "GPU_CHECKS_SECONDS": "45", "SKIP_SMOKE": "1"}
+    proc = subprocess.run(["bash", "benchmarks/gpu_checks.sh", str(tmp_path / "out")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, env=env)
+    calls = [line for line in log.read_text().splitlines() if "benchmarks/" in line]
+    assert [c.split()[0] for c in calls] == ["benchmarks/optimizer_step.py", "benchmarks/gpu_7b.py"]
+    assert "== optimizer step (limit 45s)" in proc.stdout
+    assert "== 7B (limit 35s)" in proc.stdout or "== 7B (limit 34s)" in proc.stdout, proc.stdout
+    for skipped in ("parity", "FSDP2 parity", "ZeRO-3 stream parity", "FSDP2 stream parity"):
+        assert f"== {skipped}: skipped" in proc.stdout, proc.stdout
+    assert proc.returncode == 1  # a skipped step is not a pass
