@@ -105,7 +105,7 @@ def test_quick_regime_grid_trains_caches_and_writes_its_page(tmp_path, lora_cl_c
         assert not list(run_dir.glob("domains/*/model"))  # pruned: JSON only
     page = (docs / "reproduction" / "regime-a.md").read_text()
     assert page.startswith("# Regime (a)")
-    assert "**fixed strength (alpha 0.5): no difference detectable**" in page  # 1 seed: no test
+    assert "**fixed strength (alpha 0.5): one seed so far, not tested**" in page  # 1 seed: no test
     assert "| in regime | **no** |" in page  # 3 steps is a smoke test, and the page says so
     vanilla = json.loads((cells[0].run_dir(cache) / "summary.json").read_text())
     assert f"{vanilla['metrics']['loss']['forgetting']:.4f} (n = 1)" in page
@@ -221,7 +221,7 @@ def test_page_verdicts_are_paired_holm_corrected_and_sized_against_vanilla(tmp_p
     assert "(5 seeds, decoupled lower on 5 of 5; Holm-adjusted p = " in text
     claim.p_holm = 0.2  # the interval alone excludes 0, the family-wise test does not: said so
     assert ("**fixed strength (alpha 0.5): decoupled routing forgets less than shared, but not "
-            "significantly once Holm corrects for the page's 4 claims** — -0.200") in page.answer()
+            "significantly once Holm corrects for the page's 4 tested claims** — -0.200") in page.answer()
     assert "| fixed strength (alpha 0.5) | 2.000 [2.000, 2.000] | 2.00 |" in text
     assert math.isclose(page.mech_stat("fixed-shared", "v_share").mean, 0.99)
     assert "| vanilla | 0.001 | 5 | 1.0000 [1.0000, 1.0000] |" in text
@@ -230,6 +230,18 @@ def test_page_verdicts_are_paired_holm_corrected_and_sized_against_vanilla(tmp_p
     assert ("Replay: 10% of each domain's training blocks kept, 250 examples (32,000 tokens) in the "
             "buffer by the last domain; replay-shared forgets 1.2000 nats against vanilla's 1.0000 "
             "(does not beat vanilla on this stream).") in text
+    # a pair with one seed has no interval and no p: said so, and it does not count in the family
+    _hand_cell(cache, "ewc-shared", 0, 0.9, 1.0, 0.9)
+    _hand_cell(cache, "ewc-decoupled", 0, 0.95, 1.0, 0.9)
+    one = RegimePage(cache, regime_settings(), tmp_path / "docs")
+    assert len(one.claims) == 7 and one.tested() == 4
+    assert "**importance rescaling (EWC, lam 0.5): one seed so far, not tested** (decoupled against " \
+           "shared) — 0.050 (n = 1)" in one.answer()
+    assert "Holm adjustment over the 4 claims of this page that have a p-value" in one.render()
+    assert "| importance rescaling (EWC, lam 0.5): decoupled - shared | 1 | 0.0500 (n = 1) | " \
+           "5.0 (n = 1) |  | — | — | not tested (one seed) |" in one.render()
+    assert "EWC 5.0 (n = 1)% (one seed, not tested, 1 of 5 seeds)" in one.in_short()[
+        next(k for k in one.in_short() if k.startswith("decoupled - shared"))]
     # the page names every method short of its seeds, so "n of N cells" is not the only trace
     assert page.missing()[:2] == ["overlap-shared (0 of 5 seeds)", "overlap-decoupled (0 of 5 seeds)"]
     assert not any(m.startswith(("vanilla (", "fixed-shared (", "fixed-decoupled (")) for m in page.missing())

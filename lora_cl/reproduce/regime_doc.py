@@ -298,14 +298,17 @@ class RegimePage:
                 size += (f"; {who}'s old-direction learning rate was {_ci(ratio, 2)}x the "
                          f"decoupled run's{sides} (1/(1 - alpha) = {bound})")
             size += self._plasticity(decoupled_label, shared_label, other)
-            if c.holds:
+            if n < 2:  # no interval, no test: say so rather than "no difference"
+                lines.append(f"- **{what}: one seed so far, not tested** (decoupled against {other}) "
+                             f"— {size}.")
+            elif c.holds:
                 direction = "less" if c.nats.ci.mean < 0 else "more"
                 lines.append(f"- **{what}: decoupled routing forgets {direction} than {other}** — {size}.")
             elif c.nats.ci.excludes_zero():  # the interval alone would say so; the family does not
                 direction = "less" if c.nats.ci.mean < 0 else "more"
                 lines.append(f"- **{what}: decoupled routing forgets {direction} than {other}, but not "
-                             f"significantly once Holm corrects for the page's {len(self.claims)} claims** "
-                             f"— {size}.")
+                             f"significantly once Holm corrects for the page's {self.tested()} tested "
+                             f"claims** — {size}.")
             else:
                 lines.append(f"- **{what}: no difference detectable** between decoupled routing and "
                              f"{other} — {size}.")
@@ -319,6 +322,10 @@ class RegimePage:
                 "decoupled forgets less); an effective-lr control pits decoupled routing against "
                 "shared routing at a lower lr instead:\n\n" + "\n".join(lines))
 
+    def tested(self) -> int:
+        """How many of the page's claims have a p-value: the size of its Holm family."""
+        return sum(c.nats.p_value is not None for c in self.claims)
+
     def claim(self, a: str, b: str) -> Claim | None:
         """The page's claim a - b, if both have a finished seed."""
         return next((c for c in self.claims if c.a == a and c.b == b), None)
@@ -329,7 +336,9 @@ class RegimePage:
             return f"{label}: not run"
         n, want = c.nats.ci.n, len(self.settings.seeds)
         seeds = "" if n >= want else f", {n} of {want} seeds"
-        if c.holds:
+        if n < 2:
+            verdict = "one seed, not tested"
+        elif c.holds:
             verdict = "holds"
         elif c.nats.ci.excludes_zero():
             verdict = "not after Holm"
@@ -458,11 +467,13 @@ class RegimePage:
             rows.append([c.name, str(c.nats.ci.n), _ci(c.nats.ci, 4), _ci(c.pct, 1), paper,
                          "—" if c.nats.p_value is None else f"{c.nats.p_value:.3g}",
                          "—" if c.p_holm is None else f"{c.p_holm:.3g}",
-                         "**holds**" if c.holds else "not shown"])
+                         "**holds**" if c.holds else "not tested (one seed)" if c.nats.ci.n < 2
+                         else "not shown"])
         return ("Each row is a paired difference of forgetting (nats; mean held-out loss rise on earlier "
                 "domains, TRACE-style max-minus-final), a - b over the seeds both finished, with its "
                 "95% t-interval, the same as % of vanilla's forgetting on that seed, the paired t-test "
-                f"p-value and its Holm adjustment over the {len(self.claims)} claims of this page. A "
+                f"p-value and its Holm adjustment over the {self.tested()} claims of this page that "
+                "have a p-value (a claim on one seed has none and is not counted). A "
                 f"claim holds when the adjusted p < {LEVEL} and the interval excludes 0.\n\n"
                 + _table(["claim (a - b)", "seeds", "nats [95% CI]", "% of vanilla [95% CI]",
                           "paper", "p", "p (Holm)", "verdict"], rows))
