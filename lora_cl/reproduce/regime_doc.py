@@ -174,6 +174,21 @@ class Claim:
     def holds(self) -> bool:
         return self.p_holm is not None and self.p_holm < LEVEL and self.nats.ci.excludes_zero()
 
+    @property
+    def tested(self) -> bool:
+        """Whether the claim has a p-value (two seeds or more; one seed has no interval, no test)."""
+        return self.nats.p_value is not None
+
+    @property
+    def verdict(self) -> str:
+        """"untested" (one seed), "holds", "not after Holm" (the interval alone excludes 0, the
+        family-wise test does not) or "no difference"."""
+        if not self.tested:
+            return "untested"
+        if self.holds:
+            return "holds"
+        return "not after Holm" if self.nats.ci.excludes_zero() else "no difference"
+
 
 class RegimePage:
     """The page's numbers, read once from the cache."""
@@ -298,14 +313,13 @@ class RegimePage:
                 size += (f"; {who}'s old-direction learning rate was {_ci(ratio, 2)}x the "
                          f"decoupled run's{sides} (1/(1 - alpha) = {bound})")
             size += self._plasticity(decoupled_label, shared_label, other)
-            if n < 2:  # no interval, no test: say so rather than "no difference"
+            direction = ("less" if c.nats.ci.mean < 0 else "more") if c.tested else ""
+            if c.verdict == "untested":  # no interval, no test: said so, not "no difference"
                 lines.append(f"- **{what}: one seed so far, not tested** (decoupled against {other}) "
                              f"— {size}.")
-            elif c.holds:
-                direction = "less" if c.nats.ci.mean < 0 else "more"
+            elif c.verdict == "holds":
                 lines.append(f"- **{what}: decoupled routing forgets {direction} than {other}** — {size}.")
-            elif c.nats.ci.excludes_zero():  # the interval alone would say so; the family does not
-                direction = "less" if c.nats.ci.mean < 0 else "more"
+            elif c.verdict == "not after Holm":
                 lines.append(f"- **{what}: decoupled routing forgets {direction} than {other}, but not "
                              f"significantly once Holm corrects for the page's {self.tested()} tested "
                              f"claims** — {size}.")
@@ -324,7 +338,7 @@ class RegimePage:
 
     def tested(self) -> int:
         """How many of the page's claims have a p-value: the size of its Holm family."""
-        return sum(c.nats.p_value is not None for c in self.claims)
+        return sum(c.tested for c in self.claims)
 
     def claim(self, a: str, b: str) -> Claim | None:
         """The page's claim a - b, if both have a finished seed."""
@@ -336,14 +350,8 @@ class RegimePage:
             return f"{label}: not run"
         n, want = c.nats.ci.n, len(self.settings.seeds)
         seeds = "" if n >= want else f", {n} of {want} seeds"
-        if n < 2:
-            verdict = "one seed, not tested"
-        elif c.holds:
-            verdict = "holds"
-        elif c.nats.ci.excludes_zero():
-            verdict = "not after Holm"
-        else:
-            verdict = "no difference detectable"
+        verdict = {"untested": "one seed, not tested", "no difference": "no difference detectable"}.get(
+            c.verdict, c.verdict)
         return f"{label} {_ci(c.pct, 1)}% ({verdict}{seeds})"
 
     def in_short(self) -> dict[str, str]:
@@ -467,8 +475,8 @@ class RegimePage:
             rows.append([c.name, str(c.nats.ci.n), _ci(c.nats.ci, 4), _ci(c.pct, 1), paper,
                          "—" if c.nats.p_value is None else f"{c.nats.p_value:.3g}",
                          "—" if c.p_holm is None else f"{c.p_holm:.3g}",
-                         "**holds**" if c.holds else "not tested (one seed)" if c.nats.ci.n < 2
-                         else "not shown"])
+                         {"holds": "**holds**", "untested": "not tested (one seed)"}.get(
+                             c.verdict, "not shown")])
         return ("Each row is a paired difference of forgetting (nats; mean held-out loss rise on earlier "
                 "domains, TRACE-style max-minus-final), a - b over the seeds both finished, with its "
                 "95% t-interval, the same as % of vanilla's forgetting on that seed, the paired t-test "
